@@ -1,0 +1,52 @@
+"""SimCLR view augmentation, drawn per sample and applied to whole batches on the training device.
+
+kornia draws independent parameters for every sample of a batch, so one call turns a uint8
+batch into a batch of distinct views without leaving the device (no per-image CPU work).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class AugmentConfig:
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    hflip: bool = True
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+
+
+class SimCLRAugment(nn.Module):
+    """uint8 (N, C, H, W) → float views in [0, 1] of the same size. Works for C = 1 or 3."""
+
+    def __init__(self, size: tuple[int, int], channels: int, cfg: AugmentConfig | None = None):
+        super().__init__()
+        import kornia.augmentation as K
+
+        cfg = cfg or AugmentConfig()
+        b, c, s, h = cfg.jitter
+        ops: list[nn.Module] = [K.RandomResizedCrop(size, scale=tuple(cfg.crop_scale))]
+        if cfg.hflip:
+            ops.append(K.RandomHorizontalFlip())
+        if channels == 3:
+            ops.append(K.ColorJiggle(b, c, s, h, p=cfg.jitter_p))
+            ops.append(K.RandomGrayscale(p=cfg.grayscale_p))
+        else:
+            # Saturation, hue and grayscale are undefined or identities on one channel.
+            ops.append(K.ColorJiggle(b, c, 0.0, 0.0, p=cfg.jitter_p))
+        self.ops = nn.Sequential(*ops)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x
+        return self.ops(x).clamp_(0.0, 1.0)
+
+
+def rotate(x: torch.Tensor, quarter_turns: int) -> torch.Tensor:
+    """Rotate a batch by k·90° (self-OECL's distribution-shifting transformation)."""
+    return torch.rot90(x, quarter_turns, dims=(2, 3))

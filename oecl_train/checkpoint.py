@@ -1,0 +1,110 @@
+"""Checkpoints: tensors in safetensors, everything else in JSON; no pickle anywhere.
+
+A checkpoint is `epoch-NNNNN.safetensors` (model + optimizer tensors) and `epoch-NNNNN.json`
+(progress, optimizer scalars, architecture). Each file is written atomically and the JSON last,
+so a checkpoint exists only once both of its files are complete.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from oecl_runtime.atomic import atomic_path, write_json
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for idx, pstate in state["state"].items():
+        for k, v in pstate.items():
+            if torch.is_tensor(v):
+                tensors[f"optim.{idx}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{k}"] = v
+    groups = [
+        {k: v for k, v in g.items() if k != "params"} | {"params": g["params"]}
+        for g in state["param_groups"]
+    ]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        _, idx, k = key.split(".", 2)
+        state.setdefault(int(idx), {})[k] = v
+    for key, v in meta["scalars"].items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save(
+    directory: str | Path,
+    epoch: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    info: dict,
+    keep: int = 2,
+) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = directory / f"epoch-{epoch:05d}"
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta: dict[str, Any] = {"epoch": epoch, **info}
+    if optimizer is not None:
+        opt_tensors, meta["optimizer"] = _flatten_optimizer(optimizer.state_dict())
+        tensors.update(opt_tensors)
+    with atomic_path(stem.with_suffix(".safetensors")) as tmp:
+        save_file(tensors, str(tmp))
+    write_json(stem.with_suffix(".json"), meta)
+    for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".safetensors").unlink(missing_ok=True)
+    return stem.with_suffix(".json")
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Complete checkpoints (JSON present and its tensors present), oldest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return [
+        p for p in sorted(directory.glob("epoch-*.json")) if p.with_suffix(".safetensors").exists()
+    ]
+
+
+def latest(directory: str | Path) -> Path:
+    found = list_checkpoints(directory)
+    if not found:
+        raise CheckpointError(f"{directory}: no checkpoint found")
+    return found[-1]
+
+
+def load(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Restore model (and optimizer) from a checkpoint JSON path; return its metadata."""
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text())
+        tensors = load_file(str(path.with_suffix(".safetensors")), device=str(device))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint: {e}") from e
+    model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    model.load_state_dict(model_sd)
+    if optimizer is not None and "optimizer" in meta:
+        opt = {k: v for k, v in tensors.items() if k.startswith("optim.")}
+        optimizer.load_state_dict(_unflatten_optimizer(opt, meta["optimizer"]))
+    return meta

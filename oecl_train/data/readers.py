@@ -1,0 +1,369 @@
+"""Readers: each turns one on-disk (or bundled) format into uint8 images and integer labels.
+
+Every reader returns an `ImageSet` per split ("train" or "test"). Images are decoded once
+and kept as uint8 NCHW; conversion to the model's input spec happens in `conform`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from oecl_runtime.preprocess import ImageError, InputSpec, decode, to_model_input
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp"}
+
+
+class DataError(ValueError):
+    """A data problem found before training starts; the message is one line for the user."""
+
+
+@dataclass
+class ImageSet:
+    images: np.ndarray  # uint8 (N, C, H, W)
+    labels: np.ndarray  # int64 (N,)
+    classes: list[str]
+    paths: list[str] | None = None  # source files, when the set was read from files
+    skipped: int = 0  # unreadable files left out
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise DataError(
+                f"images must be uint8 NCHW, got {self.images.dtype} {self.images.shape}"
+            )
+        if len(self.images) != len(self.labels):
+            raise DataError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def subset(self, idx: np.ndarray) -> ImageSet:
+        paths = None if self.paths is None else [self.paths[i] for i in idx]
+        return ImageSet(self.images[idx], self.labels[idx], self.classes, paths)
+
+    def class_index(self, name: str | int) -> int:
+        """Accept a class by name or by index; a class that does not exist is a DataError."""
+        if isinstance(name, str) and name in self.classes:
+            return self.classes.index(name)
+        try:
+            i = int(name)
+        except (TypeError, ValueError):
+            raise DataError(f"no class {name!r}; classes are {self.classes}") from None
+        if not 0 <= i < len(self.classes):
+            raise DataError(
+                f"no class {i}; there are {len(self.classes)} classes (0..{len(self.classes) - 1})"
+            )
+        return i
+
+
+def _from_hwc(arr: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(arr.transpose(0, 3, 1, 2)) if arr.ndim == 4 else arr[:, None]
+
+
+def _deterministic_split(n: int, labels: np.ndarray, test_fraction: float, seed: int):
+    """Stratified index split that depends only on (labels, seed)."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        k = int(round(len(idx) * test_fraction))
+        test.append(idx[:k])
+        train.append(idx[k:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+class Reader:
+    """Interface: `load(split)` → ImageSet, for split in {"train", "test"}."""
+
+    name = "reader"
+
+    def load(self, split: str) -> ImageSet:
+        raise NotImplementedError
+
+
+class DigitsReader(Reader):
+    """scikit-learn's bundled 8x8 digits (1,797 images, 16 gray levels → 0..255); no download."""
+
+    name = "digits"
+
+    def __init__(self, test_fraction: float = 0.3, seed: int = 0):
+        self.test_fraction, self.seed = test_fraction, seed
+
+    def load(self, split: str) -> ImageSet:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        images = np.clip(d.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)[:, None]
+        labels = d.target.astype(np.int64)
+        tr, te = _deterministic_split(len(labels), labels, self.test_fraction, self.seed)
+        idx = tr if split == "train" else te
+        return ImageSet(images[idx], labels[idx], [str(i) for i in range(10)])
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+        if zero != 0 or dtype_code != 0x08:
+            raise DataError(f"{path}: not an unsigned-byte IDX file")
+        shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+        arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+        if arr.size != int(np.prod(shape)):
+            raise DataError(
+                f"{path}: truncated IDX file ({arr.size} of {int(np.prod(shape))} bytes)"
+            )
+        return arr.reshape(shape)
+    except (OSError, EOFError, struct.error) as e:
+        raise DataError(f"{path}: cannot read IDX file: {e}") from e
+
+
+class MnistReader(Reader):
+    """MNIST (or Fashion-MNIST) IDX files, raw or gzipped, from a directory."""
+
+    name = "mnist"
+    FILES = {
+        "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+        "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+    }
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def _find(self, stem: str) -> Path:
+        for cand in (self.root / stem, self.root / f"{stem}.gz"):
+            if cand.exists():
+                return cand
+        raise DataError(f"{self.root}: missing {stem}[.gz]")
+
+    def load(self, split: str) -> ImageSet:
+        img_name, lab_name = self.FILES[split]
+        images = _read_idx(self._find(img_name))
+        labels = _read_idx(self._find(lab_name)).astype(np.int64)
+        return ImageSet(images[:, None].copy(), labels, [str(i) for i in range(10)])
+
+
+class CifarReader(Reader):
+    """CIFAR-10/100 'python version' pickle batches from their extracted directory."""
+
+    def __init__(self, root: str | Path, variant: str = "cifar10"):
+        self.root, self.variant = Path(root), variant
+        self.name = variant
+
+    def _unpickle(self, path: Path) -> dict:
+        if not path.exists():
+            raise DataError(
+                f"{self.root}: missing {path.name} (expected the python-version batches)"
+            )
+        # The CIFAR distribution is itself a pickle; it is only ever read from a user's own disk.
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+
+    def load(self, split: str) -> ImageSet:
+        if self.variant == "cifar10":
+            files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+            meta, key, names_key = "batches.meta", "labels", "label_names"
+        else:
+            files, meta, key, names_key = [split], "meta", "fine_labels", "fine_label_names"
+        batches = [self._unpickle(self.root / f) for f in files]
+        data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
+        labels = np.concatenate([np.asarray(b[key], dtype=np.int64) for b in batches])
+        classes = list(self._unpickle(self.root / meta)[names_key])
+        return ImageSet(data.reshape(-1, 3, 32, 32), labels, classes)
+
+
+class FolderReader(Reader):
+    """One sub-directory per class of PNG/JPEG/BMP files (ImageNet-30, DIOR, WBC, HAM10000 layout).
+
+    With `root/train/<class>` and `root/test/<class>` those are the splits; otherwise the
+    class folders sit directly under root and a deterministic stratified split is made.
+    """
+
+    name = "folder"
+
+    def __init__(
+        self,
+        root: str | Path,
+        spec: InputSpec | None = None,
+        strict: bool = False,
+        test_fraction: float = 0.3,
+        seed: int = 0,
+    ):
+        self.root, self.spec, self.strict = Path(root), spec, strict
+        self.test_fraction, self.seed = test_fraction, seed
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: no such directory")
+
+    def _read_dir(self, root: Path) -> ImageSet:
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        files = [
+            (p, c)
+            for c, name in enumerate(classes)
+            for p in sorted((root / name).rglob("*"))
+            if p.suffix.lower() in IMAGE_EXTENSIONS
+        ]
+        if not files:
+            raise DataError(f"{root}: no images (expected <class>/<image>.png|jpg|bmp)")
+        arrays, labels, paths, skipped, shapes = [], [], [], 0, set()
+        for path, label in files:
+            try:
+                img = decode(path)
+                if self.spec is None:
+                    img = img.convert("RGB" if img.mode not in ("L", "I", "1") else "L")
+                    arr = np.asarray(img, dtype=np.uint8)
+                    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+                else:
+                    arr = to_model_input(img, self.spec)
+            except ImageError as e:
+                if self.strict:
+                    raise DataError(str(e)) from e
+                print(f"warning: skipped unreadable image {path}: {e}", file=sys.stderr)
+                skipped += 1
+                continue
+            shapes.add(arr.shape)
+            arrays.append(arr)
+            labels.append(label)
+            paths.append(str(path))
+        if not arrays:
+            raise DataError(f"{root}: none of the {len(files)} image files could be read")
+        if len(shapes) > 1:
+            raise DataError(
+                f"{root}: images have different sizes {sorted(shapes)[:3]}...; "
+                "set an image size (resize rule) to train on them"
+            )
+        if skipped:
+            print(
+                f"warning: {skipped} of {len(files)} images in {root} were unreadable and skipped",
+                file=sys.stderr,
+            )
+        return ImageSet(np.stack(arrays), np.asarray(labels, np.int64), classes, paths, skipped)
+
+    def load(self, split: str) -> ImageSet:
+        if (self.root / split).is_dir():
+            return self._read_dir(self.root / split)
+        full = self._read_dir(self.root)
+        tr, te = _deterministic_split(len(full.labels), full.labels, self.test_fraction, self.seed)
+        out = full.subset(tr if split == "train" else te)
+        out.skipped = full.skipped
+        return out
+
+
+class NpyReader(Reader):
+    """An .npy image array (N,H,W), (N,H,W,C) or (N,C,H,W) uint8, plus an .npy label array.
+
+    `root` is a directory holding {train,test}_images.npy and {train,test}_labels.npy.
+    """
+
+    name = "npy"
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def load(self, split: str) -> ImageSet:
+        ip, lp = self.root / f"{split}_images.npy", self.root / f"{split}_labels.npy"
+        for p in (ip, lp):
+            if not p.exists():
+                raise DataError(f"{self.root}: missing {p.name}")
+        images = np.load(ip, allow_pickle=False)
+        labels = np.load(lp, allow_pickle=False).astype(np.int64).reshape(-1)
+        if images.dtype != np.uint8:
+            raise DataError(f"{ip}: images must be uint8, got {images.dtype}")
+        if images.ndim == 3:
+            images = images[:, None]
+        elif images.ndim == 4 and images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+            images = _from_hwc(images)
+        elif images.ndim != 4:
+            raise DataError(f"{ip}: expected (N,H,W), (N,H,W,C) or (N,C,H,W), got {images.shape}")
+        n_classes = int(labels.max()) + 1 if len(labels) else 0
+        return ImageSet(np.ascontiguousarray(images), labels, [str(i) for i in range(n_classes)])
+
+
+class PhotosReader(Reader):
+    """Built-in far-OE: random crops of the natural photographs scikit-learn ships (no download).
+
+    Crops are taken at random positions and scales (5–50% of the shorter side), so the set is
+    a varied pile of textures, edges and colours unrelated to any ID data set.
+    """
+
+    name = "photos"
+
+    def __init__(self, size: int = 32, count: int = 20000, seed: int = 0):
+        self.size, self.count, self.seed = size, count, seed
+
+    def load(self, split: str) -> ImageSet:
+        from PIL import Image
+        from sklearn.datasets import load_sample_images
+
+        rng = np.random.default_rng(self.seed + (0 if split == "train" else 1))
+        photos = [Image.fromarray(p) for p in load_sample_images().images]
+        out = np.empty((self.count, 3, self.size, self.size), np.uint8)
+        for i in range(self.count):
+            img = photos[i % len(photos)]
+            w, h = img.size
+            side = int(min(w, h) * rng.uniform(0.05, 0.5))
+            x, y = rng.integers(0, w - side), rng.integers(0, h - side)
+            crop = img.crop((x, y, x + side, y + side)).resize(
+                (self.size, self.size), Image.BILINEAR
+            )
+            out[i] = np.asarray(crop).transpose(2, 0, 1)
+        return ImageSet(out, np.zeros(self.count, np.int64), ["photo"])
+
+
+READERS = ("digits", "mnist", "cifar10", "cifar100", "folder", "npy", "photos")
+
+
+def make_reader(
+    name: str,
+    root: str | None = None,
+    *,
+    spec: InputSpec | None = None,
+    strict: bool = False,
+    seed: int = 0,
+) -> Reader:
+    """Build a reader by name; `root` is the directory for the on-disk formats."""
+    needs_root = {"mnist", "cifar10", "cifar100", "folder", "npy"}
+    if name not in READERS:
+        raise DataError(f"unknown data source {name!r}; choose from {', '.join(READERS)}")
+    if name in needs_root:
+        if not root:
+            raise DataError(f"data source {name!r} needs a directory (--data-root / --oe-root)")
+        if not Path(root).exists():
+            raise DataError(f"{root}: no such directory")
+    if name == "digits":
+        return DigitsReader(seed=seed)
+    if name == "mnist":
+        return MnistReader(root)
+    if name in ("cifar10", "cifar100"):
+        return CifarReader(root, name)
+    if name == "folder":
+        return FolderReader(root, spec, strict, seed=seed)
+    if name == "npy":
+        return NpyReader(root)
+    return PhotosReader(size=spec.height if spec else 32, seed=seed)
+
+
+def conform(images: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Bring uint8 NCHW images to the spec's channels and size through the runtime's own
+    pre-processing, so training, evaluation and serving see identical pixels."""
+    n, c, h, w = images.shape
+    if (c, h, w) == (spec.channels, spec.height, spec.width):
+        return images
+    if (h, w) == (spec.height, spec.width) and spec.channels == 3 and c == 1:
+        return np.repeat(images, 3, axis=1)
+    if (h, w) != (spec.height, spec.width) and spec.resize is None:
+        raise DataError(
+            f"images are {h}x{w} but the model input is {spec.height}x{spec.width}; "
+            "set an image size (resize rule)"
+        )
+    from PIL import Image
+
+    out = np.empty((n, spec.channels, spec.height, spec.width), np.uint8)
+    for i in range(n):
+        arr = images[i, 0] if c == 1 else images[i].transpose(1, 2, 0)
+        out[i] = to_model_input(Image.fromarray(arr), spec)
+    return out
