@@ -1,0 +1,320 @@
+"""The model artifact contract: `oecl.json` beside the model files, validated before any use.
+
+`docs/ARTIFACT.md` describes the schema for clients in other languages; this module is its
+executable form. The exporter builds the metadata with `file_entry`, `norm_stats` and
+`threshold_at_tpr` and writes it with `write_metadata`; the runtime reads it with `Artifact.open`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+from .atomic import write_json
+from .preprocess import InputSpec
+
+SCHEMA_VERSION = 1
+METADATA_NAME = "oecl.json"
+
+FORMATS = ("onnx", "tensorrt", "safetensors")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+STAT_KEYS = ("n", "mean", "std", "min", "p05", "p50", "p95", "max")
+_TOP_KEYS = ("schema_version", "producer", "created", "input", "outputs", "score", "max_batch",
+             "files")
+
+
+class ArtifactError(ValueError):
+    """An artifact directory that cannot be used; the message is one line naming the cause."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(path: str | os.PathLike, fmt: str, precision: str, **extra: Any) -> dict[str, Any]:
+    """The `files[]` entry for one model file; the file must already sit in the artifact dir.
+
+    `extra` carries format-specific keys (a TensorRT plan needs `tensorrt_version`, `gpu_name`
+    and `compute_capability`).
+    """
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise ArtifactError(f"unknown file format {fmt!r} for {path.name} (known: {FORMATS})")
+    if precision not in PRECISIONS:
+        raise ArtifactError(
+            f"unknown precision {precision!r} for {path.name} (known: {PRECISIONS})"
+        )
+    entry = {
+        "path": path.name,
+        "format": fmt,
+        "precision": precision,
+        "sha256": sha256_file(path),
+        "bytes": path.stat().st_size,
+    }
+    entry.update(extra)
+    _check_file_entry(entry, 0)
+    return entry
+
+
+def norm_stats(norms: Iterable[float] | np.ndarray) -> dict[str, float | int]:
+    """Summary of a set of norms in the shape `score.id_norm` / `score.oe_norm` expect."""
+    x = np.asarray(norms, dtype=np.float64).ravel()
+    if x.size == 0:
+        raise ArtifactError("norm statistics need at least one norm")
+    p05, p50, p95 = np.percentile(x, [5, 50, 95])
+    return {"n": int(x.size), "mean": float(x.mean()), "std": float(x.std()),
+            "min": float(x.min()), "p05": float(p05), "p50": float(p50), "p95": float(p95),
+            "max": float(x.max())}
+
+
+def threshold_at_tpr(id_norms: Iterable[float] | np.ndarray, tpr: float = 0.95) -> float:
+    """The norm above which a fraction `tpr` of in-distribution images lie (ID = positive).
+
+    An image is called anomalous when its norm is below this value, so `tpr` of the ID
+    validation images are accepted as normal.
+    """
+    x = np.asarray(id_norms, dtype=np.float64).ravel()
+    if x.size == 0 or not 0.0 < tpr <= 1.0:
+        raise ArtifactError(
+            f"threshold needs ID norms and 0 < tpr <= 1 (got {x.size} norms, tpr {tpr})"
+        )
+    # 'lower' keeps the threshold on an observed norm, so at least `tpr` of ID is >= it.
+    return float(np.quantile(x, 1.0 - tpr, method="lower"))
+
+
+def write_metadata(directory: str | os.PathLike, meta: dict[str, Any]) -> Path:
+    """Validate `meta` and write it atomically as `<directory>/oecl.json`."""
+    validate_metadata(meta)
+    path = Path(directory) / METADATA_NAME
+    write_json(path, meta)
+    return path
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _need(cond: bool, reason: str) -> None:
+    if not cond:
+        raise ArtifactError(f"{METADATA_NAME}: {reason}")
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _check_stats(stats: Any, where: str) -> None:
+    _need(isinstance(stats, dict), f"{where} must be an object")
+    missing = [k for k in STAT_KEYS if k not in stats]
+    _need(not missing, f"{where} lacks {', '.join(missing)}")
+    _need(all(_is_num(stats[k]) for k in STAT_KEYS), f"{where} values must be finite numbers")
+
+
+def _check_file_entry(f: Any, i: int) -> None:
+    _need(isinstance(f, dict), f"files[{i}] must be an object")
+    for key in ("path", "format", "precision", "sha256", "bytes"):
+        _need(key in f, f"files[{i}] lacks {key!r}")
+    p = f["path"]
+    _need(isinstance(p, str) and p != "", f"files[{i}].path must be a non-empty string")
+    pp = PurePosixPath(p)
+    # Paths come from a file a user may have received: keep every read inside the directory.
+    _need(not pp.is_absolute() and ".." not in pp.parts and "\\" not in p,
+          f"files[{i}].path {p!r} must be relative to the artifact directory")
+    _need(f["format"] in FORMATS, f"{p}: unknown format {f['format']!r}")
+    _need(f["precision"] in PRECISIONS, f"{p}: unknown precision {f['precision']!r}")
+    sha = f["sha256"]
+    _need(isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha),
+          f"{p}: sha256 must be 64 lowercase hex digits")
+    _need(isinstance(f["bytes"], int) and f["bytes"] >= 0, f"{p}: bytes must be an integer")
+    if f["format"] == "tensorrt":
+        for key in ("tensorrt_version", "gpu_name", "compute_capability"):
+            _need(isinstance(f.get(key), str) and f[key] != "",
+                  f"{p}: a TensorRT plan needs {key!r} (plans only run where they were built)")
+
+
+def validate_metadata(meta: dict[str, Any]) -> None:
+    """Raise ArtifactError (one line) unless `meta` follows schema version SCHEMA_VERSION."""
+    _need(isinstance(meta, dict), "top level must be a JSON object")
+    version = meta.get("schema_version")
+    _need(version == SCHEMA_VERSION,
+          f"unknown schema_version {version!r} (this runtime reads {SCHEMA_VERSION})")
+    missing = [k for k in _TOP_KEYS if k not in meta]
+    _need(not missing, f"missing key(s) {', '.join(missing)}")
+
+    producer = meta["producer"]
+    _need(isinstance(producer, dict) and isinstance(producer.get("name"), str)
+          and isinstance(producer.get("version"), str), "producer needs name and version")
+    _need(isinstance(meta["created"], str) and "T" in meta["created"],
+          "created must be an ISO 8601 UTC time such as 2026-11-22T10:00:00Z")
+
+    inp = meta["input"]
+    _need(isinstance(inp, dict), "input must be an object")
+    _need(isinstance(inp.get("name"), str) and inp["name"] != "", "input.name must be a string")
+    _need(inp.get("dtype") == "uint8", f"input.dtype must be 'uint8', got {inp.get('dtype')!r}")
+    _need(inp.get("layout") == "NCHW", f"input.layout must be 'NCHW', got {inp.get('layout')!r}")
+    _need(inp.get("channels") in (1, 3),
+          f"input.channels must be 1 or 3, got {inp.get('channels')!r}")
+    expected_mode = "L" if inp["channels"] == 1 else "RGB"
+    _need(inp.get("color_mode") == expected_mode,
+          f"input.color_mode must be {expected_mode!r} for {inp['channels']} channel(s)")
+    _need(_is_pos_int(inp.get("height")) and _is_pos_int(inp.get("width")),
+          "input.height and input.width must be positive integers")
+    _need(inp.get("resize") is None or _is_pos_int(inp.get("resize")),
+          "input.resize must be a positive integer or null")
+    _need(inp.get("interpolation") in ("bilinear", "nearest", "bicubic"),
+          f"input.interpolation {inp.get('interpolation')!r} is not bilinear, nearest or bicubic")
+    norm = inp.get("normalization")
+    _need(isinstance(norm, dict) and norm.get("in_graph") is True,
+          "input.normalization must say in_graph: true (the graph takes raw uint8)")
+    for key in ("mean", "std"):
+        v = norm.get(key)
+        _need(isinstance(v, list) and len(v) == inp["channels"] and all(_is_num(x) for x in v),
+              f"input.normalization.{key} must list one number per channel")
+    _need(all(x > 0 for x in norm["std"]), "input.normalization.std must be positive")
+
+    outputs = meta["outputs"]
+    _need(isinstance(outputs, dict) and isinstance(outputs.get("norm"), dict),
+          "outputs must describe 'norm'")
+    _need(outputs["norm"].get("dtype") == "float32", "outputs.norm.dtype must be 'float32'")
+
+    score = meta["score"]
+    _need(isinstance(score, dict), "score must be an object")
+    _need(score.get("name") == "norm", f"score.name must be 'norm', got {score.get('name')!r}")
+    _need(score.get("direction") == "higher_is_normal",
+          f"score.direction must be 'higher_is_normal', got {score.get('direction')!r}")
+    _need(_is_num(score.get("threshold")), "score.threshold must be a finite number")
+    rule = score.get("threshold_rule")
+    _need(isinstance(rule, dict) and isinstance(rule.get("method"), str),
+          "score.threshold_rule must name its method")
+    _check_stats(score.get("id_norm"), "score.id_norm")
+    if score.get("oe_norm") is not None:
+        _check_stats(score["oe_norm"], "score.oe_norm")
+
+    _need(_is_pos_int(meta["max_batch"]), "max_batch must be a positive integer")
+    if "architecture" in meta:
+        _need(isinstance(meta["architecture"], dict), "architecture must be an object")
+
+    files = meta["files"]
+    _need(isinstance(files, list) and files, "files must list at least one model file")
+    for i, f in enumerate(files):
+        _check_file_entry(f, i)
+    paths = [f["path"] for f in files]
+    _need(len(set(paths)) == len(paths), "files lists the same path twice")
+
+
+# ---------------------------------------------------------------- the opened artifact
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A validated artifact directory: metadata plus verified model files."""
+
+    directory: Path
+    meta: dict[str, Any]
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike, verify: bool = True) -> Artifact:
+        """Read and validate `oecl.json`; with `verify`, check every listed file's size and hash.
+
+        Raises ArtifactError with a one-line reason naming the offending file.
+        """
+        directory = Path(directory)
+        meta_path = directory / METADATA_NAME
+        if not directory.is_dir():
+            raise ArtifactError(f"artifact directory not found: {directory}")
+        if not meta_path.is_file():
+            raise ArtifactError(f"no {METADATA_NAME} in {directory}")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ArtifactError(f"{meta_path} is not valid JSON: {e}") from e
+        validate_metadata(meta)
+        art = cls(directory, meta)
+        for f in meta["files"]:
+            art._check_file(f, verify)
+        return art
+
+    def _check_file(self, f: dict[str, Any], verify: bool) -> None:
+        path = self.directory / f["path"]
+        if not path.is_file():
+            raise ArtifactError(f"missing file {f['path']} listed in {METADATA_NAME}")
+        if not verify:
+            return
+        size = path.stat().st_size
+        if size != f["bytes"]:
+            raise ArtifactError(
+                f"{f['path']} is {size} bytes but {METADATA_NAME} says {f['bytes']} "
+                "(truncated or replaced)"
+            )
+        digest = sha256_file(path)
+        if digest != f["sha256"]:
+            raise ArtifactError(
+                f"{f['path']} sha256 {digest[:12]}... does not match {METADATA_NAME} "
+                f"({f['sha256'][:12]}...): the file changed after export"
+            )
+
+    # ---- convenient views of the metadata
+
+    @property
+    def spec(self) -> InputSpec:
+        return InputSpec.from_json(self.meta["input"])
+
+    @property
+    def input_name(self) -> str:
+        return str(self.meta["input"]["name"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta["score"]["threshold"])
+
+    @property
+    def max_batch(self) -> int:
+        return int(self.meta["max_batch"])
+
+    @property
+    def mean(self) -> list[float]:
+        return [float(x) for x in self.meta["input"]["normalization"]["mean"]]
+
+    @property
+    def std(self) -> list[float]:
+        return [float(x) for x in self.meta["input"]["normalization"]["std"]]
+
+    @property
+    def files(self) -> list[dict[str, Any]]:
+        return list(self.meta["files"])
+
+    def find(self, fmt: str, precision: str | None = None) -> dict[str, Any] | None:
+        """The first file of `fmt` (and `precision`, if given); fp32 first when unspecified."""
+        matches = [f for f in self.meta["files"] if f["format"] == fmt]
+        if precision is not None:
+            matches = [f for f in matches if f["precision"] == precision]
+        else:
+            matches.sort(key=lambda f: f["precision"] != "fp32")
+        return matches[0] if matches else None
+
+    def require(self, fmt: str, precision: str | None = None) -> dict[str, Any]:
+        f = self.find(fmt, precision)
+        if f is None:
+            have = ", ".join(f"{x['path']} ({x['format']}/{x['precision']})"
+                             for x in self.meta["files"])
+            want = fmt if precision is None else f"{fmt}/{precision}"
+            raise ArtifactError(f"artifact {self.directory} has no {want} file (it has: {have})")
+        return f
+
+    def path_of(self, entry: dict[str, Any]) -> Path:
+        return self.directory / entry["path"]

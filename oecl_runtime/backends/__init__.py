@@ -1,0 +1,140 @@
+"""Backends behind one interface, and the `auto` choice among them.
+
+Each backend module imports its heavy library only when opened, so importing this package
+costs nothing and a box without torch or TensorRT never touches them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Callable
+
+from ..artifact import Artifact, ArtifactError
+from .base import Backend, BackendUnavailable, nvidia_gpu_present
+
+__all__ = ["Backend", "BackendUnavailable", "BACKEND_CHOICES", "open_backend"]
+
+log = logging.getLogger("oecl_runtime")
+
+# "onnxruntime" and "torch" pick their device; the suffixed names force one.
+BACKEND_CHOICES = (
+    "auto", "tensorrt", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda",
+    "onnxruntime-tensorrt", "torch", "torch-cpu", "torch-cuda",
+)
+
+
+def _ort(device: str) -> Callable[[Artifact, str | None], Backend]:
+    def make(artifact: Artifact, precision: str | None) -> Backend:
+        from .ort import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(artifact, precision, device=device)
+
+    return make
+
+
+def _torch(device: str | None) -> Callable[[Artifact, str | None], Backend]:
+    def make(artifact: Artifact, precision: str | None) -> Backend:
+        from .torch_model import TorchBackend
+
+        return TorchBackend(artifact, precision, device=device)
+
+    return make
+
+
+def _tensorrt(artifact: Artifact, precision: str | None) -> Backend:
+    from .trt import TensorRTBackend
+
+    return TensorRTBackend(artifact, precision)
+
+
+def _ort_default(artifact: Artifact, precision: str | None) -> Backend:
+    from .ort import available_devices
+
+    gpu = "cuda" in available_devices() and nvidia_gpu_present()
+    return _ort("cuda" if gpu else "cpu")(artifact, precision)
+
+
+_EXPLICIT: dict[str, Callable[[Artifact, str | None], Backend]] = {
+    "tensorrt": _tensorrt,
+    "onnxruntime": _ort_default,
+    "onnxruntime-cpu": _ort("cpu"),
+    "onnxruntime-cuda": _ort("cuda"),
+    "onnxruntime-tensorrt": _ort("tensorrt"),
+    "torch": _torch(None),
+    "torch-cpu": _torch("cpu"),
+    "torch-cuda": _torch("cuda"),
+}
+
+
+def _auto_candidates(
+    artifact: Artifact, precision: str | None
+) -> list[tuple[str, Callable[[Artifact, str | None], Backend] | None, str]]:
+    """(name, factory or None, why not) in order of expected speed.
+
+    Cheap checks first (files present, library installed, GPU node present) so that a CPU box
+    goes straight to onnxruntime-cpu without importing torch, TensorRT or CUDA libraries.
+    """
+    gpu = nvidia_gpu_present()
+    out: list[tuple[str, Callable[[Artifact, str | None], Backend] | None, str]] = []
+
+    def has(fmt: str, prec: str | None = precision) -> bool:
+        return artifact.find(fmt, prec) is not None
+
+    def installed(mod: str) -> bool:
+        return importlib.util.find_spec(mod) is not None
+
+    def add(name: str, factory: Callable[[Artifact, str | None], Backend],
+            checks: list[tuple[bool, str]]) -> None:
+        failed = [why for ok, why in checks if not ok]
+        out.append((name, None if failed else factory, "; ".join(failed)))
+
+    want = f" {precision}" if precision else ""
+    add("tensorrt", _tensorrt, [(has("tensorrt"), f"no{want} TensorRT plan in the artifact"),
+                                (installed("tensorrt"), "tensorrt not installed"),
+                                (gpu, "no GPU")])
+    ort_cuda_checks = [(has("onnx"), f"no{want} ONNX file"), (gpu, "no GPU")]
+    if gpu:
+        from .ort import available_devices
+
+        ort_cuda_checks.append(("cuda" in available_devices(), "onnxruntime has no CUDA provider"))
+    add("onnxruntime-cuda", _ort("cuda"), ort_cuda_checks)
+    add("torch-cuda", _torch("cuda"),
+        [(precision in (None, "fp32", "bf16", "fp16"), f"torch does not run {precision}"),
+         (has("safetensors", None), "no safetensors weights"),
+         ("architecture" in artifact.meta, "no architecture in oecl.json"),
+         (gpu, "no GPU"), (installed("torch"), "torch not installed")])
+    add("onnxruntime-cpu", _ort("cpu"), [(has("onnx"), f"no{want} ONNX file")])
+    return out
+
+
+def open_backend(
+    artifact: Artifact, backend: str = "auto", precision: str | None = None
+) -> Backend:
+    """Open the named backend, or with "auto" the fastest one that works here.
+
+    auto order: tensorrt > onnxruntime-cuda > torch-cuda > onnxruntime-cpu. The choice and the
+    reasons the faster ones were passed over go to the `oecl_runtime` logger.
+    """
+    if backend != "auto":
+        if backend not in _EXPLICIT:
+            choices = ", ".join(BACKEND_CHOICES)
+            raise ValueError(f"unknown backend {backend!r}; choose from {choices}")
+        b = _EXPLICIT[backend](artifact, precision)
+        log.info("backend: %s (%s, max batch %d)", b.name, b.precision, b.max_batch)
+        return b
+    skipped: list[str] = []
+    for name, factory, why in _auto_candidates(artifact, precision):
+        if factory is None:
+            skipped.append(f"{name}: {why}")
+            continue
+        try:
+            b = factory(artifact, precision)
+        except BackendUnavailable as e:
+            skipped.append(f"{name}: {e}")
+            continue
+        log.info("backend: %s (%s, max batch %d), chosen by auto%s", b.name, b.precision,
+                 b.max_batch, f"; passed over {' | '.join(skipped)}" if skipped else "")
+        b.passed_over = tuple(skipped)
+        return b
+    raise ArtifactError("no backend can run this artifact here: " + " | ".join(skipped))

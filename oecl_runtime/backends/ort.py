@@ -1,0 +1,145 @@
+"""onnxruntime backend: CPU, or the CUDA / TensorRT execution providers of onnxruntime-gpu."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..artifact import Artifact, ArtifactError
+from .base import Backend, BackendUnavailable
+
+_PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def available_devices() -> list[str]:
+    """The execution providers this onnxruntime build offers, as our device names."""
+    import onnxruntime as ort
+
+    have = set(ort.get_available_providers())
+    return [dev for dev, provider in _PROVIDERS.items() if provider in have]
+
+
+class OnnxRuntimeBackend(Backend):
+    """One onnxruntime InferenceSession over the artifact's ONNX file of the chosen precision.
+
+    device "cpu" runs the CPU provider. "cuda" and "tensorrt" need onnxruntime-gpu and a GPU;
+    they use IO binding so that only the uint8 input goes to the device and only the norm
+    output comes back (the embedding, if the graph has one, stays on the device).
+    """
+
+    def __init__(
+        self,
+        artifact: Artifact,
+        precision: str | None = None,
+        device: str = "cpu",
+        device_id: int = 0,
+        threads: int | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        if device not in _PROVIDERS:
+            raise ValueError(f"unknown onnxruntime device {device!r} (use cpu, cuda or tensorrt)")
+        if device not in available_devices():
+            raise BackendUnavailable(
+                f"onnxruntime {ort.__version__} has no {_PROVIDERS[device]} "
+                "(install onnxruntime-gpu for cuda/tensorrt)"
+            )
+        entry = artifact.require("onnx", precision)
+        path = artifact.path_of(entry)
+        self.name = f"onnxruntime-{device}"
+        self.precision = entry["precision"]
+        self.max_batch = artifact.max_batch
+        self.device = device
+        self._device_id = device_id
+        self._input = artifact.input_name
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        providers = self._providers(artifact, entry, device, device_id)
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types per failure
+            reason = _one_line(e)
+            raise ArtifactError(f"{entry['path']}: onnxruntime cannot load it: {reason}") from e
+        # onnxruntime silently falls back to the CPU when a GPU provider fails to initialise.
+        active = self.session.get_providers()[0]
+        if active != _PROVIDERS[device]:
+            raise BackendUnavailable(
+                f"{_PROVIDERS[device]} did not initialise (the session runs on {active})"
+            )
+        self._check_signature(artifact, entry["path"])
+
+    @staticmethod
+    def _providers(artifact: Artifact, entry: dict[str, Any], device: str,
+                   device_id: int) -> list[Any]:
+        if device == "cpu":
+            return ["CPUExecutionProvider"]
+        cuda = ("CUDAExecutionProvider", {"device_id": device_id})
+        if device == "cuda":
+            return [cuda, "CPUExecutionProvider"]
+        spec = artifact.spec
+        chw = f"{spec.channels}x{spec.height}x{spec.width}"
+        name = artifact.input_name
+        trt_opts = {
+            "device_id": device_id,
+            "trt_fp16_enable": entry["precision"] == "fp16",
+            "trt_int8_enable": entry["precision"] == "int8",
+            # Building an engine takes minutes; cache it per model file so restarts are quick.
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(_engine_cache_dir(entry["sha256"])),
+            "trt_profile_min_shapes": f"{name}:1x{chw}",
+            "trt_profile_opt_shapes": f"{name}:{artifact.max_batch}x{chw}",
+            "trt_profile_max_shapes": f"{name}:{artifact.max_batch}x{chw}",
+        }
+        return [("TensorrtExecutionProvider", trt_opts), cuda, "CPUExecutionProvider"]
+
+    def _check_signature(self, artifact: Artifact, fname: str) -> None:
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or inputs[0].name != self._input:
+            names = [i.name for i in inputs]
+            raise ArtifactError(f"{fname}: graph inputs {names}, oecl.json says [{self._input!r}]")
+        if inputs[0].type != "tensor(uint8)":
+            raise ArtifactError(f"{fname}: input {self._input!r} is {inputs[0].type}, not uint8")
+        spec = artifact.spec
+        shape = inputs[0].shape
+        want = [spec.channels, spec.height, spec.width]
+        fixed = [(d, w) for d, w in zip(shape[1:], want, strict=False) if isinstance(d, int)]
+        if len(shape) != 4 or any(d != w for d, w in fixed):
+            raise ArtifactError(f"{fname}: input shape {shape} does not match NCHW [N, {want}]")
+        outs = [o.name for o in self.session.get_outputs()]
+        if "norm" not in outs:
+            raise ArtifactError(f"{fname}: graph outputs {outs} lack 'norm'")
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        if self.device == "cpu":
+            norms = self.session.run(["norm"], {self._input: batch})[0]
+            return norms.astype(np.float32, copy=False)
+        io = self.session.io_binding()
+        io.bind_cpu_input(self._input, np.ascontiguousarray(batch))
+        io.bind_output("norm", "cuda", self._device_id)
+        self.session.run_with_iobinding(io)
+        return io.copy_outputs_to_cpu()[0].astype(np.float32, copy=False)
+
+    def close(self) -> None:
+        self.session = None  # type: ignore[assignment]
+
+
+def _engine_cache_dir(sha256: str) -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "oecl" / "ort-trt"
+    path = root / sha256[:16]
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:300] + ("..." if len(text) > 300 else "")

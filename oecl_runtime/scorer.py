@@ -1,0 +1,138 @@
+"""`Scorer`: an artifact plus a backend, turning images into norms and normal/anomaly decisions."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from .artifact import Artifact
+from .backends import Backend, open_backend
+from .inputs import iter_items, prepare
+from .preprocess import ImageError, InputSpec
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """One image's score. `norm`: higher = more normal; anomalous when norm < threshold."""
+
+    norm: float
+    is_anomaly: bool
+    threshold: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Scorer:
+    """Score images with an OECL artifact.
+
+    >>> scorer = Scorer.open("model_dir")                  # doctest: +SKIP
+    >>> scorer.score(["a.png", "b.png"])[0].norm            # doctest: +SKIP
+
+    The threshold used is, in order: the call's `threshold`, the scorer's, the artifact's.
+    """
+
+    def __init__(
+        self,
+        artifact: Artifact,
+        backend: Backend,
+        threshold: float | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        self.artifact = artifact
+        self.backend = backend
+        self.spec: InputSpec = artifact.spec
+        self._threshold = None if threshold is None else float(threshold)
+        limit = backend.max_batch
+        self.batch_size = limit if batch_size is None else max(1, min(int(batch_size), limit))
+        # Backends need not be thread-safe; this keeps concurrent callers of one scorer correct.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(
+        cls,
+        artifact_dir: str | os.PathLike,
+        backend: str = "auto",
+        precision: str | None = None,
+        threshold: float | None = None,
+        batch_size: int | None = None,
+        verify: bool = True,
+    ) -> Scorer:
+        """Validate the artifact (hashes included unless verify=False) and open a backend."""
+        artifact = Artifact.open(artifact_dir, verify=verify)
+        return cls(artifact, open_backend(artifact, backend, precision), threshold, batch_size)
+
+    @property
+    def threshold(self) -> float:
+        return self.artifact.threshold if self._threshold is None else self._threshold
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.artifact.meta
+
+    def score_array(self, batch: np.ndarray) -> np.ndarray:
+        """Norms (float32, shape (N,)) of a uint8 NCHW batch already in the model's form.
+
+        Any N: the batch is split into chunks of at most `batch_size`.
+        """
+        chw = self._chw
+        if not isinstance(batch, np.ndarray) or batch.dtype != np.uint8 or batch.ndim != 4 \
+                or batch.shape[1:] != chw:
+            got = (batch.dtype, batch.shape) if isinstance(batch, np.ndarray) else type(batch)
+            raise ValueError(f"score_array takes uint8 (N, {', '.join(map(str, chw))}), got {got}")
+        n = batch.shape[0]
+        out = np.empty(n, dtype=np.float32)
+        for start in range(0, n, self.batch_size):
+            chunk = np.ascontiguousarray(batch[start:start + self.batch_size])
+            with self._lock:
+                norms = self.backend.run(chunk)
+            out[start:start + len(chunk)] = norms
+        return out
+
+    def decide(self, norms: np.ndarray, threshold: float | None = None) -> list[ScoreResult]:
+        t = self.threshold if threshold is None else float(threshold)
+        return [ScoreResult(float(x), bool(x < t), t) for x in np.asarray(norms, np.float32)]
+
+    def score(self, images: Any, threshold: float | None = None) -> list[ScoreResult]:
+        """Score one image or many: paths, bytes, PIL images, uint8 arrays (see `inputs`).
+
+        Raises `ImageError` naming the first input that cannot be read.
+        """
+        buf = np.empty((self.batch_size, *self._chw), dtype=np.uint8)
+        norms: list[np.ndarray] = []
+        n = 0
+        for i, item in enumerate(iter_items(images, self.spec)):
+            try:
+                buf[n] = prepare(item, self.spec)
+            except ImageError as e:
+                raise ImageError(f"image {i}: {e}") from e
+            n += 1
+            if n == self.batch_size:
+                norms.append(self.score_array(buf))
+                n = 0
+        if n:
+            norms.append(self.score_array(buf[:n]))
+        flat = np.concatenate(norms) if norms else np.empty(0, np.float32)
+        return self.decide(flat, threshold)
+
+    @property
+    def _chw(self) -> tuple[int, int, int]:
+        return (self.spec.channels, self.spec.height, self.spec.width)
+
+    def describe(self) -> dict[str, Any]:
+        """The runtime side of the model: backend, precision, batch limits, threshold."""
+        return {**self.backend.describe(), "batch_size": self.batch_size,
+                "threshold": self.threshold, "artifact": str(self.artifact.directory)}
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Scorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
