@@ -90,8 +90,9 @@ def threshold_at_tpr(id_norms: Iterable[float] | np.ndarray, tpr: float = 0.95) 
         raise ArtifactError(
             f"threshold needs ID norms and 0 < tpr <= 1 (got {x.size} norms, tpr {tpr})"
         )
-    # 'lower' keeps the threshold on an observed norm, so at least `tpr` of ID is >= it.
-    return float(np.quantile(x, 1.0 - tpr, method="lower"))
+    # The largest observed norm that still keeps at least `tpr` of ID at or above it.
+    keep = max(1, math.ceil(tpr * x.size - 1e-9))
+    return float(np.sort(x)[x.size - keep])
 
 
 def write_metadata(directory: str | os.PathLike, meta: dict[str, Any]) -> Path:

@@ -1,0 +1,155 @@
+"""The artifact contract: what `Artifact.open` and `validate_metadata` accept and refuse."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_runtime_tinymodel import copy_artifact, tiny_artifact_dir
+
+from oecl_runtime import Scorer
+from oecl_runtime.artifact import (
+    SCHEMA_VERSION,
+    Artifact,
+    ArtifactError,
+    file_entry,
+    norm_stats,
+    threshold_at_tpr,
+    validate_metadata,
+)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_artifact_dir(tmp_path_factory)
+
+
+@pytest.fixture
+def art(source: Path, tmp_path: Path) -> Path:
+    return copy_artifact(source, tmp_path / "artifact")
+
+
+def _meta(d: Path) -> dict:
+    return json.loads((d / "oecl.json").read_text())
+
+
+def _write_meta(d: Path, meta: dict) -> None:
+    (d / "oecl.json").write_text(json.dumps(meta))
+
+
+def _refused(d: Path, match: str) -> str:
+    with pytest.raises(ArtifactError, match=match) as info:
+        Artifact.open(d)
+    msg = str(info.value)
+    assert "\n" not in msg, f"reason should be one line: {msg!r}"
+    return msg
+
+
+def test_valid_artifact_opens(art: Path) -> None:
+    a = Artifact.open(art)
+    assert a.meta["schema_version"] == SCHEMA_VERSION
+    assert a.spec.height == 32 and a.input_name == "images"
+    assert a.find("onnx")["path"] == "model.onnx"
+    assert a.find("tensorrt") is None
+
+
+def test_unknown_schema_version_is_refused(art: Path) -> None:
+    meta = _meta(art)
+    meta["schema_version"] = 2
+    _write_meta(art, meta)
+    _refused(art, r"unknown schema_version 2 \(this runtime reads 1\)")
+
+
+def test_missing_file_is_refused(art: Path) -> None:
+    (art / "model.onnx").unlink()
+    _refused(art, "missing file model.onnx")
+
+
+def test_tampered_file_is_refused(art: Path) -> None:
+    model = art / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one changed byte, same size
+    model.write_bytes(bytes(data))
+    msg = _refused(art, "model.onnx sha256 .* does not match")
+    assert "changed after export" in msg
+    # Scorer.open goes through the same check.
+    with pytest.raises(ArtifactError, match="sha256"):
+        Scorer.open(art, backend="onnxruntime-cpu")
+
+
+def test_truncated_file_is_refused(art: Path) -> None:
+    model = art / "model.onnx"
+    model.write_bytes(model.read_bytes()[:-100])
+    _refused(art, r"model.onnx is \d+ bytes but oecl.json says \d+ \(truncated or replaced\)")
+
+
+def test_missing_or_broken_metadata(art: Path, tmp_path: Path) -> None:
+    (art / "oecl.json").write_text("{not json")
+    _refused(art, "is not valid JSON")
+    (art / "oecl.json").unlink()
+    _refused(art, "no oecl.json")
+    _refused(tmp_path / "nowhere", "artifact directory not found")
+
+
+def test_paths_cannot_leave_the_artifact_dir(art: Path) -> None:
+    meta = _meta(art)
+    meta["files"][0]["path"] = "../model.onnx"
+    _write_meta(art, meta)
+    _refused(art, "must be relative to the artifact directory")
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda m: m.pop("score"), "missing key"),
+        (lambda m: m["input"].update(dtype="float32"), "input.dtype must be 'uint8'"),
+        (lambda m: m["input"].update(color_mode="L"), "input.color_mode must be 'RGB'"),
+        (lambda m: m["input"]["normalization"].update(mean=[0.5]), "one number per channel"),
+        (lambda m: m["input"]["normalization"].update(in_graph=False), "in_graph"),
+        (lambda m: m["score"].update(direction="lower_is_normal"), "higher_is_normal"),
+        (lambda m: m["score"].update(threshold="high"), "threshold must be a finite number"),
+        (lambda m: m["score"]["id_norm"].pop("p95"), "score.id_norm lacks p95"),
+        (lambda m: m.update(max_batch=0), "max_batch"),
+        (lambda m: m.update(files=[]), "at least one model file"),
+        (lambda m: m["files"][0].update(format="tflite"), "unknown format"),
+        (lambda m: m["files"].append({**m["files"][0], "precision": "fp16"}), "same path twice"),
+        (lambda m: m["files"].append({**m["files"][0], "path": "m.plan", "format": "tensorrt"}),
+         "needs 'tensorrt_version'"),
+    ],
+)
+def test_validate_metadata_refusals(source: Path, edit, match: str) -> None:
+    meta = copy.deepcopy(_meta(source))
+    validate_metadata(meta)
+    edit(meta)
+    with pytest.raises(ArtifactError, match=match):
+        validate_metadata(meta)
+
+
+def test_file_entry(source: Path, tmp_path: Path) -> None:
+    e = file_entry(source / "model.onnx", "onnx", "fp32", opset=18)
+    assert e["path"] == "model.onnx" and e["opset"] == 18
+    assert e["bytes"] == (source / "model.onnx").stat().st_size and len(e["sha256"]) == 64
+    with pytest.raises(ArtifactError, match="unknown precision"):
+        file_entry(source / "model.onnx", "onnx", "fp8")
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"engine")
+    with pytest.raises(ArtifactError, match="needs 'gpu_name'"):
+        file_entry(plan, "tensorrt", "fp16", tensorrt_version="10.3.0", compute_capability="9.0")
+    e = file_entry(plan, "tensorrt", "fp16", tensorrt_version="10.3.0", gpu_name="NVIDIA H100",
+                   compute_capability="9.0")
+    assert e["compute_capability"] == "9.0"
+
+
+def test_threshold_and_stats_helpers() -> None:
+    norms = np.arange(1, 101, dtype=np.float64)  # 1..100
+    t = threshold_at_tpr(norms, 0.95)
+    assert np.mean(norms >= t) >= 0.95
+    assert np.mean(norms >= np.nextafter(t, np.inf)) < 0.95
+    stats = norm_stats(norms)
+    assert stats["n"] == 100 and stats["min"] == 1 and stats["max"] == 100
+    assert stats["p50"] == pytest.approx(50.5)
+    with pytest.raises(ArtifactError):
+        threshold_at_tpr([], 0.95)
