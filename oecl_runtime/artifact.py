@@ -19,13 +19,12 @@ from typing import Any
 import numpy as np
 
 from .atomic import write_json
+from .names import FORMATS, PRECISIONS
 from .preprocess import InputSpec
 
 SCHEMA_VERSION = 1
 METADATA_NAME = "oecl.json"
 
-FORMATS = ("onnx", "tensorrt", "safetensors")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 STAT_KEYS = ("n", "mean", "std", "min", "p05", "p50", "p95", "max")
 _TOP_KEYS = ("schema_version", "producer", "created", "input", "outputs", "score", "max_batch",
              "files")

@@ -11,17 +11,13 @@ import logging
 from collections.abc import Callable
 
 from ..artifact import Artifact, ArtifactError
+from ..names import BACKEND_CHOICES
 from .base import Backend, BackendUnavailable, nvidia_gpu_present
 
 __all__ = ["Backend", "BackendUnavailable", "BACKEND_CHOICES", "open_backend"]
 
 log = logging.getLogger("oecl_runtime")
 
-# "onnxruntime" and "torch" pick their device; the suffixed names force one.
-BACKEND_CHOICES = (
-    "auto", "tensorrt", "onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda",
-    "onnxruntime-tensorrt", "torch", "torch-cpu", "torch-cuda",
-)
 
 
 def _ort(device: str) -> Callable[[Artifact, str | None], Backend]:

@@ -1,0 +1,172 @@
+"""Dynamic batching: requests' images gathered into one batch on one inference thread.
+
+A batch closes when it holds `max_batch` images or when its oldest image has waited
+`max_delay_s`, whichever comes first; so a lone request waits at most `max_delay_s`, and under
+load the backend sees full batches. The queue is bounded in images: a request that does not fit
+is refused at once (`QueueFull`) instead of growing memory and latency without limit.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+
+import numpy as np
+
+
+class QueueFull(RuntimeError):
+    """The queue has no room for this request's images right now; retry later."""
+
+
+class Draining(RuntimeError):
+    """The batcher is shutting down and takes no new work."""
+
+
+class TooManyImages(ValueError):
+    """A single request holds more images than the queue can ever hold."""
+
+
+class _Request:
+    __slots__ = ("images", "norms", "remaining", "future")
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.images = images
+        self.norms = np.empty(len(images), dtype=np.float32)
+        self.remaining = len(images)
+        self.future: Future[np.ndarray] = Future()
+
+
+def _settle(fut: Future, result: np.ndarray | None = None,
+            error: BaseException | None = None) -> None:
+    # The caller may have cancelled (client went away) between our check and the set.
+    try:
+        if error is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(error)
+    except InvalidStateError:
+        pass
+
+
+class DynamicBatcher:
+    """Run `run(uint8 NCHW) -> float32 norms` on batches assembled from submitted requests."""
+
+    def __init__(
+        self,
+        run: Callable[[np.ndarray], np.ndarray],
+        item_shape: tuple[int, int, int],
+        max_batch: int,
+        max_delay_s: float,
+        max_queue: int,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        if max_batch < 1 or max_queue < 1 or max_delay_s < 0:
+            raise ValueError("max_batch and max_queue must be >= 1 and max_delay >= 0")
+        self._run = run
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self._on_batch = on_batch
+        # One (request, index, enqueue time) per image; requests span batches when they must.
+        self._queue: deque[tuple[_Request, int, float]] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._buf = np.empty((max_batch, *item_shape), dtype=np.uint8)
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="oecl-inference", daemon=True)
+            self._thread.start()
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking work; with `drain`, finish everything queued first."""
+        with self._cond:
+            self._stopping = True
+            if not drain:
+                while self._queue:
+                    req, _, _ = self._queue.popleft()
+                    _settle(req.future, error=Draining("server is shutting down"))
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    # ---- producer side (any thread)
+
+    def submit(self, images: np.ndarray) -> Future[np.ndarray]:
+        """Queue a uint8 (N, C, H, W) request; the future resolves to its N norms in order."""
+        n = len(images)
+        if n > self.max_queue:
+            raise TooManyImages(f"request has {n} images, the server queues at most "
+                                f"{self.max_queue}")
+        req = _Request(images)
+        if n == 0:
+            req.future.set_result(req.norms)
+            return req.future
+        now = time.monotonic()
+        with self._cond:
+            if self._stopping:
+                raise Draining("server is shutting down")
+            if len(self._queue) + n > self.max_queue:
+                raise QueueFull(f"queue full ({len(self._queue)} of {self.max_queue} images)")
+            self._queue.extend((req, i, now) for i in range(n))
+            self._cond.notify()
+        return req.future
+
+    # ---- the inference thread
+
+    def _take(self) -> list[tuple[_Request, int, float]] | None:
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            if not self._queue:
+                return None
+            deadline = self._queue[0][2] + self.max_delay_s
+            while len(self._queue) < self.max_batch and not self._stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            take = []
+            while self._queue and len(take) < self.max_batch:
+                slot = self._queue.popleft()
+                # A request whose client gave up is dropped here rather than computed.
+                if not slot[0].future.cancelled():
+                    take.append(slot)
+            return take
+
+    def _loop(self) -> None:
+        while (take := self._take()) is not None:
+            if not take:
+                continue
+            n = len(take)
+            batch = self._buf[:n]
+            for j, (req, i, _) in enumerate(take):
+                batch[j] = req.images[i]
+            t0 = time.perf_counter()
+            try:
+                norms = self._run(batch)
+            except Exception as e:  # a failed batch fails its requests, never the thread
+                for req in {id(r): r for r, _, _ in take}.values():
+                    _settle(req.future, error=e)
+                continue
+            if self._on_batch is not None:
+                self._on_batch(n, time.perf_counter() - t0)
+            for j, (req, i, _) in enumerate(take):
+                req.norms[i] = norms[j]
+                req.remaining -= 1
+                if req.remaining == 0:
+                    _settle(req.future, result=req.norms)

@@ -1,0 +1,384 @@
+"""`oecl score`, `oecl serve` and `oecl bench`: click commands over the runtime.
+
+Registered in the main `oecl` group; `python -m oecl_runtime` runs them on a box that has the
+runtime alone. Everything heavier than click is imported inside the command bodies.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .names import BACKEND_CHOICES, IMAGE_EXTENSIONS, PRECISIONS
+
+_GLOB_CHARS = set("*?[")
+
+
+def _model_option(f: Any) -> Any:
+    return click.option("--model", "model_dir", required=True,
+                        type=click.Path(exists=True, file_okay=False, path_type=Path),
+                        help="Artifact directory (oecl.json + model files).")(f)
+
+
+def _backend_options(f: Any) -> Any:
+    f = click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+                     help="Model file precision; default: fp32 where present.")(f)
+    return click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto",
+                        show_default=True,
+                        help="auto: tensorrt > onnxruntime-cuda > torch-cuda > onnxruntime-cpu.")(f)
+
+
+def _open_scorer(model_dir: Path, backend: str, precision: str | None, threshold: float | None,
+                 batch_size: int | None = None) -> Any:
+    from .artifact import ArtifactError
+    from .backends import BackendUnavailable
+    from .scorer import Scorer
+
+    try:
+        return Scorer.open(model_dir, backend=backend, precision=precision, threshold=threshold,
+                           batch_size=batch_size)
+    except (ArtifactError, BackendUnavailable, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _say(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _int_list(value: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+    if not out or min(out) < 1:
+        raise click.BadParameter(f"expected positive integers, got {value!r}")
+    return out
+
+
+# ----------------------------------------------------------------------------- score
+
+
+def expand_paths(paths: tuple[str, ...]) -> list[str]:
+    """Files as given; directories walked recursively and globs expanded, keeping images only.
+
+    A named file is always scored (so a mistyped or unreadable one shows up as an error row);
+    files found by walking or globbing are filtered by image extension.
+    """
+    out: list[str] = []
+
+    def walk(d: str) -> Iterator[str]:
+        for root, dirs, files in os.walk(d):
+            dirs.sort()
+            for name in sorted(files):
+                if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                    yield os.path.join(root, name)
+
+    for p in paths:
+        if os.path.isdir(p):
+            out.extend(walk(p))
+        elif not os.path.exists(p) and _GLOB_CHARS & set(p):
+            for m in sorted(glob.glob(p, recursive=True)):
+                if os.path.isdir(m):
+                    out.extend(walk(m))
+                elif Path(m).suffix.lower() in IMAGE_EXTENSIONS:
+                    out.append(m)
+        else:
+            out.append(p)
+    seen: set[str] = set()
+    return [p for p in out if not (p in seen or seen.add(p))]
+
+
+class _RowWriter:
+    """CSV or JSON-lines rows: path, norm, is_anomaly, error."""
+
+    FIELDS = ("path", "norm", "is_anomaly", "error")
+
+    def __init__(self, stream: Any, fmt: str) -> None:
+        import csv
+
+        self.fmt, self.stream = fmt, stream
+        if fmt == "csv":
+            self._csv = csv.writer(stream, lineterminator="\n")
+            self._csv.writerow(self.FIELDS)
+
+    def write(self, path: str, norm: Any = None, is_anomaly: bool | None = None,
+              error: str | None = None) -> None:
+        import json
+
+        import numpy as np
+
+        # str(float32) is the shortest text that reads back as the same float32.
+        text = None if norm is None else str(np.float32(norm))
+        if self.fmt == "csv":
+            flag = "" if is_anomaly is None else str(is_anomaly).lower()
+            self._csv.writerow((path, text or "", flag, error or ""))
+        else:
+            row = {"path": path, "norm": None if text is None else float(text),
+                   "is_anomaly": is_anomaly, "error": error}
+            self.stream.write(json.dumps(row) + "\n")
+
+
+@click.command("score")
+@click.argument("paths", nargs=-1, required=True)
+@_model_option
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write rows to FILE.csv or FILE.jsonl (default: CSV on stdout).")
+@click.option("--threshold", type=float, default=None,
+              help="Anomaly when norm < threshold; default: the artifact's threshold.")
+@_backend_options
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Images per inference call; default: the backend's maximum.")
+@click.option("--workers", type=click.IntRange(min=1), default=min(8, os.cpu_count() or 1),
+              show_default=True, help="Threads decoding images.")
+@click.option("--strict", is_flag=True, help="Exit with status 1 if any image failed.")
+def score(paths: tuple[str, ...], model_dir: Path, out: Path | None, threshold: float | None,
+          backend: str, precision: str | None, batch_size: int | None, workers: int,
+          strict: bool) -> None:
+    """Score image files, directories (recursive) and globs. norm: higher = normal.
+
+    Each image gets a row (path, norm, is_anomaly, error); an unreadable image becomes an error
+    row and the run goes on.
+    """
+    fmt = "csv"
+    if out is not None:
+        fmt = {".csv": "csv", ".jsonl": "jsonl"}.get(out.suffix.lower(), "")
+        if not fmt:
+            raise click.BadParameter("must end in .csv or .jsonl", param_hint="--out")
+    files = expand_paths(paths)
+    if not files:
+        raise click.ClickException("no images found in " + " ".join(paths))
+    scorer = _open_scorer(model_dir, backend, precision, threshold, batch_size)
+    _say(f"scoring {len(files)} images with {scorer.backend.name} ({scorer.backend.precision}), "
+         f"threshold {scorer.threshold:g}; norm: higher = normal")
+    if out is None:
+        counts = _score_files(scorer, files, _RowWriter(sys.stdout, fmt), workers)
+    else:
+        from .atomic import atomic_path
+
+        with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8", newline="") as stream:
+            counts = _score_files(scorer, files, _RowWriter(stream, fmt), workers)
+    n, anomalies, errors, seconds = counts
+    _say(f"{n} images: {n - errors} scored, {anomalies} anomalies (norm < {scorer.threshold:g}), "
+         f"{errors} errors; {n / seconds:.1f} images/s; norm: higher = normal"
+         + (f"; wrote {out}" if out else ""))
+    scorer.close()
+    if strict and errors:
+        raise SystemExit(1)
+
+
+def _score_files(scorer: Any, files: list[str], writer: _RowWriter,
+                 workers: int) -> tuple[int, int, int, float]:
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    import numpy as np
+    from tqdm import tqdm
+
+    from .preprocess import ImageError, load
+
+    spec = scorer.spec
+
+    def read(path: str) -> Any:
+        try:
+            return load(path, spec)
+        except ImageError as e:
+            return e
+
+    bs = scorer.batch_size
+    chunks = [files[i:i + bs] for i in range(0, len(files), bs)]
+    anomalies = errors = 0
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool, \
+            tqdm(total=len(files), unit="img", file=sys.stderr, disable=None) as bar:
+        # Decoding of the next chunk overlaps inference on the current one.
+        pending: list[Future] | None = [pool.submit(read, p) for p in chunks[0]] if chunks else None
+        for k, chunk in enumerate(chunks):
+            loaded = [f.result() for f in pending or []]
+            pending = [pool.submit(read, p) for p in chunks[k + 1]] if k + 1 < len(chunks) else None
+            good = [i for i, x in enumerate(loaded) if isinstance(x, np.ndarray)]
+            norms = scorer.score_array(np.stack([loaded[i] for i in good])) if good else []
+            results = dict(zip(good, scorer.decide(norms), strict=True))
+            for i, path in enumerate(chunk):
+                if i in results:
+                    r = results[i]
+                    anomalies += r.is_anomaly
+                    writer.write(path, r.norm, r.is_anomaly)
+                else:
+                    errors += 1
+                    writer.write(path, error=str(loaded[i]))
+            bar.update(len(chunk))
+    return len(files), anomalies, errors, max(time.perf_counter() - t0, 1e-9)
+
+
+# ----------------------------------------------------------------------------- serve
+
+
+@click.command("serve")
+@_model_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to bind; 0.0.0.0 exposes the server to the network.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@_backend_options
+@click.option("--threshold", type=float, default=None,
+              help="Default threshold (a request's ?threshold= overrides it).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=None,
+              help="Largest inference batch; default: the backend's maximum.")
+@click.option("--max-delay-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="Longest an image waits for its batch to fill.")
+@click.option("--max-queue", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images waiting for inference before requests get 503.")
+@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=16.0,
+              show_default=True, help="Largest request body; larger ones get 413.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              default="info", show_default=True)
+def serve(model_dir: Path, host: str, port: int, backend: str, precision: str | None,
+          threshold: float | None, max_batch: int | None, max_delay_ms: float, max_queue: int,
+          max_body_mb: float, log_level: str) -> None:
+    """HTTP scoring server with dynamic batching. norm: higher = normal.
+
+    POST /v1/score (image body, multipart files, or application/x-npy), GET /healthz,
+    GET /v1/model, GET /metrics. SIGTERM finishes in-flight requests before exiting.
+    """
+    import logging
+
+    from .server import ServerConfig
+    from .server import serve as run_server
+
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
+    scorer = _open_scorer(model_dir, backend, precision, threshold)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        _say(f"warning: listening on {host}, reachable from other machines")
+    cfg = ServerConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
+                       max_body_mb=max_body_mb)
+    try:
+        run_server(scorer, host=host, port=port, config=cfg, log_level=log_level)
+    finally:
+        scorer.close()
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+@click.command("bench")
+@_model_option
+@_backend_options
+@click.option("--batch-sizes", default="1,8,32,64", show_default=True,
+              help="Backend sweep; sizes above the backend's maximum are skipped.")
+@click.option("--iterations", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Timed calls per batch size (fewer if --max-seconds runs out).")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Untimed calls (or requests) before each measurement.")
+@click.option("--max-seconds", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Time limit per batch size / concurrency level.")
+@click.option("--url", default=None, help="A running `oecl serve` on this machine, e.g. "
+              "http://127.0.0.1:8000: adds the concurrency sweep.")
+@click.option("--concurrency", "concurrencies", default="1,8,32", show_default=True,
+              help="Concurrent clients, one image per request.")
+@click.option("--requests", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Timed requests per concurrency level.")
+@click.option("--http-only", is_flag=True, help="Skip the backend sweep (needs --url).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="oecl-bench",
+              show_default=True, help="Directory for bench.json, bench.csv and bench.png.")
+def bench(model_dir: Path, backend: str, precision: str | None, batch_sizes: str,
+          iterations: int, warmup: int, max_seconds: float, url: str | None,
+          concurrencies: str, requests: int, http_only: bool, out: Path) -> None:
+    """Throughput (images/s) and latency (min/mean/p50/p90/p95/p99) of a model.
+
+    Sweeps batch sizes on the backend alone and, with --url, concurrency levels against a
+    running server. Warm-up is excluded. Prints a table; writes JSON, CSV and a PNG plot.
+    """
+    from datetime import datetime, timezone
+
+    from . import bench as B
+
+    sizes = _int_list(batch_sizes)
+    levels = _int_list(concurrencies)
+    if http_only and not url:
+        raise click.BadParameter("--http-only needs --url", param_hint="--http-only")
+    if url:
+        try:
+            B.check_loopback_url(url)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--url") from None
+    scorer = _open_scorer(model_dir, backend, precision, None)
+    spec = scorer.spec
+    report: dict[str, Any] = {
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "options": {k: str(v) if isinstance(v, Path) else v
+                    for k, v in click.get_current_context().params.items()},
+        "model": str(model_dir), "backend": scorer.backend.describe(),
+        "input": {"channels": spec.channels, "height": spec.height, "width": spec.width},
+        "device": B.device_info(), "results": [],
+    }
+
+    def show(row: dict[str, Any]) -> None:
+        what = (f"batch {row['batch_size']}" if row["mode"] == "backend"
+                else f"concurrency {row['concurrency']}")
+        _say(f"  {row['mode']} {what}: {row['images_per_s']:.1f} images/s, "
+             f"p99 {row['latency_ms']['p99']:.2f} ms")
+
+    if not http_only:
+        runnable = [s for s in sizes if s <= scorer.backend.max_batch]
+        skipped = sorted(set(sizes) - set(runnable))
+        if skipped:
+            _say(f"skipping batch sizes {skipped}: above the backend maximum "
+                 f"{scorer.backend.max_batch}")
+        _say(f"backend sweep: {scorer.backend.name} ({scorer.backend.precision})")
+        report["results"] += B.bench_backend(
+            scorer.backend.run, (spec.channels, spec.height, spec.width), runnable,
+            iterations=iterations, warmup=warmup, max_seconds=max_seconds, progress=show)
+    if url:
+        report["server"] = _server_runtime(url)
+        bodies = _request_images(spec, count=min(requests, 256))
+        _say(f"HTTP sweep against {url}: {requests} one-image requests per level")
+        report["results"] += B.bench_http(url, bodies, levels, requests, warmup=warmup,
+                                          time_limit_s=max_seconds * 6, progress=show)
+    scorer.close()
+    click.echo(B.format_table(report["results"]))
+    paths = B.write_report(out, report)
+    _say("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _server_runtime(url: str) -> dict[str, Any]:
+    """The server's own account of its backend and batching, recorded beside its numbers."""
+    import json
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/v1/model", timeout=10) as r:
+            return json.loads(r.read()).get("runtime", {})
+    except OSError as e:
+        raise click.ClickException(f"cannot reach the server at {url}: {e}") from None
+
+
+def _request_images(spec: Any, count: int) -> list[bytes]:
+    """Distinct PNG images of the model's input size, so no cache can flatter the numbers."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(count):
+        arr = rng.integers(0, 256, (spec.height, spec.width, spec.channels), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr[:, :, 0] if spec.channels == 1 else arr).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+@click.group("oecl-runtime")
+def main() -> None:
+    """Score, serve and benchmark OECL model artifacts (no torch needed)."""
+
+
+main.add_command(score)
+main.add_command(serve)
+main.add_command(bench)
