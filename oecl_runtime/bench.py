@@ -298,7 +298,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _plot(rows: Sequence[dict[str, Any]], title: str, path: Path) -> None:
+def _plot(rows: Sequence[dict[str, Any]], titles: dict[str, str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -312,12 +312,14 @@ def _plot(rows: Sequence[dict[str, Any]], title: str, path: Path) -> None:
         xs = [r[key] for r in rs]
         ax.plot(xs, [r["images_per_s"] for r in rs], "o-", color="tab:blue")
         ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.minorticks_off()
         ax.set_xlabel("batch size" if key == "batch_size" else "concurrent requests")
         ax.set_ylabel("throughput (images/s)", color="tab:blue")
         ax2 = ax.twinx()
         ax2.plot(xs, [r["latency_ms"]["p99"] for r in rs], "s--", color="tab:red")
         ax2.set_ylabel("p99 latency (ms)", color="tab:red")
-        ax.set_title(f"{mode}: {title}", fontsize=9)
+        ax.set_title(titles[mode], fontsize=9)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     with_file(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
@@ -336,9 +338,10 @@ def write_report(out_dir: str | os.PathLike, report: dict[str, Any]) -> dict[str
     for row in report["results"]:
         w.writerow(_flat(row))
     write_text(paths["csv"], buf.getvalue())
-    b = report["backend"]
-    title = f"{b['name']} {b['precision']} on {report['device']['cpu'][:40]}"
-    if report["device"]["gpus"]:
-        title = f"{b['name']} {b['precision']} on {report['device']['gpus'][0]}"
-    _plot(report["results"], title, paths["png"])
+    dev = report["device"]
+    where = dev["gpus"][0] if dev["gpus"] else dev["cpu"][:40]
+    b, s = report["backend"], report.get("server") or report["backend"]
+    titles = {"backend": f"backend alone: {b['name']} {b['precision']} on {where}",
+              "http": f"HTTP, 1 image/request: {s['name']} {s['precision']} on {where}"}
+    _plot(report["results"], titles, paths["png"])
     return paths

@@ -1,0 +1,149 @@
+"""`oecl score` and `oecl bench` through click's CliRunner."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from test_runtime_tinymodel import copy_artifact, random_images, tiny_artifact_dir
+
+from oecl_runtime import Scorer
+from oecl_runtime.cli import bench, expand_paths, score
+
+
+@pytest.fixture(scope="module")
+def artifact_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_artifact_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    (root / "sub").mkdir()
+    for i, img in enumerate(random_images(5, seed=31, size=36)):
+        Image.fromarray(img).save(root / ("sub" if i % 2 else ".") / f"img{i}.png")
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    (root / "notes.txt").write_text("not an image, skipped by the directory walk")
+    return root
+
+
+def _rows(text: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_score_directory_with_a_corrupt_file(artifact_dir: Path, image_dir: Path,
+                                             tmp_path: Path) -> None:
+    out = tmp_path / "scores.csv"
+    res = CliRunner().invoke(score, [str(image_dir), "--model", str(artifact_dir),
+                                     "--out", str(out), "--backend", "onnxruntime-cpu"])
+    assert res.exit_code == 0, res.output
+    rows = _rows(out.read_text())
+    assert len(rows) == 6 and [r["path"] for r in rows] == expand_paths((str(image_dir),))
+    bad = [r for r in rows if r["error"]]
+    assert len(bad) == 1 and bad[0]["path"].endswith("corrupt.jpg")
+    assert "cannot decode" in bad[0]["error"] and bad[0]["norm"] == ""
+    good = [r for r in rows if not r["error"]]
+    with Scorer.open(artifact_dir, backend="onnxruntime-cpu") as s:
+        want = s.score([r["path"] for r in good])
+    for r, w in zip(good, want, strict=True):
+        assert float(r["norm"]) == pytest.approx(w.norm, rel=1e-5)
+        assert r["is_anomaly"] == str(w.is_anomaly).lower()
+    assert "6 images: 5 scored" in res.stderr and "1 errors" in res.stderr
+    assert "norm: higher = normal" in res.stderr and "images/s" in res.stderr
+
+
+def test_score_strict_jsonl_glob_and_threshold(artifact_dir: Path, image_dir: Path,
+                                               tmp_path: Path) -> None:
+    out = tmp_path / "scores.jsonl"
+    args = [str(image_dir / "**" / "*.png"), str(image_dir / "missing.png"),
+            "--model", str(artifact_dir), "--out", str(out), "--threshold", "1e9", "--strict"]
+    res = CliRunner().invoke(score, args)
+    assert res.exit_code == 1, res.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6
+    assert all(r["is_anomaly"] is True for r in rows if r["error"] is None)
+    assert rows[-1]["norm"] is None and "no such file" in rows[-1]["error"]
+
+
+def test_score_to_stdout_and_usage_errors(artifact_dir: Path, image_dir: Path,
+                                          tmp_path: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(score, [str(image_dir / "img0.png"), "--model", str(artifact_dir)])
+    assert res.exit_code == 0 and len(_rows(res.stdout)) == 1
+    res = runner.invoke(score, [str(image_dir), "--model", str(artifact_dir), "--out", "x.txt"])
+    assert res.exit_code == 2 and ".csv or .jsonl" in res.output
+    res = runner.invoke(score, [str(tmp_path / "*.png"), "--model", str(artifact_dir)])
+    assert res.exit_code == 1 and "no images found" in res.output
+    broken = copy_artifact(artifact_dir, tmp_path / "broken")
+    (broken / "model.onnx").write_bytes(b"x")
+    res = runner.invoke(score, [str(image_dir), "--model", str(broken)])
+    assert res.exit_code == 1
+    (message,) = [line for line in res.output.splitlines() if line.startswith("Error:")]
+    assert "model.onnx" in message and "truncated" in message
+
+
+@pytest.fixture
+def live_server(artifact_dir: Path) -> Iterator[str]:
+    import socket
+
+    import uvicorn
+
+    from oecl_runtime.server import create_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    scorer = Scorer.open(artifact_dir, backend="onnxruntime-cpu")
+    server = uvicorn.Server(uvicorn.Config(create_app(scorer), host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        scorer.close()
+
+
+def test_bench_quick_run_writes_json_csv_png(artifact_dir: Path, live_server: str,
+                                             tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    res = CliRunner().invoke(bench, [
+        "--model", str(artifact_dir), "--batch-sizes", "1,4,512", "--iterations", "5",
+        "--warmup", "1", "--url", live_server, "--concurrency", "1,4", "--requests", "20",
+        "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "bench.json").read_text())
+    rows = report["results"]
+    assert [(r["mode"], r["batch_size"], r["concurrency"]) for r in rows] == [
+        ("backend", 1, None), ("backend", 4, None), ("http", 1, 1), ("http", 1, 4)]
+    assert all(r["errors"] == 0 and r["images_per_s"] > 0 for r in rows)
+    assert rows[0]["count"] == 5 and rows[2]["count"] == 20
+    lat = rows[1]["latency_ms"]
+    assert lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+    assert report["backend"]["name"] == "onnxruntime-cpu" and report["device"]["cpu"]
+    assert "onnxruntime" in report["device"]["versions"]
+    assert report["server"]["name"] == "onnxruntime-cpu"
+    assert len(_rows((out / "bench.csv").read_text())) == 4
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "skipping batch sizes [512]" in res.stderr and "p99" in res.stdout
+    assert np.isfinite(rows[3]["latency_ms"]["p99"])
+
+
+def test_bench_refuses_remote_urls(artifact_dir: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(bench, ["--model", str(artifact_dir), "--url", "http://10.1.2.3:80",
+                                     "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "only target this machine" in res.output
