@@ -72,11 +72,21 @@ def decode(source: Any) -> Image.Image:
             raise ImageError(f"cannot read an image from {type(source).__name__}")
         img.load()
         return img
+    except ImageError:
+        raise
     except FileNotFoundError as e:
         raise ImageError(f"no such file: {source}") from e
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        name = source if isinstance(source, (str, os.PathLike)) else "image bytes"
-        raise ImageError(f"cannot decode {name}: {e}") from e
+    except UnidentifiedImageError as e:
+        raise ImageError(f"cannot decode {_name(source)}: not a recognised image format") from e
+    except Image.DecompressionBombError as e:
+        # A small file that would expand to gigapixels: refuse it before it takes the memory.
+        raise ImageError(f"cannot decode {_name(source)}: {e}") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"cannot decode {_name(source)}: {e}") from e
+
+
+def _name(source: Any) -> str:
+    return str(source) if isinstance(source, (str, os.PathLike)) else "image bytes"
 
 
 def to_model_input(img: Image.Image, spec: InputSpec) -> np.ndarray:

@@ -84,10 +84,9 @@ async def _multipart_files(request: Request, body: bytes, limit: int) -> list[tu
         async with Request(request.scope, replay).form(max_part_size=limit) as form:
             files = [(v.filename or k, await v.read()) for k, v in form.multi_items()
                      if isinstance(v, UploadFile)]
-    except HTTPError:
-        raise
     except Exception as e:  # the multipart parser raises several types for malformed bodies
-        raise HTTPError(400, f"malformed multipart body: {e}", "bad_request") from e
+        reason = getattr(e, "detail", None) or str(e)
+        raise HTTPError(400, f"malformed multipart body: {reason}", "bad_request") from e
     if not files:
         raise HTTPError(400, "multipart body has no file parts", "bad_request")
     return files

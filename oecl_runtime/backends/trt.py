@@ -119,9 +119,16 @@ class TensorRTBackend(Backend):
         in_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self._input)))
         if in_dtype != np.uint8:
             raise ArtifactError(f"{entry['path']}: engine input is {in_dtype}, not uint8")
+        spec = artifact.spec
+        chw = (spec.channels, spec.height, spec.width)
+        engine_shape = tuple(self.engine.get_tensor_shape(self._input))
+        if len(engine_shape) != 4 or engine_shape[1:] != chw:
+            raise ArtifactError(
+                f"{entry['path']}: engine input shape {engine_shape} is not (N, {chw}) as in "
+                "oecl.json"
+            )
 
         _, _, max_shape = self.engine.get_tensor_profile_shape(self._input, 0)
-        spec = artifact.spec
         self.max_batch = min(artifact.max_batch, int(max_shape[0]))
         self.name = "tensorrt"
         self.precision = entry["precision"]
