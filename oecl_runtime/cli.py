@@ -237,9 +237,10 @@ def _score_files(scorer: Any, files: list[str], writer: _RowWriter,
               show_default=True, help="Largest request body; larger ones get 413.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
+@click.option("--access-log", is_flag=True, help="Log every request (off: /metrics counts them).")
 def serve(model_dir: Path, host: str, port: int, backend: str, precision: str | None,
           threshold: float | None, max_batch: int | None, max_delay_ms: float, max_queue: int,
-          max_body_mb: float, log_level: str) -> None:
+          max_body_mb: float, log_level: str, access_log: bool) -> None:
     """HTTP scoring server with dynamic batching. norm: higher = normal.
 
     POST /v1/score (image body, multipart files, or application/x-npy), GET /healthz,
@@ -257,7 +258,8 @@ def serve(model_dir: Path, host: str, port: int, backend: str, precision: str | 
     cfg = ServerConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
                        max_body_mb=max_body_mb)
     try:
-        run_server(scorer, host=host, port=port, config=cfg, log_level=log_level)
+        run_server(scorer, host=host, port=port, config=cfg, log_level=log_level,
+                   access_log=access_log)
     finally:
         scorer.close()
 

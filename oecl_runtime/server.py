@@ -241,14 +241,19 @@ def serve(
     config: ServerConfig | None = None,
     log_level: str = "info",
     graceful_timeout_s: int = 30,
+    access_log: bool = False,
 ) -> None:
-    """Run the server until SIGINT/SIGTERM; in-flight requests finish before it exits."""
+    """Run the server until SIGINT/SIGTERM; in-flight requests finish before it exits.
+
+    Access logging is off by default: at thousands of requests a second it costs more CPU than
+    the rest of the request path, and /metrics already counts every request.
+    """
     import uvicorn
 
     cfg = config or ServerConfig()
     app = create_app(scorer, cfg)
     uv_config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, lifespan="on",
+        app, host=host, port=port, log_level=log_level, lifespan="on", access_log=access_log,
         timeout_graceful_shutdown=graceful_timeout_s,
         # Bounds the requests (and their bodies) held in memory; beyond it uvicorn answers 503.
         limit_concurrency=max(64, 2 * cfg.max_queue),
