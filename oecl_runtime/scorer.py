@@ -126,7 +126,7 @@ class Scorer:
     def describe(self) -> dict[str, Any]:
         """The runtime side of the model: backend, precision, batch limits, threshold."""
         return {**self.backend.describe(), "batch_size": self.batch_size,
-                "threshold": self.threshold, "artifact": str(self.artifact.directory)}
+                "threshold": self.threshold}
 
     def close(self) -> None:
         self.backend.close()

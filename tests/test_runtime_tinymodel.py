@@ -1,7 +1,7 @@
-"""A tiny exported OECL-style artifact (built once per session), and the Scorer tests against it.
+"""A tiny exported OECL-style artifact (built once per test run), and the Scorer tests against it.
 
 Other runtime test modules import `tiny_artifact_dir` / `torch_norms` from here; the build is
-cached in this module so the ONNX export runs once per test session.
+cached in this module so the ONNX export runs once per test run.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def build_tiny_artifact(directory: Path) -> Path:
 
 
 def tiny_artifact_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's tiny artifact (read-only by convention: copy it before changing it)."""
+    """The tiny artifact of this test run (read-only by convention: copy it before changing it)."""
     if "dir" not in _cache:
         _cache["dir"] = build_tiny_artifact(tmp_path_factory.mktemp("tiny") / "artifact")
     return _cache["dir"]  # type: ignore[return-value]
