@@ -1,0 +1,257 @@
+"""The `oecl` command. Verbs are imported only when called, so `oecl --help` stays instant
+and `oecl score/serve/bench` never import torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+# verb -> "module:attribute" of its click command
+VERBS = {
+    "quickstart": (
+        "oecl_train.cli",
+        "quickstart",
+        "Train OECL on bundled digits and report AUROC.",
+    ),
+    "train": ("oecl_train.cli", "train", "Train an OECL / self-OECL / SimCLR model."),
+    "eval": ("oecl_train.evaluate_cli", "eval_cmd", "Evaluate a run: scores, OOD metrics, plots."),
+    "export": (
+        "oecl_train.export_cli",
+        "export_cmd",
+        "Export a run to ONNX / TensorRT + oecl.json.",
+    ),
+    "score": ("oecl_runtime.cli", "score", "Score images with an exported model (no torch)."),
+    "serve": ("oecl_runtime.cli", "serve", "Serve an exported model over HTTP."),
+    "bench": ("oecl_runtime.cli", "bench", "Measure scoring latency and throughput."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(VERBS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in VERBS:
+            return None
+        module, attr, _ = VERBS[name]
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise click.ClickException(f"'oecl {name}' is unavailable: {e}") from e
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Short help from the table, so listing the verbs imports nothing heavy.
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, VERBS[name][2]) for name in VERBS])
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="oecl")
+def main() -> None:
+    """oecl: out-of-distribution detection by the feature norm of contrastive networks (OECL).
+
+    Score direction everywhere: norm, higher = normal.
+    """
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from oecl_train.checkpoint import CheckpointError
+    from oecl_train.data import DataError
+    from oecl_train.trainer import TrainingDiverged
+
+    return (ValueError, DataError, CheckpointError, TrainingDiverged, FileNotFoundError)
+
+
+def _field_type(f: dataclasses.Field) -> tuple[Any, bool]:
+    """click type for a TrainConfig field, and whether it is a boolean flag."""
+    text = str(f.type)  # annotations are strings under `from __future__ import annotations`
+    if text.startswith("bool"):
+        return bool, True
+    if text.startswith("tuple"):
+        return str, False  # "lo,hi" lists
+    if text.startswith("int"):
+        return int, False
+    if text.startswith("float"):
+        return float, False
+    return str, False
+
+
+def config_options(fn):
+    """Add one CLI option per TrainConfig field, with the field's help and default."""
+    from oecl_train.config import TrainConfig
+
+    defaults = TrainConfig()
+    for f in reversed(dataclasses.fields(TrainConfig)):
+        tp, is_flag = _field_type(f)
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        help_text = f"{f.metadata['help']} [default: {shown}]"
+        if is_flag:
+            decl = f"{flag}/--no-{f.name.replace('_', '-')}"
+            fn = click.option(decl, f.name, default=None, help=help_text)(fn)
+        else:
+            fn = click.option(flag, f.name, type=tp, default=None, help=help_text)(fn)
+    return fn
+
+
+def build_config(options: dict[str, Any], config_file: str | None):
+    """Defaults < config file < explicit CLI options."""
+    from oecl_train.config import TrainConfig, read_config_file
+
+    values: dict[str, Any] = read_config_file(config_file) if config_file else {}
+    for k, v in options.items():
+        if v is None:
+            continue
+        default = getattr(TrainConfig(), k)
+        if isinstance(default, tuple):
+            try:
+                v = tuple(float(p) for p in str(v).split(","))
+            except ValueError:
+                raise ValueError(f"--{k.replace('_', '-')} takes comma-separated numbers") from None
+            if len(v) != len(default):
+                raise ValueError(f"--{k.replace('_', '-')} takes {len(default)} numbers")
+        values[k] = v
+    cfg = TrainConfig.from_dict(values)
+    cfg.validate()
+    return cfg
+
+
+def run_training(cfg, *, resume: bool = False, progress: bool = True, quick_eval: bool = True):
+    """Build the splits, train (or resume), and report the plain-norm AUROC on the test set."""
+    from oecl_train.data import build_splits
+    from oecl_train.trainer import Trainer
+
+    splits = build_splits(
+        data=cfg.data,
+        data_root=cfg.data_root,
+        id_class=cfg.id_class,
+        protocol=cfg.protocol,
+        oe=cfg.oe,
+        oe_root=cfg.oe_root,
+        image_size=cfg.image_size,
+        channels=cfg.channels,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+        strict=cfg.strict,
+    )
+    run_dir = Path(cfg.out_dir) / cfg.run_name()
+    trainer = Trainer(cfg, splits, run_dir, progress=progress)
+    if resume:
+        epoch = trainer.resume()
+        click.echo(f"resuming {run_dir} at epoch {epoch} of {trainer.epochs}", err=True)
+    last = trainer.fit()
+    result = {"run_dir": str(run_dir), "final": last, "skipped_images": splits.skipped}
+    if quick_eval:
+        from oecl_train.metrics import ood_metrics
+        from oecl_train.scores import compute_scores
+
+        s = compute_scores(
+            trainer.net,
+            splits.test_images,
+            scores=("norm",),
+            device=trainer.device,
+            precision=cfg.precision,
+        )["norm"]
+        result["test"] = {"score": "norm (higher = normal)", **ood_metrics(s, splits.test_is_id)}
+    return result
+
+
+@click.command()
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    help="TOML, YAML or JSON file of options (CLI options override it).",
+)
+@click.option(
+    "--resume",
+    "resume_run",
+    type=click.Path(file_okay=False),
+    help="Continue the run in this directory from its latest checkpoint.",
+)
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@config_options
+def train(config_file: str | None, resume_run: str | None, progress: bool, **options) -> None:
+    """Train an OECL model. --oe none = SimCLR, self = self-OECL, photos/<source> = OECL."""
+    try:
+        if resume_run:
+            from oecl_train.config import TrainConfig
+
+            cfg_path = Path(resume_run) / "config.json"
+            if not cfg_path.exists():
+                raise ValueError(f"{resume_run}: not a run directory (no config.json)")
+            cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
+            cfg.out_dir, cfg.name = str(Path(resume_run).parent), Path(resume_run).name
+            if options.get("device"):
+                cfg.device = options["device"]
+        else:
+            cfg = build_config(options, config_file)
+        result = run_training(cfg, resume=bool(resume_run), progress=progress)
+    except _user_errors() as e:
+        raise click.ClickException(str(e)) from None
+    _print_result(result)
+
+
+def _print_result(result: dict) -> None:
+    click.echo(f"run directory: {result['run_dir']}")
+    if result.get("skipped_images"):
+        click.echo(f"unreadable images skipped: {result['skipped_images']}")
+    if "test" in result:
+        t = result["test"]
+        click.echo(
+            "test (score: norm, higher = normal): "
+            + "  ".join(f"{k} {t[k]:.4f}" for k in ("AUROC", "AUPR-IN", "AUPR-OUT", "FPR@95TPR"))
+        )
+    click.echo(json.dumps(result))
+
+
+QUICKSTART = dict(
+    data="digits",
+    id_class="0",
+    oe="photos",
+    image_size=16,
+    depth="resnet10",
+    width=32,
+    batch_size=64,
+    steps=1000,
+    precision="bf16",
+    hflip=False,
+)
+
+
+@click.command()
+@click.option("--id-class", default="0", show_default=True, help="Digit used as the ID class.")
+@click.option("--steps", default=QUICKSTART["steps"], show_default=True, help="Training steps.")
+@click.option("--out-dir", default="runs", show_default=True, help="Where the run is written.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def quickstart(id_class: str, steps: int, out_dir: str, progress: bool) -> None:
+    """Train OECL on scikit-learn's bundled digits (one class ID, natural-photo crops as OE),
+    then score the held-out images of all classes by feature norm and print the AUROC."""
+    from oecl_train.config import TrainConfig
+
+    try:
+        cfg = TrainConfig.from_dict(
+            {
+                **QUICKSTART,
+                "id_class": id_class,
+                "steps": steps,
+                "out_dir": out_dir,
+                "name": f"quickstart-digit{id_class}",
+            }
+        )
+        cfg.validate()
+        result = run_training(cfg, progress=progress)
+    except _user_errors() as e:
+        raise click.ClickException(str(e)) from None
+    _print_result(result)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
