@@ -15,7 +15,7 @@ import click
 # verb -> "module:attribute" of its click command
 VERBS = {
     "quickstart": (
-        "oecl_train.cli",
+        "oecl_train.quickstart",
         "quickstart",
         "Train OECL on bundled digits and report AUROC.",
     ),
@@ -60,7 +60,7 @@ def main() -> None:
     """
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
+def user_errors() -> tuple[type[BaseException], ...]:
     from oecl_train.checkpoint import CheckpointError
     from oecl_train.data import DataError
     from oecl_train.trainer import TrainingDiverged
@@ -194,12 +194,12 @@ def train(config_file: str | None, resume_run: str | None, progress: bool, **opt
         else:
             cfg = build_config(options, config_file)
         result = run_training(cfg, resume=bool(resume_run), progress=progress)
-    except _user_errors() as e:
+    except user_errors() as e:
         raise click.ClickException(str(e)) from None
-    _print_result(result)
+    print_result(result)
 
 
-def _print_result(result: dict) -> None:
+def print_result(result: dict) -> None:
     click.echo(f"run directory: {result['run_dir']}")
     if result.get("skipped_images"):
         click.echo(f"unreadable images skipped: {result['skipped_images']}")
@@ -210,47 +210,6 @@ def _print_result(result: dict) -> None:
             + "  ".join(f"{k} {t[k]:.4f}" for k in ("AUROC", "AUPR-IN", "AUPR-OUT", "FPR@95TPR"))
         )
     click.echo(json.dumps(result))
-
-
-QUICKSTART = dict(
-    data="digits",
-    id_class="0",
-    oe="photos",
-    image_size=16,
-    depth="resnet10",
-    width=32,
-    batch_size=64,
-    steps=1000,
-    precision="bf16",
-    hflip=False,
-)
-
-
-@click.command()
-@click.option("--id-class", default="0", show_default=True, help="Digit used as the ID class.")
-@click.option("--steps", default=QUICKSTART["steps"], show_default=True, help="Training steps.")
-@click.option("--out-dir", default="runs", show_default=True, help="Where the run is written.")
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def quickstart(id_class: str, steps: int, out_dir: str, progress: bool) -> None:
-    """Train OECL on scikit-learn's bundled digits (one class ID, natural-photo crops as OE),
-    then score the held-out images of all classes by feature norm and print the AUROC."""
-    from oecl_train.config import TrainConfig
-
-    try:
-        cfg = TrainConfig.from_dict(
-            {
-                **QUICKSTART,
-                "id_class": id_class,
-                "steps": steps,
-                "out_dir": out_dir,
-                "name": f"quickstart-digit{id_class}",
-            }
-        )
-        cfg.validate()
-        result = run_training(cfg, progress=progress)
-    except _user_errors() as e:
-        raise click.ClickException(str(e)) from None
-    _print_result(result)
 
 
 if __name__ == "__main__":

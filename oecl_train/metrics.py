@@ -31,4 +31,3 @@ def ood_metrics(scores: np.ndarray, is_id: np.ndarray, tpr: float = 0.95) -> dic
         "AUPR-OUT": float(average_precision_score(~is_id, -scores)),
         "FPR@95TPR": fpr_at,
     }
-
