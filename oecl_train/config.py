@@ -74,6 +74,11 @@ class TrainConfig:
     compile: bool = _opt(False, "torch.compile the network.")
     checkpoint_every: int | None = _opt(None, "Epochs between checkpoints (default: ~10 per run).")
     keep_checkpoints: int = _opt(2, "How many interval checkpoints to keep.")
+    # distributed (torchrun)
+    sync_bn: bool = _opt(False, "SyncBatchNorm across ranks under torchrun (CUDA only).")
+    dist_timeout: float = _opt(
+        600.0, "Seconds a collective may wait for the other ranks before the job fails."
+    )
 
     def validate(self) -> None:
         choices = {
@@ -98,6 +103,8 @@ class TrainConfig:
             raise ValueError("--alpha-warmup must be in [0, 1)")
         if self.channels not in (None, 1, 3):
             raise ValueError("--channels must be 1 or 3")
+        if not self.dist_timeout > 0:
+            raise ValueError("--dist-timeout must be positive")
 
     def run_name(self) -> str:
         return self.name or f"{self.data}-{self.protocol}-{self.id_class}-oe_{self.oe}"
