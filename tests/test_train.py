@@ -1,0 +1,329 @@
+"""Training engine: augmentation, self-OECL batches, LARS, checkpoints, resume, divergence, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from oecl_train import checkpoint
+from oecl_train.augment import AugmentConfig, SimCLRAugment, rotate
+from oecl_train.cli import main
+from oecl_train.config import TrainConfig
+from oecl_train.data import build_splits
+from oecl_train.optim import LARS, build_optimizer, cosine_lr
+from oecl_train.trainer import Trainer, TrainingDiverged, load_trained
+
+TINY = dict(
+    data="digits",
+    id_class="1",
+    image_size=16,
+    depth="resnet10",
+    width=8,
+    batch_size=16,
+    precision="fp32",
+    hflip=False,
+    seed=0,
+)
+
+
+def tiny_config(tmp_path, **kw) -> TrainConfig:
+    cfg = TrainConfig.from_dict({**TINY, "out_dir": str(tmp_path), "name": "run", **kw})
+    cfg.validate()
+    return cfg
+
+
+def splits_for(cfg: TrainConfig):
+    return build_splits(
+        data=cfg.data,
+        data_root=cfg.data_root,
+        id_class=cfg.id_class,
+        protocol=cfg.protocol,
+        oe=cfg.oe,
+        image_size=cfg.image_size,
+        seed=cfg.seed,
+    )
+
+
+# -- augmentation -------------------------------------------------------------------------------
+def test_augmentation_draws_the_paper_parameters_per_sample():
+    torch.manual_seed(0)
+    crop, flip, jitter, gray = SimCLRAugment((32, 32), 3).ops
+    shape = torch.Size([4000, 3, 32, 32])
+    src = crop.forward_parameters(shape)["src"]  # (N, 4, 2) corners of each crop
+    wh = src[:, 2] - src[:, 0] + 1
+    area = wh[:, 0] * wh[:, 1] / (32 * 32)
+    assert 0.07 <= float(area.min()) and float(area.max()) <= 1.0 and float(area.std()) > 0.1
+    assert float(flip.forward_parameters(shape)["batch_prob"].float().mean()) == pytest.approx(
+        0.5, abs=0.04
+    )
+    pj = jitter.forward_parameters(shape)
+    assert float(pj["batch_prob"].float().mean()) == pytest.approx(0.8, abs=0.03)
+    for key, (lo, hi) in {
+        "brightness_factor": (0.6, 1.4),
+        "contrast_factor": (0.6, 1.4),
+        "saturation_factor": (0.6, 1.4),
+        "hue_factor": (-0.1, 0.1),
+    }.items():
+        v = pj[key]
+        assert lo - 1e-6 <= float(v.min()) < lo + 0.01 and hi - 0.01 < float(v.max()) <= hi + 1e-6
+    assert float(gray.forward_parameters(shape)["batch_prob"].float().mean()) == pytest.approx(
+        0.2, abs=0.03
+    )
+    wide = SimCLRAugment((32, 32), 3, AugmentConfig(crop_scale=(0.5, 1.0))).ops[0]
+    wh = wide.forward_parameters(shape)["src"]
+    wh = wh[:, 2] - wh[:, 0] + 1
+    assert float((wh[:, 0] * wh[:, 1]).min()) / 1024 >= 0.45
+
+
+def test_augmentation_is_per_sample_and_handles_grayscale():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8).repeat(8, 1, 1, 1)
+    v = SimCLRAugment((16, 16), 3)(x)
+    assert v.shape == (8, 3, 16, 16) and v.dtype == torch.float32
+    assert 0.0 <= float(v.min()) and float(v.max()) <= 1.0
+    # identical inputs, independent draws: no two views alike
+    flat = v.flatten(1)
+    assert torch.cdist(flat, flat).add(torch.eye(8) * 1e3).min() > 1e-3
+    g = SimCLRAugment((16, 16), 1)(x[:, :1])
+    assert g.shape == (8, 1, 16, 16)
+
+
+def test_self_oecl_batches_are_rotations_of_id_images(tmp_path):
+    cfg = tiny_config(tmp_path, oe="self", batch_size=4)
+    tr = Trainer(cfg, splits_for(cfg), tmp_path / "run", progress=False)
+    id_order, oe_order = tr._orders(0)
+    x_id, x_oe = tr._batch(0, id_order, oe_order)
+    x = tr.id_data[id_order[:4]]
+    xo = tr.id_data[oe_order[:4]]
+    assert torch.equal(x_id, torch.cat([x, torch.rot90(x, 1, (2, 3))]))
+    assert torch.equal(x_oe, torch.cat([torch.rot90(xo, 2, (2, 3)), torch.rot90(xo, 3, (2, 3))]))
+    assert not torch.equal(id_order[:4], oe_order[:4])  # a separately shuffled draw
+    assert torch.equal(rotate(rotate(x, 1), 3), x)
+
+
+# -- optimisation -------------------------------------------------------------------------------
+def test_lars_step_matches_hand_computation():
+    w = torch.nn.Parameter(torch.tensor([3.0, 4.0]))  # ‖w‖ = 5
+    b = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = LARS(
+        [
+            {"params": [w], "weight_decay": 0.1, "lars": True},
+            {"params": [b], "weight_decay": 0.0, "lars": False},
+        ],
+        lr=0.5,
+        momentum=0.9,
+        eta=0.01,
+    )
+    w.grad, b.grad = torch.tensor([0.0, 1.0]), torch.tensor([2.0])
+    opt.step()
+    g = torch.tensor([0.0, 1.0]) + 0.1 * torch.tensor([3.0, 4.0])  # [0.3, 1.4]
+    trust = 0.01 * 5.0 / math.sqrt(0.3**2 + 1.4**2)
+    torch.testing.assert_close(w.detach(), torch.tensor([3.0, 4.0]) - 0.5 * trust * g)
+    torch.testing.assert_close(b.detach(), torch.tensor([1.0 - 0.5 * 2.0]))
+    # second step: momentum buffer v = 0.9 v + g'
+    w_before = w.detach().clone()
+    w.grad, b.grad = torch.tensor([0.0, 1.0]), torch.tensor([2.0])
+    opt.step()
+    g2 = torch.tensor([0.0, 1.0]) + 0.1 * w_before
+    trust2 = 0.01 * float(w_before.norm()) / float(g2.norm())
+    v = 0.9 * trust * g + trust2 * g2
+    torch.testing.assert_close(w.detach(), w_before - 0.5 * v)
+
+
+def test_optimizer_excludes_batchnorm_and_bias_from_decay():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    for name in ("sgd", "lars"):
+        opt = build_optimizer(name, net, 0.1, 0.9, 5e-4)
+        decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+        assert decayed == {id(net[0].weight)}
+
+
+def test_cosine_schedule():
+    assert cosine_lr(0, 100, 1.0) == pytest.approx(1.0)
+    assert cosine_lr(50, 100, 1.0) == pytest.approx(0.5)
+    assert cosine_lr(100, 100, 1.0) == pytest.approx(0.0)
+    assert cosine_lr(0, 100, 1.0, warmup=10) == pytest.approx(0.1)
+    assert cosine_lr(10, 100, 1.0, warmup=10) == pytest.approx(1.0)
+
+
+# -- runs, checkpoints, resume -------------------------------------------------------------------
+def test_alpha_warmup_and_run_files(tmp_path):
+    cfg = tiny_config(tmp_path, oe="photos", epochs=4, alpha_warmup=0.5, checkpoint_every=1)
+    tr = Trainer(cfg, splits_for(cfg), tmp_path / "run", progress=False)
+    tr.fit()
+    rows = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert [r["alpha"] for r in rows] == [0.0, 0.0, 1.0, 1.0]
+    for key in ("loss", "contrastive", "id_norm", "oe_norm", "lr", "images_per_s"):
+        assert all(math.isfinite(r[key]) for r in rows)
+    for name in ("config.json", "loss.png", "norms.png"):
+        assert (tmp_path / "run" / name).stat().st_size > 0
+    kept = checkpoint.list_checkpoints(tmp_path / "run" / "checkpoints")
+    assert [p.name for p in kept] == ["epoch-00003.json", "epoch-00004.json"]
+    cfg2, net, meta = load_trained(tmp_path / "run")
+    assert meta["complete"] and meta["architecture"]["width"] == 8 and cfg2.alpha_warmup == 0.5
+    assert not list((tmp_path / "run").rglob("*.tmp"))
+
+
+def test_checkpoint_round_trip(tmp_path):
+    cfg = tiny_config(tmp_path, oe="none", steps=2)
+    tr = Trainer(cfg, splits_for(cfg), tmp_path / "run", progress=False)
+    tr.fit()
+    path = checkpoint.latest(tmp_path / "run" / "checkpoints")
+    fresh = Trainer(cfg, splits_for(cfg), tmp_path / "other", progress=False)
+    checkpoint.load(path, fresh.net, fresh.optimizer)
+    for (k, a), b in zip(tr.net.state_dict().items(), fresh.net.state_dict().values()):
+        assert torch.equal(a, b), k
+    sa, sb = tr.optimizer.state_dict(), fresh.optimizer.state_dict()
+    for i in sa["state"]:
+        assert torch.equal(sa["state"][i]["momentum_buffer"], sb["state"][i]["momentum_buffer"])
+    assert "pickle" not in path.with_suffix(".safetensors").read_bytes()[:200].decode("latin1")
+
+
+@pytest.mark.parametrize("oe", ["self", "photos"])
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch, oe):
+    kw = dict(oe=oe, epochs=4, checkpoint_every=1, alpha_warmup=0.25, keep_checkpoints=10)
+    full_cfg = tiny_config(tmp_path / "a", **kw)
+    full = Trainer(full_cfg, splits_for(full_cfg), tmp_path / "a" / "run", progress=False)
+    full.fit()
+
+    cut_cfg = tiny_config(tmp_path / "b", **kw)
+    cut = Trainer(cut_cfg, splits_for(cut_cfg), tmp_path / "b" / "run", progress=False)
+    original_save = Trainer._save
+
+    def save_then_die(self, epoch, last):
+        path = original_save(self, epoch, last)
+        if epoch == 2:
+            raise KeyboardInterrupt  # the process dies right after the epoch-2 checkpoint
+        return path
+
+    monkeypatch.setattr(Trainer, "_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit()
+    monkeypatch.setattr(Trainer, "_save", original_save)
+    resumed = Trainer(cut_cfg, splits_for(cut_cfg), tmp_path / "b" / "run", progress=False)
+    assert resumed.resume() == 2
+    resumed.fit()
+
+    def rows(d):
+        return [json.loads(x) for x in (d / "run" / "metrics.jsonl").read_text().splitlines()]
+
+    a, b = rows(tmp_path / "a"), rows(tmp_path / "b")
+    assert [r["epoch"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "contrastive", "id_norm", "oe_norm", "alpha", "lr"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (ra["epoch"], key)
+    for (k, x), y in zip(full.net.state_dict().items(), resumed.net.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, oe="photos", epochs=3, checkpoint_every=1)
+    tr = Trainer(cfg, splits_for(cfg), tmp_path / "run", progress=False)
+    original = Trainer._step
+
+    def poisoned(self, step, x_id, x_oe):
+        m = original(self, step, x_id, x_oe)
+        if step == bad_step:
+            m["loss"] = torch.tensor(float("nan"))
+        return m
+
+    bad_step = tr.steps_per_epoch + 1  # in the second epoch, after one checkpoint
+    monkeypatch.setattr(Trainer, "_step", poisoned)
+    with pytest.raises(
+        TrainingDiverged, match=rf"loss became nan at step {bad_step}; the last good"
+    ):
+        tr.fit()
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "run" / "checkpoints")] == [
+        "epoch-00001.json"
+    ]
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+def test_cli_bad_input_is_one_line_and_nonzero(tmp_path):
+    runner = CliRunner()
+    cases = [
+        ["train", "--data", "mnist", "--data-root", str(tmp_path / "nope")],
+        ["train", "--data", "digits", "--id-class", "12", "--out-dir", str(tmp_path)],
+        ["train", "--optimizer", "adam"],
+        ["train", "--crop-scale", "0.1"],
+        ["train", "--config", str(tmp_path / "missing.toml")],
+        ["train", "--resume", str(tmp_path)],
+    ]
+    for args in cases:
+        r = runner.invoke(main, args)
+        assert r.exit_code != 0, args
+        lines = [ln for ln in r.output.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("Error:"), (args, r.output)
+
+
+def test_cli_train_with_config_file_and_resume(tmp_path):
+    conf = tmp_path / "c.toml"
+    conf.write_text(
+        'data = "digits"\nid-class = 3\ndepth = "resnet10"\nwidth = 8\n'
+        'image_size = 16\nbatch_size = 16\nprecision = "fp32"\nsteps = 4\noe = "self"\n'
+    )
+    runner = CliRunner()
+    r = runner.invoke(
+        main,
+        [
+            "train",
+            "--config",
+            str(conf),
+            "--out-dir",
+            str(tmp_path),
+            "--name",
+            "r",
+            "--steps",
+            "3",
+            "--no-progress",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output.strip().splitlines()[-1])
+    assert result["final"]["step"] == 3 and 0.0 <= result["test"]["AUROC"] <= 1.0
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["id_class"] == "3" and saved["steps"] == 3 and saved["oe"] == "self"
+    r = runner.invoke(main, ["train", "--resume", str(tmp_path / "r"), "--no-progress"])
+    assert r.exit_code == 0, r.output
+
+
+def test_quickstart_end_to_end(tmp_path):
+    r = CliRunner().invoke(
+        main, ["quickstart", "--steps", "40", "--out-dir", str(tmp_path), "--no-progress"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "AUROC" in r.output and "higher = normal" in r.output
+    result = json.loads(r.output.strip().splitlines()[-1])
+    assert result["final"]["step"] == 40 and result["test"]["AUROC"] > 0.5
+    assert (tmp_path / "quickstart-digit0" / "checkpoints").is_dir()
+
+
+def test_runs_are_repeatable(tmp_path):
+    out = []
+    for d in ("a", "b"):
+        cfg = tiny_config(tmp_path / d, oe="photos", steps=3)
+        out.append(Trainer(cfg, splits_for(cfg), tmp_path / d / "run", progress=False).fit())
+    assert out[0]["loss"] == out[1]["loss"] and out[0]["id_norm"] == out[1]["id_norm"]
+
+
+def test_imagenet_stem_rgb_and_lars_run(tmp_path):
+    cfg = tiny_config(
+        tmp_path, oe="none", steps=1, stem="imagenet", channels=3, optimizer="lars", image_size=32
+    )
+    splits = build_splits(
+        data="digits",
+        data_root=None,
+        id_class="1",
+        protocol="one-vs-rest",
+        oe="none",
+        image_size=32,
+        channels=3,
+    )
+    assert splits.id_train.shape[1:] == (3, 32, 32)
+    assert np.isfinite(Trainer(cfg, splits, tmp_path / "run", progress=False).fit()["loss"])
