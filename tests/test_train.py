@@ -177,7 +177,7 @@ def test_checkpoint_round_trip(tmp_path):
     path = checkpoint.latest(tmp_path / "run" / "checkpoints")
     fresh = Trainer(cfg, splits_for(cfg), tmp_path / "other", progress=False)
     checkpoint.load(path, fresh.net, fresh.optimizer)
-    for (k, a), b in zip(tr.net.state_dict().items(), fresh.net.state_dict().values()):
+    for (k, a), b in zip(tr.net.state_dict().items(), fresh.net.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     sa, sb = tr.optimizer.state_dict(), fresh.optimizer.state_dict()
     for i in sa["state"]:
@@ -215,10 +215,12 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, oe):
 
     a, b = rows(tmp_path / "a"), rows(tmp_path / "b")
     assert [r["epoch"] for r in b] == [1, 2, 3, 4]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         for key in ("loss", "contrastive", "id_norm", "oe_norm", "alpha", "lr"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), (ra["epoch"], key)
-    for (k, x), y in zip(full.net.state_dict().items(), resumed.net.state_dict().values()):
+    for (k, x), y in zip(
+        full.net.state_dict().items(), resumed.net.state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=k)
 
 
