@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import numpy as np
 import torch
 
@@ -15,6 +17,23 @@ from oecl_train.trainer import autocast
 
 SCORES = ("norm", "mean-aug-norm", "mean-sq-norm")
 DIRECTION = "higher = normal"
+DESCRIPTIONS = {
+    "norm": "‖z‖ of the plain view (the exported model's score)",
+    "mean-aug-norm": "‖mean of z over the plain view and K SimCLR views‖",
+    "mean-sq-norm": "mean of ‖z‖² over the plain view and K SimCLR views",
+}
+
+
+def parse_scores(text: str | Sequence[str]) -> tuple[str, ...]:
+    """'norm,mean-sq-norm' → ('norm', 'mean-sq-norm'); an unknown name is a ValueError."""
+    names = [s.strip() for s in (text.split(",") if isinstance(text, str) else text)]
+    names = [s for s in names if s]
+    if not names:
+        raise ValueError(f"no score given; choose from {', '.join(SCORES)}")
+    unknown = [s for s in names if s not in SCORES]
+    if unknown:
+        raise ValueError(f"unknown score {unknown[0]!r}; choose from {', '.join(SCORES)}")
+    return tuple(dict.fromkeys(names))
 
 
 def _batches(images: np.ndarray | torch.Tensor, batch: int, device: torch.device):
@@ -47,45 +66,52 @@ def compute_scores(
     net: torch.nn.Module,
     images,
     *,
-    scores=SCORES,
+    scores: Sequence[str] = SCORES,
     augment: SimCLRAugment | None = None,
     k: int = 32,
     device: torch.device | str = "cpu",
     precision: str = "bf16",
     batch: int = 512,
     seed: int = 0,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Each requested score for every image. The K augmented views are made on the device from
-    the batch already there (no re-reading), drawn from a fixed seed so scores are repeatable."""
+    """Each requested score for every image of a uint8 NCHW array.
+
+    The K augmented views are made on the device from the batch already there (no re-reading),
+    drawn from `seed` inside a forked RNG so scores are repeatable and the caller's random
+    state is left alone. The draws depend on the seed and on `batch` (images per forward).
+    `progress(n)` is called after every n images scored.
+    """
     device = torch.device(device)
     net.eval()
-    unknown = set(scores) - set(SCORES)
-    if unknown:
-        raise ValueError(f"unknown scores {sorted(unknown)}; choose from {', '.join(SCORES)}")
+    scores = parse_scores(scores)
     need_aug = any(s != "norm" for s in scores)
     if need_aug and augment is None:
         raise ValueError("mean-aug-norm and mean-sq-norm need an augmentation")
-    if need_aug:
-        torch.manual_seed(seed)
+    if need_aug and k < 1:
+        raise ValueError("K (augmented views per image) must be at least 1")
     # Keep the plain view plus K views of a sub-batch within one forward of `batch` images.
     sub = max(1, batch // (k + 1)) if need_aug else batch
     out: dict[str, list[np.ndarray]] = {s: [] for s in scores}
-    for x, raw in _batches(images, sub, device):
-        n = len(x)
-        views = [x]
-        if need_aug:
-            views.append(
-                augment(raw.repeat(k, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
-            )
-        with autocast(device, precision):
-            z = net(torch.cat(views)).float()
-        z_views = z.view(-1, n, z.shape[1])  # (1 + K, n, d)
-        if "norm" in scores:
-            out["norm"].append(torch.linalg.vector_norm(z_views[0], dim=1).cpu().numpy())
-        if "mean-aug-norm" in scores:
-            out["mean-aug-norm"].append(
-                torch.linalg.vector_norm(z_views.mean(0), dim=1).cpu().numpy()
-            )
-        if "mean-sq-norm" in scores:
-            out["mean-sq-norm"].append((z_views.square().sum(2)).mean(0).cpu().numpy())
+    fork_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(seed)
+        for x, raw in _batches(images, sub, device):
+            n = len(x)
+            views = [x]
+            if need_aug:
+                aug = augment(raw.repeat(k, 1, 1, 1))
+                views.append(aug.contiguous(memory_format=torch.channels_last))
+            with autocast(device, precision):
+                z = net(torch.cat(views)).float()
+            z_views = z.view(-1, n, z.shape[1])  # (1 + K, n, d): view-major like the repeat
+            if "norm" in scores:
+                out["norm"].append(torch.linalg.vector_norm(z_views[0], dim=1).cpu().numpy())
+            if "mean-aug-norm" in scores:
+                mean_z = z_views.mean(0)
+                out["mean-aug-norm"].append(torch.linalg.vector_norm(mean_z, dim=1).cpu().numpy())
+            if "mean-sq-norm" in scores:
+                out["mean-sq-norm"].append(z_views.square().sum(2).mean(0).cpu().numpy())
+            if progress is not None:
+                progress(n)
     return {s: np.concatenate(v) if v else np.empty(0, np.float32) for s, v in out.items()}

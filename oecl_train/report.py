@@ -1,0 +1,279 @@
+"""Evaluation reports: JSON (machine), markdown and a console table (human), ROC curves and
+ID-vs-OOD histograms (PNG), and the per-image scores as CSV. Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from oecl_runtime.atomic import with_file, write_json, write_text
+from oecl_train.metrics import METRICS, roc_points
+from oecl_train.scores import DIRECTION
+
+
+def _fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "unknown"
+    return f"{s:.0f} s" if s < 600 else f"{s / 60:.1f} min"
+
+
+def budget_line(b: dict[str, Any]) -> str:
+    wall = _fmt_seconds(b.get("wall_time_s"))
+    if b.get("wall_time_s") is not None and "throughput" in b.get("wall_time_source", ""):
+        wall += " (from logged throughput)"
+    done = "" if b.get("complete", True) else f" of {b.get('total_steps')} (incomplete)"
+    return (
+        f"{b.get('steps')} steps{done}, {b.get('epochs')} epochs, batch {b.get('batch_size')}, "
+        f"OE {b.get('oe')}, wall time {wall}, device {b.get('device')}"
+    )
+
+
+def threshold_line(t: dict[str, Any] | None) -> str:
+    if t is None:
+        return "threshold: none (no ID-validation images)"
+    line = f"threshold (norm, {t['rule']}, {DIRECTION}): {t['value']:.6g}"
+    if t.get("test"):
+        line += (
+            f"; on the test split it accepts {t['test']['TPR']:.1%} of ID "
+            f"and {t['test']['FPR']:.1%} of OOD"
+        )
+    return line
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _score_rows(report: dict[str, Any]) -> list[list[str]]:
+    return [
+        [name, *(f"{s['metrics'][m]:.4f}" for m in METRICS)] for name, s in report["scores"].items()
+    ]
+
+
+def format_run_table(report: dict[str, Any]) -> str:
+    """The console summary of one run's report."""
+    d = report["data"]
+    lines = [
+        f"run: {report['run_dir']}  ({d['source']}, {d['protocol']}, ID class {d['id_class']}: "
+        f"{d['n_test_id']} ID / {d['n_test_ood']} OOD test images)",
+        f"scores: {DIRECTION}; K = {report['evaluation']['k']} augmented views",
+        _table(["score", *METRICS], _score_rows(report)),
+        threshold_line(report["threshold"]),
+        "budget: " + budget_line(report["budget"]),
+    ]
+    return "\n".join(lines)
+
+
+def run_markdown(report: dict[str, Any], files: dict[str, Any]) -> str:
+    d, e = report["data"], report["evaluation"]
+    lines = [
+        f"# Evaluation of `{report['run_dir']}`",
+        "",
+        f"- data: {d['source']}, protocol {d['protocol']}, ID class {d['id_class']} "
+        f"(ID classes: {', '.join(d['id_classes'])})",
+        f"- test split: {d['n_test_id']} ID and {d['n_test_ood']} OOD images; "
+        f"{d['n_val_id']} ID-validation images",
+        f"- checkpoint: {report['checkpoint']['file']} (epoch {report['checkpoint']['epoch']}, "
+        f"step {report['checkpoint']['step']})",
+        f"- scoring: K = {e['k']} SimCLR views (seed {e['seed']}), {e['precision']}, "
+        f"batch {e['batch_size']}, device {e['device']}, {e['seconds']:.1f} s",
+        "",
+        f"Every score: **{DIRECTION}**. Metrics take ID as the positive class.",
+        "",
+        _md_table(["score", *METRICS], _score_rows(report)),
+        "",
+        "| score | meaning | ID mean ± std | OOD mean ± std |",
+        "|---|---|---|---|",
+    ]
+    for name, s in report["scores"].items():
+        lines.append(
+            f"| {name} | {s['description']} | {s['id']['mean']:.4g} ± {s['id']['std']:.3g} | "
+            f"{s['ood']['mean']:.4g} ± {s['ood']['std']:.3g} |"
+        )
+    lines += [
+        "",
+        "- " + threshold_line(report["threshold"]),
+        "- budget: " + budget_line(report["budget"]),
+        "",
+    ]
+    if files["roc"]:
+        lines.append(f"![ROC curves]({files['roc']}) ![ID vs OOD histograms]({files['hist']})")
+    if files.get("scores_csv"):
+        lines += ["", f"Per-image scores: `{files['scores_csv']}`."]
+    return "\n".join(lines) + "\n"
+
+
+def _savefig(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with_file(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_roc(
+    path: Path, report: dict[str, Any], test_scores: dict[str, np.ndarray], is_id: np.ndarray
+) -> None:
+    """One ROC curve per score on one set of axes, so the scores compare at a glance."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, s in test_scores.items():
+        fpr, tpr = roc_points(s, is_id)
+        auroc = report["scores"][name]["metrics"]["AUROC"]
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {auroc:.4f})")
+    ax.plot([0, 1], [0, 1], color="gray", lw=0.8, ls="--")
+    ax.axhline(0.95, color="gray", lw=0.6, ls=":")
+    ax.set_xlabel("false positive rate (OOD accepted)")
+    ax.set_ylabel("true positive rate (ID accepted)")
+    ax.set_title(f"ROC ({DIRECTION}, ID positive)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    _savefig(fig, path)
+
+
+def plot_hist(
+    path: Path, report: dict[str, Any], test_scores: dict[str, np.ndarray], is_id: np.ndarray
+) -> None:
+    """ID vs OOD histogram of each score, one panel per score; the threshold on the norm."""
+    plt = _pyplot()
+    names = list(test_scores)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.8), squeeze=False)
+    thr = report["threshold"]["value"] if report["threshold"] else None
+    for ax, name in zip(axes[0], names, strict=True):
+        s = test_scores[name]
+        bins = np.histogram_bin_edges(s, bins=50)
+        ax.hist(s[is_id], bins=bins, alpha=0.6, density=True, label=f"ID ({is_id.sum()})")
+        ax.hist(s[~is_id], bins=bins, alpha=0.6, density=True, label=f"OOD ({(~is_id).sum()})")
+        if name == "norm" and thr is not None:
+            ax.axvline(thr, color="black", lw=1, ls="--", label="threshold (ID-val, 95% TPR)")
+        ax.set_xlabel(f"{name} ({DIRECTION})")
+        ax.set_ylabel("density")
+        ax.legend(fontsize=8)
+    fig.suptitle("ID vs OOD test scores")
+    fig.tight_layout()
+    _savefig(fig, path)
+
+
+def scores_csv(
+    test_scores: dict[str, np.ndarray],
+    is_id: np.ndarray,
+    labels: Sequence[str],
+    paths: Sequence[str] | None,
+) -> str:
+    """One row per test image: index, path (when read from files), class label, is_id, scores."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    names = list(test_scores)
+    w.writerow(["index", "path", "label", "is_id", *names])
+    for i in range(len(is_id)):
+        w.writerow(
+            [
+                i,
+                "" if paths is None else paths[i],
+                labels[i],
+                int(bool(is_id[i])),
+                *(repr(float(test_scores[n][i])) for n in names),
+            ]
+        )
+    return buf.getvalue()
+
+
+def write_run_report(
+    eval_dir: str | Path,
+    report: dict[str, Any],
+    *,
+    test_scores: dict[str, np.ndarray],
+    is_id: np.ndarray,
+    labels: Sequence[str],
+    paths: Sequence[str] | None,
+    save_scores: bool = False,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """Write report.json, report.md, the PNGs and (optionally) scores.csv; record the file
+    names in report["files"] and return them."""
+    eval_dir = Path(eval_dir)
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Any] = {"report_md": "report.md", "roc": None, "hist": None}
+    files["scores_csv"] = None
+    if plots:
+        files["roc"], files["hist"] = "roc.png", "hist.png"
+        plot_roc(eval_dir / files["roc"], report, test_scores, is_id)
+        plot_hist(eval_dir / files["hist"], report, test_scores, is_id)
+    if save_scores:
+        files["scores_csv"] = "scores.csv"
+        write_text(eval_dir / "scores.csv", scores_csv(test_scores, is_id, labels, paths))
+    report["files"] = files
+    write_text(eval_dir / "report.md", run_markdown(report, files))
+    # JSON last: a report.json exists only once everything it names has been written.
+    write_json(eval_dir / "report.json", report)
+    return files
+
+
+# -- sweeps --------------------------------------------------------------------------------------
+
+
+def sweep_rows(sweep: dict[str, Any], metric: str = "AUROC") -> tuple[list[str], list[list[str]]]:
+    names = list(sweep["mean"])
+    header = ["class", *(f"{n} {metric}" for n in names)]
+    rows = [
+        [str(e["class"]), *(f"{e['metrics'][n][metric]:.4f}" for n in names)]
+        for e in sweep["per_class"]
+    ]
+    rows.append(["mean", *(f"{sweep['mean'][n][metric]:.4f}" for n in names)])
+    return header, rows
+
+
+def format_sweep_table(sweep: dict[str, Any]) -> str:
+    header, rows = sweep_rows(sweep)
+    return "\n".join(
+        [
+            f"sweep: {sweep['sweep_dir']} ({sweep['protocol']}, OE {sweep['oe']}; "
+            f"scores {DIRECTION})",
+            _table(header, rows),
+        ]
+    )
+
+
+def sweep_markdown(sweep: dict[str, Any]) -> str:
+    lines = [
+        f"# Sweep `{sweep['sweep_dir']}`",
+        "",
+        f"{sweep['data']}, protocol {sweep['protocol']}, OE {sweep['oe']}; K = {sweep['k']}. "
+        f"Every score: **{DIRECTION}**; ID is the positive class.",
+        "",
+    ]
+    for metric in METRICS:
+        header, rows = sweep_rows(sweep, metric)
+        lines += [f"## {metric}", "", _md_table(header, rows), ""]
+    lines += ["## Budget", "", "| class | budget |", "|---|---|"]
+    lines += [f"| {e['class']} | {budget_line(e['budget'])} |" for e in sweep["per_class"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_sweep_report(sweep_dir: str | Path, sweep: dict[str, Any]) -> None:
+    sweep_dir = Path(sweep_dir)
+    write_text(sweep_dir / "sweep.md", sweep_markdown(sweep))
+    write_json(sweep_dir / "sweep.json", sweep)
