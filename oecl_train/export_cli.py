@@ -1,0 +1,87 @@
+"""`oecl export`: a trained run to a served artifact (ONNX / TensorRT + oecl.json), verified."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+_FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "tensorrt")
+
+
+@click.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Artifact directory to write (replaced only if it already holds an artifact).")
+@click.option("--format", "formats", default="onnx", show_default=True,
+              help=f"Comma-separated files to make: {', '.join(_FORMATS)}. The fp32 ONNX file "
+                   "is always made; tensorrt needs TensorRT and a GPU.")
+@click.option("--max-batch", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Largest batch the files are built and checked for.")
+@click.option("--threshold-tpr", default=0.95, show_default=True,
+              type=click.FloatRange(0.0, 1.0, min_open=True),
+              help="Default threshold: the norm that keeps this share of held-out ID images.")
+@click.option("--embedding/--no-embedding", default=False, show_default=True,
+              help="Also output the 128-d projection as `embedding`.")
+@click.option("--calib-images", default=256, show_default=True, type=click.IntRange(min=1),
+              help="ID training images that calibrate the int8 file.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Score held-out images with PyTorch and with every file through the runtime; "
+                   "fail the export outside the tolerances.")
+@click.option("--device", default="cpu", show_default=True,
+              help="Device of the PyTorch reference (cpu, cuda, auto).")
+def export_cmd(run: str, out_dir: str, formats: str, max_batch: int, threshold_tpr: float,
+               embedding: bool, calib_images: int, verify: bool, device: str) -> None:
+    """Export the latest checkpoint of RUN to an artifact directory.
+
+    Score: norm, higher = normal; an image is anomalous when norm < threshold. Progress goes to
+    stderr; the table and a JSON summary (last line) go to stdout.
+    """
+    from oecl_train.cli import user_errors
+    from oecl_train.export import export_run
+
+    try:
+        summary = export_run(run, out_dir, formats, max_batch, threshold_tpr, embedding,
+                             calib_images, verify, device)
+    except user_errors() as e:
+        raise click.ClickException(_one_line(e)) from None
+    print_summary(summary)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    click.echo(f"artifact: {summary['artifact']}")
+    report = summary.get("verification")
+    checked = {r["path"]: r for r in report["files"]} if report else {}
+    head = f"{'file':<20} {'format':<12} {'prec':<5} {'size':>9}"
+    if report:
+        head += f" {'max |dnorm|':>11} {'max rel':>9} {'AUROC':>7}  check"
+    click.echo(head)
+    for f in summary["files"]:
+        line = f"{f['path']:<20} {f['format']:<12} {f['precision']:<5} {_size(f['bytes']):>9}"
+        r = checked.get(f["path"])
+        if r:
+            line += (f" {r['max_abs_diff']:>11.2e} {r['max_rel_diff']:>9.2e} {r['AUROC']:>7.4f}"
+                     f"  {'pass' if r['pass'] else 'FAIL'}")
+        click.echo(line)
+    if report:
+        click.echo(f"PyTorch fp32 reference AUROC {report['reference']['AUROC']:.4f} on "
+                   f"{report['n_id']} ID + {report['n_ood']} OOD held-out images")
+    else:
+        click.echo("not verified (--no-verify)")
+    rule = summary["threshold_rule"]
+    click.echo(f"threshold {summary['threshold']:.4g} (norm keeping {rule['tpr']:.0%} of "
+               f"{rule['n_images']} held-out ID images; score: norm, higher = normal)")
+    click.echo(json.dumps(summary))

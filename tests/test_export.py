@@ -1,0 +1,347 @@
+"""`oecl export`: a tiny trained run exported to ONNX fp32/fp16/int8 (and TensorRT where it can be
+built), checked through the runtime that serves it.
+
+One tiny OECL run is trained per module (digits, class 0 vs photo crops, 16x16, ResNet-10 of
+width 16) and exported once to all CPU formats; most tests read that artifact.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import stat
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+torch = pytest.importorskip("torch")
+
+from click.testing import CliRunner  # noqa: E402
+
+from oecl_runtime import Artifact, ArtifactError, Scorer  # noqa: E402
+from oecl_runtime.artifact import sha256_file, threshold_at_tpr, validate_metadata  # noqa: E402
+from oecl_runtime.backends.base import nvidia_gpu_present  # noqa: E402
+from oecl_train import export  # noqa: E402
+from oecl_train.export import ExportError, VerificationFailed, export_run  # noqa: E402
+
+HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
+TRT_REASON = "tensorrt is not installed" if not HAVE_TRT else "no NVIDIA GPU is visible"
+MAX_BATCH = 64
+PRECISIONS = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    # On a small shared CPU, torch's thread pool spins against other processes and runs these
+    # tiny convolutions several times slower than one thread does.
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, _one_torch_thread):
+    """(run_dir, splits) of a tiny OECL run trained for a few dozen steps."""
+    from oecl_train.config import TrainConfig
+    from oecl_train.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("runs")
+    cfg = TrainConfig(
+        name="tiny", out_dir=str(root), data="digits", id_class="0", oe="photos", image_size=16,
+        depth="resnet10", width=16, batch_size=32, steps=40, precision="fp32", hflip=False,
+        device="cpu", keep_checkpoints=1,
+    )
+    splits = export._load_splits(cfg)
+    run_dir = root / "tiny"
+    Trainer(cfg, splits, run_dir, progress=False).fit()
+    return run_dir, splits
+
+
+@pytest.fixture(scope="module")
+def artifact(trained, tmp_path_factory):
+    """(artifact dir, summary) of one export to every format that runs on the CPU."""
+    run_dir, splits = trained
+    out = tmp_path_factory.mktemp("export") / "model"
+    summary = export_run(
+        run_dir, out, "onnx,onnx-fp16,onnx-int8", max_batch=MAX_BATCH, threshold_tpr=0.95,
+        embedding=True, calib_images=64, verify=True, device="cpu", splits=splits,
+        log=lambda msg: None,
+    )
+    return out, summary
+
+
+# ---------------------------------------------------------------- the graphs
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_graph_contract(artifact, precision):
+    out, _ = artifact
+    model = onnx.load(str(out / PRECISIONS[precision]))
+    onnx.checker.check_model(model, full_check=True)
+    opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    assert opset >= 17
+    ops = {n.op_type for n in model.graph.node}
+    assert "BatchNormalization" not in ops and "Dropout" not in ops
+    # constant-folded: no shape arithmetic or constant-producing nodes left for the runtime
+    assert not ops & {"Identity", "Shape", "Constant", "ConstantOfShape", "Gather"}
+    if precision == "int8":
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    (inp,) = model.graph.input
+    assert inp.name == "images"
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    assert isinstance(dims[0], str) and dims[1:] == [1, 16, 16]  # dynamic batch, NCHW
+    outs = {o.name: o.type.tensor_type for o in model.graph.output}
+    assert list(outs) == ["norm", "embedding"]
+    assert all(t.elem_type == onnx.TensorProto.FLOAT for t in outs.values())
+    assert [d.dim_value for d in outs["embedding"].shape.dim][1:] == [128]
+
+
+def test_fp16_graph_is_half(artifact):
+    out, _ = artifact
+    model = onnx.load(str(out / "model.fp16.onnx"))
+    conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
+    types = {t.data_type for t in model.graph.initializer if t.name in conv_weights}
+    assert types == {onnx.TensorProto.FLOAT16}
+
+
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_dynamic_batch_through_runtime(artifact, trained, precision):
+    out, _ = artifact
+    _, splits = trained
+    images = splits.test_images[:MAX_BATCH]
+    with Scorer.open(out, backend="onnxruntime-cpu", precision=precision) as scorer:
+        assert scorer.backend.precision == precision
+        full = scorer.backend.run(np.ascontiguousarray(images))
+        assert full.shape == (MAX_BATCH,) and full.dtype == np.float32
+        for n in (1, 7):
+            part = scorer.backend.run(np.ascontiguousarray(images[:n]))
+            assert part.shape == (n,)
+            np.testing.assert_allclose(part, full[:n], rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_output_matches_norm(artifact, trained):
+    import onnxruntime as ort
+
+    out, _ = artifact
+    _, splits = trained
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    norm, z = sess.run(["norm", "embedding"], {"images": splits.id_val})
+    assert z.shape == (len(splits.id_val), 128) and z.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), norm, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- metadata and files
+
+
+def test_metadata_validates_and_hashes_match(artifact, trained):
+    out, summary = artifact
+    art = Artifact.open(out, verify=True)
+    meta = art.meta
+    validate_metadata(meta)
+    assert meta["input"]["name"] == "images" and meta["input"]["color_mode"] == "L"
+    assert meta["input"]["resize"] == 16 and meta["input"]["normalization"]["in_graph"] is True
+    assert set(meta["outputs"]) == {"norm", "embedding"}
+    assert meta["score"]["name"] == "norm" and meta["score"]["direction"] == "higher_is_normal"
+    assert meta["score"]["oe_norm"]["n"] > 0  # external OE: the photo crops
+    assert meta["max_batch"] == MAX_BATCH
+    assert meta["architecture"]["depth"] == "resnet10"
+    listed = {f["path"]: f for f in meta["files"]}
+    assert set(listed) == {*PRECISIONS.values(), "model.safetensors"}
+    for name, f in listed.items():
+        assert f["sha256"] == sha256_file(out / name)
+        assert f["bytes"] == (out / name).stat().st_size
+    assert meta["verification"]["passed"] is True
+    assert {f["path"] for f in summary["files"]} == set(listed)
+
+
+def test_threshold_is_id_validation_norm_at_tpr(artifact, trained):
+    from oecl_train.trainer import load_trained
+
+    out, _ = artifact
+    run_dir, splits = trained
+    _, net, _ = load_trained(run_dir, "cpu")
+    norms = export.torch_norms(net, splits.id_val, torch.device("cpu"))
+    meta = Artifact.open(out).meta
+    rule = meta["score"]["threshold_rule"]
+    assert rule == {"method": "id_validation_tpr", "tpr": 0.95, "n_images": len(splits.id_val)}
+    assert meta["score"]["threshold"] == pytest.approx(threshold_at_tpr(norms, 0.95), rel=1e-6)
+    assert meta["score"]["id_norm"]["n"] == len(splits.id_val)
+
+
+def test_safetensors_serves_through_torch_backend(artifact, trained):
+    from safetensors.numpy import load_file
+
+    from oecl_train.model import build_model
+
+    out, _ = artifact
+    _, splits = trained
+    meta = Artifact.open(out).meta
+    keys = set(load_file(str(out / "model.safetensors")))
+    assert keys == set(build_model(**meta["architecture"]).state_dict())
+    images = splits.test_images[:32]
+    with Scorer.open(out, backend="torch-cpu") as t, \
+            Scorer.open(out, backend="onnxruntime-cpu", precision="fp32") as o:
+        np.testing.assert_allclose(t.score_array(images), o.score_array(images), rtol=1e-4)
+
+
+def test_parity_within_tolerances(artifact):
+    out, _ = artifact
+    report = json.loads((out / "verify.json").read_text())
+    assert report["pass"] is True
+    assert report["n_id"] > 0 and report["n_ood"] > 0 and report["n_images"] >= 100
+    rows = {r["path"]: r for r in report["files"]}
+    assert set(rows) == {*PRECISIONS.values(), "model.safetensors"}
+    assert rows["model.onnx"]["backend"] == "onnxruntime-cpu"
+    assert rows["model.onnx"]["max_rel_diff"] <= 1e-4
+    assert rows["model.safetensors"]["max_rel_diff"] <= 1e-4
+    for r in rows.values():
+        assert r["AUROC_diff"] <= 0.005, r
+    # int8 against the fp32 file as well as against PyTorch
+    assert abs(rows["model.int8.onnx"]["AUROC"] - rows["model.onnx"]["AUROC"]) <= 0.005
+    # fp16 rounds, but far less than int8's coarse steps
+    assert rows["model.fp16.onnx"]["mean_rel_diff"] < 1e-2
+
+
+def test_artifact_permissions_are_ordinary(artifact):
+    out, _ = artifact
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755 & ~mask
+    for p in out.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644 & ~mask, p.name
+
+
+# ---------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+@pytest.mark.parametrize("name", ["model.onnx", "model.int8.onnx"])
+def test_damaged_model_file_is_refused(artifact, tmp_path, damage, name):
+    out, _ = artifact
+    copy = tmp_path / "model"
+    shutil.copytree(out, copy)
+    data = bytearray((copy / name).read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    (copy / name).write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=name.replace(".", r"\.")):
+        Artifact.open(copy)
+    with pytest.raises(ArtifactError, match=name.replace(".", r"\.")):
+        Scorer.open(copy, backend="onnxruntime-cpu")
+
+
+def test_unknown_format_is_refused():
+    with pytest.raises(ExportError, match="onnx-int4"):
+        export.parse_formats("onnx,onnx-int4")
+    assert export.parse_formats("onnx-int8") == ["onnx", "onnx-int8"]
+
+
+def test_out_dir_that_is_not_an_artifact_is_refused(trained, tmp_path):
+    run_dir, splits = trained
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="not an OECL artifact"):
+        export_run(run_dir, out, "onnx", splits=splits, log=lambda m: None)
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.skipif(HAVE_TRT and nvidia_gpu_present(), reason="TensorRT can build here")
+def test_tensorrt_without_tensorrt_fails_first(trained, tmp_path):
+    from oecl_train.cli import main
+
+    run_dir, _ = trained
+    out = tmp_path / "model"
+    missing = "tensorrt" if not HAVE_TRT else "GPU"
+    with pytest.raises(ExportError, match=missing):
+        export_run(run_dir, out, "onnx,tensorrt", log=lambda m: None)
+    result = CliRunner().invoke(main, ["export", str(run_dir), "--out", str(out),
+                                       "--format", "tensorrt"])
+    assert result.exit_code != 0
+    assert missing in result.output and "Traceback" not in result.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_failed_verification_leaves_nothing(trained, tmp_path, monkeypatch):
+    run_dir, splits = trained
+    monkeypatch.setattr(export, "AUROC_TOL", -1.0)  # no AUROC can be within a negative bound
+    out = tmp_path / "model"
+    with pytest.raises(VerificationFailed, match=r"model\.onnx.*AUROC"):
+        export_run(run_dir, out, "onnx", max_batch=16, splits=splits, log=lambda m: None)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary directory left behind either
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_cli_help():
+    from oecl_train.cli import main
+
+    result = CliRunner().invoke(main, ["export", "--help"])
+    assert result.exit_code == 0
+    for opt in ("--out", "--format", "--max-batch", "--threshold-tpr", "--embedding",
+                "--calib-images", "--no-verify"):
+        assert opt in result.output
+
+
+def test_cli_export(trained, tmp_path, monkeypatch):
+    from oecl_train.cli import main
+
+    run_dir, splits = trained
+    monkeypatch.setattr(export, "_load_splits", lambda cfg: splits)  # the data once per module
+    out = tmp_path / "model"
+    result = CliRunner().invoke(main, ["export", str(run_dir), "--out", str(out),
+                                       "--max-batch", "16", "--threshold-tpr", "0.9"])
+    assert result.exit_code == 0, result.output
+    assert "model.onnx" in result.output and "higher = normal" in result.output
+    summary = json.loads(result.output.strip().splitlines()[-1])
+    assert summary["verification"]["pass"] is True
+    assert summary["threshold_rule"]["tpr"] == 0.9
+    meta = Artifact.open(out).meta
+    assert meta["max_batch"] == 16 and "embedding" not in meta["outputs"]
+    with Scorer.open(out, backend="onnxruntime-cpu") as scorer:
+        results = scorer.score(list(splits.test_images[:3]))
+    assert len(results) == 3
+
+
+def test_self_oe_statistics_use_rotated_validation_images():
+    class S:
+        oe_mode, oe = "self", None
+        id_val = np.arange(2 * 1 * 4 * 4, dtype=np.uint8).reshape(2, 1, 4, 4)
+
+    oe = export._oe_images(S, seed=0)
+    assert oe.shape == (4, 1, 4, 4)
+    np.testing.assert_array_equal(oe[0], S.id_val[0, :, ::-1, ::-1])
+    S.oe_mode = "none"
+    assert export._oe_images(S, seed=0) is None
+
+
+# ---------------------------------------------------------------- TensorRT (GPU boxes)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAVE_TRT and nvidia_gpu_present()), reason=TRT_REASON)
+def test_tensorrt_engines_build_and_verify(trained, tmp_path):
+    run_dir, splits = trained
+    out = tmp_path / "model"
+    export_run(run_dir, out, "onnx,onnx-int8,tensorrt", max_batch=32, splits=splits,
+               log=lambda m: None)
+    art = Artifact.open(out)
+    plans = {f["precision"]: f for f in art.meta["files"] if f["format"] == "tensorrt"}
+    assert set(plans) == {"fp16", "int8"}
+    for f in plans.values():
+        assert f["tensorrt_version"] and f["gpu_name"] and f["compute_capability"]
+    rows = {r["path"]: r for r in json.loads((out / "verify.json").read_text())["files"]}
+    assert rows["model.plan"]["backend"] == "tensorrt"
+    assert rows["model.plan"]["AUROC_diff"] <= 0.005
+    with Scorer.open(out, backend="tensorrt", precision="fp16") as scorer:
+        for n in (1, 7, 32):
+            assert scorer.backend.run(np.ascontiguousarray(splits.test_images[:n])).shape == (n,)
