@@ -1,0 +1,248 @@
+"""Training throughput: a reference-style pipeline vs ours, same model, data and batch, one run.
+
+(a) reference: what the authors' code does — per-image augmentation of PIL images on the CPU in
+    DataLoader workers, eager fp32, NCHW, the dense loss.
+(b) ours: uint8 data on the device, per-sample batched augmentation there (kornia),
+    channels_last, bf16 autocast, torch.compile — the product's `Trainer` step itself.
+Also timed: ours in fp32 eager and fp32 compiled, so the contribution of each trick shows.
+
+    python benchmarks/bench_train.py                 # CPU-sized model on MNIST + photo OE
+    python benchmarks/bench_train.py --depth resnet18 --width 64 --steps 30   # on a GPU
+
+Images/s counts source images (ID + OE) per second; each gives two augmented views.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+
+from kernels import ntxent_oe_dense
+from oecl_train.config import TrainConfig
+from oecl_train.data import build_splits
+from oecl_train.model import OECLNet
+from oecl_train.trainer import Trainer, architecture_for
+
+ROOT = Path(__file__).resolve().parent
+
+
+class PerImageViews(torch.utils.data.Dataset):
+    """torchvision-style per-image SimCLR augmentation on PIL images (the reference pipeline)."""
+
+    def __init__(self, images: np.ndarray, size: int, seed: int):
+        self.images, self.size, self.seed = images, size, seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _view(self, img: Image.Image, rng: np.random.Generator) -> torch.Tensor:
+        w, h = img.size
+        box = (0, 0, w, h)
+        for _ in range(10):  # RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3)
+            area = w * h * rng.uniform(0.08, 1.0)
+            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if 0 < cw <= w and 0 < ch <= h:
+                x, y = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+                box = (x, y, x + cw, y + ch)
+                break
+        img = img.resize((self.size, self.size), Image.BILINEAR, box=box)
+        if rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        if rng.random() < 0.8:  # ColorJitter(0.4, 0.4, 0.4, 0.1)
+            img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.6, 1.4))
+            img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.6, 1.4))
+            if img.mode == "RGB":
+                img = ImageEnhance.Color(img).enhance(rng.uniform(0.6, 1.4))
+                hsv = np.asarray(img.convert("HSV")).copy()
+                hsv[..., 0] = (
+                    hsv[..., 0].astype(np.int16) + int(rng.uniform(-0.1, 0.1) * 255)
+                ) % 256
+                img = Image.fromarray(hsv, "HSV").convert("RGB")
+        if img.mode == "RGB" and rng.random() < 0.2:
+            img = img.convert("L").convert("RGB")
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+        return torch.from_numpy(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1).copy())
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng((self.seed, i, time.perf_counter_ns()))
+        a = self.images[i]
+        img = Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0))
+        return self._view(img, rng), self._view(img, rng)
+
+
+def time_reference(cfg: TrainConfig, splits, steps: int, warmup: int, workers: int) -> dict:
+    torch.manual_seed(0)
+    net = OECLNet(architecture_for(cfg, splits.spec.channels))
+    opt = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
+    size = splits.spec.height
+
+    def loader(images, seed):
+        ds = PerImageViews(images, size, seed)
+        sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=10**9)
+        return iter(
+            torch.utils.data.DataLoader(
+                ds,
+                cfg.batch_size,
+                sampler=sampler,
+                num_workers=workers,
+                drop_last=True,
+                persistent_workers=workers > 0,
+            )
+        )
+
+    id_it, oe_it = loader(splits.id_train, 1), loader(splits.oe, 2)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        (a1, a2), (o1, o2) = next(id_it), next(oe_it)
+        z = net(torch.cat([a1, a2, o1, o2]))
+        n = 2 * len(a1)
+        loss = ntxent_oe_dense(z[:n], z[n:], cfg.temperature, cfg.alpha).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return _summary(times, 2 * cfg.batch_size)
+
+
+def time_ours(cfg: TrainConfig, splits, steps: int, warmup: int) -> dict:
+    tr = Trainer(cfg, splits, "/nonexistent-bench-run", progress=False)
+    id_order, oe_order = tr._orders(0)
+    times = []
+    t_compile = time.perf_counter()
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        x_id, x_oe = tr._batch(i % tr.steps_per_epoch, id_order, oe_order)
+        m = tr._step(i, x_id, x_oe)
+        float(m["loss"])  # wait for the device
+        if i == warmup - 1:
+            t_compile = time.perf_counter() - t_compile
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    out = _summary(times, 2 * cfg.batch_size)
+    out["warmup_s"] = round(t_compile, 2)
+    return out
+
+
+def _summary(times: list[float], images_per_step: int) -> dict:
+    med = statistics.median(times)
+    return {"steps": len(times), "median_step_s": med, "images_per_s": images_per_step / med}
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    model = platform.processor() or "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()}-core {model}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="mnist")
+    p.add_argument("--data-root", default=str(ROOT.parent.parent / "shared" / "data" / "mnist"))
+    p.add_argument("--depth", default="resnet10")
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers (reference).")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--variants", default="reference,ours-fp32,ours-fp32-compiled,ours")
+    p.add_argument("--out", default=str(ROOT / "results"))
+    args = p.parse_args()
+
+    base = dict(
+        data=args.data,
+        data_root=args.data_root,
+        id_class="8",
+        oe="photos",
+        depth=args.depth,
+        width=args.width,
+        batch_size=args.batch_size,
+        device=args.device,
+        hflip=True,
+    )
+    if args.data == "digits":
+        base.update(data_root=None, image_size=16)
+    splits = build_splits(
+        data=base["data"],
+        data_root=base["data_root"],
+        id_class="8",
+        protocol="one-vs-rest",
+        oe="photos",
+        image_size=base.get("image_size"),
+    )
+    variants = {
+        "reference": dict(precision="fp32"),
+        "ours-fp32": dict(precision="fp32"),
+        "ours-fp32-compiled": dict(precision="fp32", compile=True),
+        "ours": dict(precision="bf16", compile=True),
+    }
+    results = {}
+    for name in args.variants.split(","):
+        cfg = TrainConfig.from_dict({**base, **variants[name]})
+        print(f"timing {name} ...", flush=True)
+        if name == "reference":
+            results[name] = time_reference(cfg, splits, args.steps, args.warmup, args.workers)
+        else:
+            results[name] = time_ours(cfg, splits, args.steps, args.warmup)
+        print(f"  {results[name]['images_per_s']:.1f} images/s", flush=True)
+    ref = results.get("reference", {}).get("images_per_s")
+    rows = []
+    for name, r in results.items():
+        r["speedup_vs_reference"] = r["images_per_s"] / ref if ref else None
+        rows.append(
+            f"| {name} | {r['images_per_s']:.1f} | {r['median_step_s'] * 1e3:.0f} | "
+            + (f"{r['speedup_vs_reference']:.2f}x |" if ref else "- |")
+        )
+    dev = device_name(args.device)
+    record = {
+        "benchmark": "train-throughput",
+        "date": date.today().isoformat(),
+        "device": dev,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "config": {
+            **base,
+            "image_size": splits.spec.height,
+            "channels": splits.spec.channels,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "workers": args.workers,
+        },
+        "results": results,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "gpu" if args.device.startswith("cuda") else "cpu"
+    (out / f"train-{tag}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(
+        f"\n{dev}, {args.depth} width {args.width}, batch {args.batch_size} ID + "
+        f"{args.batch_size} OE, {splits.spec.height}x{splits.spec.width}x{splits.spec.channels}"
+    )
+    print("| pipeline | images/s | median step ms | vs reference |\n|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
