@@ -157,11 +157,17 @@ def run_sweep(
         what, seconds = _train_class(c_cfg, progress)
         if what.endswith("non-zero rank"):
             continue
-        echo(f"[{i}/{len(names)}] class {cls}: {what}; evaluating")
-        report = evaluate_run(
-            sweep_dir / run_name, scores, k, device=cfg.device, batch_size=batch_size,
-            progress=progress,
-        )
+        report = None
+        if what == "reused":
+            report = _reusable(sweep_dir / run_name / "eval" / "report.json", scores, k, False)
+        if report is None:
+            echo(f"[{i}/{len(names)}] class {cls}: {what}; evaluating")
+            report = evaluate_run(
+                sweep_dir / run_name, scores, k, device=cfg.device, batch_size=batch_size,
+                progress=progress,
+            )
+        else:
+            echo(f"[{i}/{len(names)}] class {cls}: finished before, report up to date")
         entry = _entry(cls, run_name, report)
         entry["budget"]["device"] = device
         if seconds is not None and what == "trained":
