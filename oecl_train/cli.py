@@ -177,10 +177,30 @@ def run_training(cfg, *, resume: bool = False, progress: bool = True, quick_eval
     help="Continue the run in this directory from its latest checkpoint.",
 )
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@click.option(
+    "--classes",
+    default=None,
+    help="Sweep: one run per class ('all' or e.g. '0,3,5'; the class is ID for one-vs-rest, "
+    "held out for leave-one-out) under OUT_DIR/NAME/class-<k>, each evaluated, then a "
+    "per-class table with the mean in OUT_DIR/NAME/sweep.json and sweep.md.",
+)
 @config_options
-def train(config_file: str | None, resume_run: str | None, progress: bool, **options) -> None:
+def train(
+    config_file: str | None,
+    resume_run: str | None,
+    progress: bool,
+    classes: str | None,
+    **options,
+) -> None:
     """Train an OECL model. --oe none = SimCLR, self = self-OECL, photos/<source> = OECL."""
     try:
+        if classes is not None:
+            if resume_run:
+                raise ValueError("--classes and --resume do not combine; rerun the sweep instead")
+            from oecl_train.sweep import print_sweep, run_sweep
+
+            print_sweep(run_sweep(build_config(options, config_file), classes, progress=progress))
+            return
         if resume_run:
             from oecl_train.config import TrainConfig
 
