@@ -123,9 +123,23 @@ def build_config(options: dict[str, Any], config_file: str | None):
     return cfg
 
 
-def run_training(cfg, *, resume: bool = False, progress: bool = True, quick_eval: bool = True):
-    """Build the splits, train (or resume), and report the plain-norm AUROC on the test set."""
+def run_training(
+    cfg, *, resume: bool = False, progress: bool = True, quick_eval: bool = True
+) -> dict[str, Any]:
+    """Build the splits, train (or resume), and report the plain-norm AUROC on the test set.
+
+    Under torchrun every rank runs this; it trains data-parallel and only rank 0 evaluates.
+    """
+    # torchrun's error handling: an exception here is written to the error file its agent
+    # reports as the job's root cause (imported here: `oecl --help` must not import torch).
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(_run_training)(cfg, resume=resume, progress=progress, quick_eval=quick_eval)
+
+
+def _run_training(cfg, *, resume: bool, progress: bool, quick_eval: bool) -> dict[str, Any]:
     from oecl_train.data import build_splits
+    from oecl_train.distributed import distributed_context
     from oecl_train.trainer import Trainer
 
     splits = build_splits(
@@ -142,12 +156,21 @@ def run_training(cfg, *, resume: bool = False, progress: bool = True, quick_eval
         strict=cfg.strict,
     )
     run_dir = Path(cfg.out_dir) / cfg.run_name()
-    trainer = Trainer(cfg, splits, run_dir, progress=progress)
-    if resume:
-        epoch = trainer.resume()
-        click.echo(f"resuming {run_dir} at epoch {epoch} of {trainer.epochs}", err=True)
-    last = trainer.fit()
+    with distributed_context(cfg.device, cfg.dist_timeout) as dist:
+        trainer = Trainer(cfg, splits, run_dir, dist=dist, progress=progress)
+        if resume:
+            epoch = trainer.resume()
+            if dist.rank == 0:
+                click.echo(f"resuming {run_dir} at epoch {epoch} of {trainer.epochs}", err=True)
+        last = trainer.fit()
     result = {"run_dir": str(run_dir), "final": last, "skipped_images": splits.skipped}
+    if dist.world > 1:
+        result["world_size"] = dist.world
+    if dist.rank != 0:
+        # The process group is gone: rank 0 evaluates alone and the others just exit, so a
+        # long evaluation cannot run into the collective timeout.
+        result["rank"] = dist.rank
+        return result
     if quick_eval:
         from oecl_train.metrics import ood_metrics
         from oecl_train.scores import compute_scores
@@ -220,6 +243,8 @@ def train(
 
 
 def print_result(result: dict) -> None:
+    if result.get("rank", 0) != 0:
+        return  # under torchrun, rank 0 reports for the job
     click.echo(f"run directory: {result['run_dir']}")
     if result.get("skipped_images"):
         click.echo(f"unreadable images skipped: {result['skipped_images']}")

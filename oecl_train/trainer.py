@@ -12,19 +12,19 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from kernels import ntxent_oe
+from kernels import NTXentOEOutput, ntxent_oe
 from oecl_runtime.atomic import write_json
 from oecl_train import checkpoint
 from oecl_train.augment import AugmentConfig, SimCLRAugment, rotate
 from oecl_train.config import TrainConfig
 from oecl_train.data import Splits
+from oecl_train.distributed import Dist
 from oecl_train.model import Architecture, OECLNet
 from oecl_train.optim import build_optimizer, cosine_lr
 
@@ -70,22 +70,6 @@ def epoch_order(n: int, count: int, generator: torch.Generator) -> torch.Tensor:
     return torch.cat([torch.randperm(n, generator=generator) for _ in range(reps)])[:count]
 
 
-@dataclass
-class Dist:
-    """This process's place in a torch.distributed job (rank 0 of 1 when not distributed)."""
-
-    rank: int = 0
-    world: int = 1
-
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """All-gather with gradients, so the loss sees every rank's features (global negatives)."""
-        if self.world == 1:
-            return x
-        import torch.distributed.nn as dnn
-
-        return torch.cat(dnn.all_gather(x), dim=0)
-
-
 class Trainer:
     def __init__(
         self,
@@ -100,17 +84,26 @@ class Trainer:
         self.cfg, self.splits, self.run_dir = cfg, splits, Path(run_dir)
         self.dist = dist or Dist()
         self.progress = progress and self.dist.rank == 0
-        self.device = resolve_device(cfg.device)
+        # Under torchrun the launcher has bound this rank to its GPU (cuda:LOCAL_RANK).
+        self.device = self.dist.device or resolve_device(cfg.device)
         spec = splits.spec
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.arch = architecture_for(cfg, spec.channels)
         self.net = OECLNet(self.arch).to(self.device, memory_format=torch.channels_last)
+        if cfg.sync_bn and self.dist.world > 1:
+            if self.device.type != "cuda":
+                raise ValueError(
+                    "--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU version)"
+                )
+            # Same parameters and buffer names as BatchNorm: checkpoints stay plain OECLNet.
+            self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
         self.optimizer = build_optimizer(
             cfg.optimizer, self.net, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.lars_eta
         )
         self.model: nn.Module = self.net
         if self.dist.world > 1:
-            self.model = nn.parallel.DistributedDataParallel(self.net)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
         if cfg.compile:
             self.model = torch.compile(self.model)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
@@ -128,22 +121,33 @@ class Trainer:
         n_id = len(self.id_data)
         if n_id == 0:
             raise ValueError("no ID training images")
+        # One step consumes batch x world ID images, so steps_per_epoch depends on the world.
         self.steps_per_epoch = max(1, math.ceil(n_id / (self.batch * self.dist.world)))
         if cfg.steps is not None:
-            self.total_steps = cfg.steps
+            total_steps = cfg.steps
         elif cfg.epochs is not None:
-            self.total_steps = cfg.epochs * self.steps_per_epoch
+            total_steps = cfg.epochs * self.steps_per_epoch
         else:
-            self.total_steps = 2000
+            total_steps = 2000
+        self._set_schedule(total_steps)
+        self.start_epoch = 0
+
+    def _set_schedule(self, total_steps: int) -> None:
+        """Derive everything counted in steps or epochs from the run's length in steps."""
+        cfg = self.cfg
+        self.total_steps = total_steps
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.alpha_warmup_steps = round(cfg.alpha_warmup * self.total_steps)
         self.lr_warmup_steps = round(cfg.lr_warmup * self.total_steps)
         self.ckpt_every = cfg.checkpoint_every or max(1, self.epochs // 10)
-        self.start_epoch = 0
 
     # -- sampling -----------------------------------------------------------------------------
     def _orders(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """This epoch's ID and OE index streams: equal on all ranks, each takes its slice."""
+        """This epoch's ID and OE index streams: equal on all ranks, each takes its slice.
+
+        Seeded by the epoch (what `set_epoch` does for a DistributedSampler), so every epoch
+        draws a new permutation and, when OE is larger than one epoch's need, a new OE subset.
+        """
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
         per_step = self.batch * self.dist.world
         id_order = epoch_order(len(self.id_data), self.steps_per_epoch * per_step, g)
@@ -154,13 +158,20 @@ class Trainer:
             oe_order = epoch_order(n_oe, self.steps_per_epoch * oe_per_step, g)
         return id_order, oe_order
 
+    def _indices(self, s: int, id_order, oe_order) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This rank's ID and OE indices at step `s`: slot s·world + rank of each stream, so
+        the ranks' shards are disjoint within a pass over the stream."""
+        slot = s * self.dist.world + self.dist.rank
+        idx = id_order[slot * self.batch : (slot + 1) * self.batch]
+        if oe_order is None:
+            return idx, None
+        return idx, oe_order[slot * self.oe_batch : (slot + 1) * self.oe_batch]
+
     def _batch(self, s: int, id_order, oe_order) -> tuple[torch.Tensor, torch.Tensor | None]:
-        r, w = self.dist.rank, self.dist.world
-        idx = id_order[(s * w + r) * self.batch : (s * w + r + 1) * self.batch].to(self.device)
-        x = self.id_data[idx]
+        idx, oidx = self._indices(s, id_order, oe_order)
+        x = self.id_data[idx.to(self.device)]
         if self.splits.oe_mode == "none":
             return x, None
-        oidx = oe_order[(s * w + r) * self.oe_batch : (s * w + r + 1) * self.oe_batch]
         oidx = oidx.to(self.device)
         if self.splits.oe_mode == "self":
             # self-OECL: ID = images at 0° and 90° (separate instances); OE = a separately
@@ -180,13 +191,7 @@ class Trainer:
         if x_oe is not None:
             parts += [self.augment(x_oe), self.augment(x_oe)]
         views = torch.cat(parts).contiguous(memory_format=torch.channels_last)
-        with autocast(self.device, cfg.precision):
-            z = self.model(views)
-        z = z.float()
-        n = len(x_id)
-        z1, z2 = self.dist.gather(z[:n]), self.dist.gather(z[n : 2 * n])
-        z_oe = self.dist.gather(z[2 * n :])
-        out = ntxent_oe(torch.cat([z1, z2]), z_oe, cfg.temperature, alpha, backend=cfg.loss_backend)
+        out = self.loss_on_views(views, len(x_id), alpha)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(out.loss).backward()
@@ -204,14 +209,52 @@ class Trainer:
             "lr": lr,
         }
 
+    def gathered_features(self, z: torch.Tensor, n_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's features [id view 1 (n_id), id view 2 (n_id), OE views] → the global
+        (z_id, z_oe): z_id = cat[view 1 of all ranks, view 2 of all ranks], so rows i and
+        i + N/2 stay the two views of one image, and z_oe holds every rank's OE views.
+        One all-gather (with gradients) for all three parts."""
+        if self.dist.world == 1:
+            return z[: 2 * n_id], z[2 * n_id :]
+        g = self.dist.gather(z).view(self.dist.world, len(z), z.shape[1])
+        z_id = torch.cat([g[:, :n_id], g[:, n_id : 2 * n_id]]).flatten(0, 1)
+        return z_id, g[:, 2 * n_id :].flatten(0, 1)
+
+    def loss_on_views(self, views: torch.Tensor, n_id: int, alpha: float) -> NTXentOEOutput:
+        """The global OECL loss of one step from this rank's views [id₁, id₂, oe₁, oe₂].
+
+        Identical on every rank (all features are gathered); with DDP's gradient averaging the
+        parameter gradient is that of one process on the concatenated global batch.
+        """
+        cfg = self.cfg
+        with autocast(self.device, cfg.precision):
+            z = self.model(views)
+        z_id, z_oe = self.gathered_features(z.float(), n_id)
+        return ntxent_oe(z_id, z_oe, cfg.temperature, alpha, backend=cfg.loss_backend)
+
     # -- run ----------------------------------------------------------------------------------
     def resume(self) -> int:
-        """Restore the latest checkpoint of this run; returns the epoch training continues at."""
+        """Restore the latest checkpoint of this run; returns the epoch training continues at.
+
+        Checkpoints hold no per-rank state, so any number of ranks can resume one. With a
+        different world size the global batch, and so steps_per_epoch, changes: training
+        continues at the saved epoch and the run keeps its length in epochs, with the step
+        schedule (cosine learning rate, α and learning-rate warm-ups) recomputed in steps.
+        """
         path = checkpoint.latest(self.run_dir / "checkpoints")
         meta = checkpoint.load(path, self.net, self.optimizer, self.device)
         if self.scaler is not None and "grad_scaler" in meta:
             self.scaler.load_state_dict(meta["grad_scaler"])
         self.start_epoch = int(meta["epoch"])
+        saved_spe = meta.get("steps_per_epoch")
+        if saved_spe is None and not meta.get("complete") and self.start_epoch > 0:
+            saved_spe = int(meta["step"]) // self.start_epoch  # older checkpoints
+        if saved_spe and saved_spe != self.steps_per_epoch:
+            # --epochs runs already have their epochs; a --steps run keeps its share of
+            # passes over the data rather than its count of (now differently sized) steps.
+            self._set_schedule(
+                max(1, round(int(meta["total_steps"]) * self.steps_per_epoch / saved_spe))
+            )
         if self.dist.rank == 0:
             self._truncate_metrics(self.start_epoch)
         return self.start_epoch
@@ -231,6 +274,9 @@ class Trainer:
             "step": min(epoch * self.steps_per_epoch, self.total_steps),
             "total_steps": self.total_steps,
             "epochs": self.epochs,
+            # Job facts, not per-rank state: resume() rescales the schedule when they change.
+            "steps_per_epoch": self.steps_per_epoch,
+            "world_size": self.dist.world,
             "complete": epoch >= self.epochs,
             "architecture": self.arch.to_json(),
             "input": self.splits.spec.to_json(),
@@ -266,9 +312,7 @@ class Trainer:
         last: dict = {}
         self.net.train()
         for epoch in range(self.start_epoch, self.epochs):
-            # Augmentation randomness: distinct per rank and epoch, reproducible from the seed,
-            # so a resumed run draws exactly the views an uninterrupted one would.
-            torch.manual_seed(cfg.seed * 7919 + epoch * 104_729 + self.dist.rank)
+            self._seed_augmentation(epoch)
             id_order, oe_order = self._orders(epoch)
             sums: dict[str, torch.Tensor | float] = {}
             t0, n_steps, n_images = time.perf_counter(), 0, 0
@@ -312,6 +356,12 @@ class Trainer:
 
             plot_training(self.run_dir)
         return last
+
+    def _seed_augmentation(self, epoch: int) -> None:
+        """Augmentation randomness: distinct per rank and epoch, reproducible from the seed,
+        so a resumed run (with the same world size) draws exactly the views an uninterrupted
+        one would."""
+        torch.manual_seed(self.cfg.seed * 7919 + epoch * 104_729 + self.dist.rank)
 
     def _check_finite(self, loss: float, step: int) -> None:
         if not math.isfinite(loss):
