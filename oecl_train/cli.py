@@ -130,11 +130,17 @@ def run_training(
 
     Under torchrun every rank runs this; it trains data-parallel and only rank 0 evaluates.
     """
+    from oecl_train.distributed import torchrun_environment
+
+    kw = dict(resume=resume, progress=progress, quick_eval=quick_eval)
+    if torchrun_environment() is None:
+        return _run_training(cfg, **kw)
     # torchrun's error handling: an exception here is written to the error file its agent
-    # reports as the job's root cause (imported here: `oecl --help` must not import torch).
+    # reports as the job's root cause. Only under torchrun: `record` also re-routes
+    # faulthandler, which a plain process (or a test runner) should keep as it is.
     from torch.distributed.elastic.multiprocessing.errors import record
 
-    return record(_run_training)(cfg, resume=resume, progress=progress, quick_eval=quick_eval)
+    return record(_run_training)(cfg, **kw)
 
 
 def _run_training(cfg, *, resume: bool, progress: bool, quick_eval: bool) -> dict[str, Any]:
