@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import sys
 import time
 import warnings
@@ -571,7 +570,6 @@ def export_run(
             write_metadata(tmp, meta_out)
         else:
             log("verify: skipped (--no-verify)")
-        _readable(tmp)
         timings["total"] = round(time.perf_counter() - t_start, 3)
         log(f"artifact: {out} ({timings['total']:.1f} s in all)")
 
@@ -598,17 +596,6 @@ def _scratch() -> Iterator[Path]:
 
     with tempfile.TemporaryDirectory(prefix="oecl-export.") as d:
         yield Path(d)
-
-
-def _readable(directory: Path) -> None:
-    """Ordinary permissions (0755 dir, 0644 files, less the umask): the temporary names the
-    atomic writers start from are private, but an artifact is meant to be shipped and served."""
-    mask = os.umask(0)
-    os.umask(mask)
-    directory.chmod(0o755 & ~mask)
-    for p in directory.iterdir():
-        if p.is_file():
-            p.chmod(0o644 & ~mask)
 
 
 def _trt_needs_fp16_onnx() -> bool:
