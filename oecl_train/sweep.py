@@ -52,8 +52,7 @@ def parse_classes(text: str, classes: Sequence[str]) -> list[str]:
             raise DataError(f"--classes: no class {part!r}; classes are {list(classes)}") from None
         if not 0 <= i < len(classes):
             raise DataError(
-                f"--classes: no class {i}; there are {len(classes)} classes "
-                f"(0..{len(classes) - 1})"
+                f"--classes: no class {i}; there are {len(classes)} classes (0..{len(classes) - 1})"
             )
         picked.append(classes[i])
     if not picked:
@@ -75,8 +74,9 @@ def _same_config(run_dir: Path, cfg) -> bool:
     return saved == json.loads(json.dumps(cfg.to_json()))
 
 
-def _train_class(cfg, progress: bool) -> tuple[str, float | None]:
-    """Train (or resume, or reuse) one class's run; returns what was done and the seconds."""
+def train_or_reuse(cfg, progress: bool) -> tuple[str, float | None]:
+    """Train (or resume, or reuse) the run of `cfg`; returns what was done and the seconds
+    training took (None when nothing was trained here)."""
     from oecl_train import checkpoint
     from oecl_train.cli import run_training
 
@@ -154,16 +154,22 @@ def run_sweep(
         run_name = class_dir_name(cls)
         c_cfg = dataclasses.replace(cfg, id_class=cls, name=f"{base}/{run_name}")
         echo(f"[{i}/{len(names)}] class {cls}: training {sweep_dir / run_name}")
-        what, seconds = _train_class(c_cfg, progress)
+        what, seconds = train_or_reuse(c_cfg, progress)
         if what.endswith("non-zero rank"):
             continue
         report = None
         if what == "reused":
-            report = _reusable(sweep_dir / run_name / "eval" / "report.json", scores, k, False)
+            report = reusable_report(
+                sweep_dir / run_name / "eval" / "report.json", scores, k, False
+            )
         if report is None:
             echo(f"[{i}/{len(names)}] class {cls}: {what}; evaluating")
             report = evaluate_run(
-                sweep_dir / run_name, scores, k, device=cfg.device, batch_size=batch_size,
+                sweep_dir / run_name,
+                scores,
+                k,
+                device=cfg.device,
+                batch_size=batch_size,
                 progress=progress,
             )
         else:
@@ -222,7 +228,9 @@ def is_sweep_dir(path: str | Path) -> bool:
     return not (path / "config.json").exists() and bool(class_runs(path))
 
 
-def _reusable(report_path: Path, scores: Sequence[str], k: int, save_scores: bool) -> dict | None:
+def reusable_report(
+    report_path: Path, scores: Sequence[str], k: int, save_scores: bool
+) -> dict | None:
     """A class's existing report, if it was made from its latest checkpoint with these options."""
     from oecl_train import checkpoint
 
@@ -271,7 +279,7 @@ def evaluate_sweep(
     for i, run in enumerate(runs, 1):
         cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
         cfgs.append(cfg)
-        report = _reusable(run / "eval" / "report.json", scores, k, save_scores)
+        report = reusable_report(run / "eval" / "report.json", scores, k, save_scores)
         if report is None:
             echo(f"[{i}/{len(runs)}] {run.name}: evaluating")
             report = evaluate_run(

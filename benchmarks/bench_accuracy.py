@@ -1,0 +1,403 @@
+"""Accuracy benchmark on MNIST: SimCLR, self-OECL and OECL against raw-pixel baselines.
+
+    python benchmarks/bench_accuracy.py                    # one-vs-rest, all 10 classes
+    python benchmarks/bench_accuracy.py --classes 0,3 --steps 300
+    python benchmarks/bench_accuracy.py --protocol leave-one-out
+
+Split, for each class (the same for every method, rebuilt from the seed): train = that class
+of the 60k MNIST training set (leave-one-out: every other class), less the 10% held out as ID
+validation; test = the whole 10k test set, ID positive. Data: the four IDX files under
+--data-root (default ../shared/data/mnist, relative to the repository root).
+
+Methods:
+- simclr (oe=none), self-oecl (oe=self) and oecl-photos (oe=photos, the built-in far-OE), each
+  trained through the project's own `run_training` with the same budget (--steps at --batch-size
+  ID images per step; self-OECL's steps carry 4x the views, OECL's 2x, as in the paper) and
+  evaluated by `evaluate_run` with all three scores (higher = normal). Runs are kept under
+  --runs-dir; a run that finished with the same settings is reused, not retrained.
+- nn: raw pixels in [0, 1], score = -(L2 distance to the nearest ID training image).
+- pca: raw pixels, PCA fitted on the ID training images with as many components as explain
+  --pca-variance of their variance (default 0.9, fixed in advance); score = -(squared
+  reconstruction error). `--pca-variance val` instead picks the share among PCA_CANDIDATES
+  on a validation split of the training classes only (held-out ID training images vs training
+  images of the other classes), never on the test set.
+
+Cost on a 2-core CPU (measured while the machine was shared, so roughly): a training step of
+64 ID images takes ~1-1.5 s for SimCLR, ~1-2 s for OECL and ~2.5 s for self-OECL; scoring the
+10k test images takes ~1 min with K = 2 and ~3 min with K = 8 per run; the two baselines take
+~20 s per class. At the default 300 steps one class costs ~40 min on such a CPU: pick fewer
+--classes or --steps there, or run on a GPU.
+
+Settings were fixed in advance from the paper and the project's CPU quickstart (no horizontal
+flips: a mirrored digit is another shape), not tuned on the test set. Writes
+benchmarks/results/accuracy-mnist[-leave-one-out].json (per class and mean AUROC, the device,
+and each method's budget: steps, epochs, wall time) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+DEEP = {"simclr": "none", "self-oecl": "self", "oecl-photos": "photos"}
+BASELINES = ("nn", "pca")
+METHODS = (*DEEP, *BASELINES)
+PCA_CANDIDATES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+VAL_OOD_PER_CLASS = 2000  # other-class training images drawn for the PCA validation split
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-root", default="../shared/data/mnist", help="MNIST IDX directory.")
+    p.add_argument("--classes", default="all", help="'all' or e.g. '0,3,5'.")
+    p.add_argument("--protocol", default="one-vs-rest", choices=("one-vs-rest", "leave-one-out"))
+    p.add_argument("--methods", default=",".join(METHODS), help="Subset of " + ",".join(METHODS))
+    p.add_argument("--steps", type=int, default=300, help="Training steps per deep run.")
+    p.add_argument("--depth", default="resnet10", choices=("resnet10", "resnet18"))
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=28)
+    p.add_argument("--batch-size", type=int, default=64, help="ID images per step.")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--alpha", type=float, default=1.0, help="OE norm weight (OECL, self-OECL).")
+    p.add_argument(
+        "--k",
+        default="auto",
+        help="Augmented views per test image (auto: 32 on "
+        "CUDA, 8 on the CPU, where K = 32 costs ~10 min per run).",
+    )
+    p.add_argument("--eval-batch-size", type=int, default=1024)
+    p.add_argument("--pca-variance", default="0.9", help="Explained-variance share, or 'val'.")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs-dir", default="benchmarks/runs", help="Where the deep runs are kept.")
+    p.add_argument("--out", default=None, help="Result JSON (default benchmarks/results/...).")
+    p.add_argument("--progress", action="store_true", help="Progress bars while training.")
+    return p.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# -- baselines ---------------------------------------------------------------------------------
+
+
+def flat(images: np.ndarray) -> np.ndarray:
+    return images.reshape(len(images), -1).astype(np.float32) / 255.0
+
+
+def nn_scores(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+    """-(distance to the nearest ID training image): higher = normal."""
+    from sklearn.neighbors import NearestNeighbors
+
+    dist, _ = NearestNeighbors(n_neighbors=1, algorithm="brute").fit(train).kneighbors(test)
+    return -dist[:, 0]
+
+
+class PcaModel:
+    """PCA of the ID training images, truncated at an explained-variance share."""
+
+    def __init__(self, train: np.ndarray, seed: int):
+        from sklearn.decomposition import PCA
+
+        self.pca = PCA(svd_solver="full", random_state=seed).fit(train)
+
+    def n_components(self, variance: float) -> int:
+        cum = np.cumsum(self.pca.explained_variance_ratio_)
+        return int(min(np.searchsorted(cum, variance) + 1, len(cum)))
+
+    def scores(self, x: np.ndarray, variance: float) -> np.ndarray:
+        """-(squared reconstruction error) with the first n components: higher = normal."""
+        comps = self.pca.components_[: self.n_components(variance)]
+        centred = x - self.pca.mean_
+        recon = (centred @ comps.T) @ comps
+        return -np.square(centred - recon).sum(1)
+
+
+def pca_validation_auroc(splits, pca: PcaModel, seed: int) -> dict[float, float]:
+    """AUROC of each candidate share on the validation split of the training classes: held-out
+    ID training images vs a sample of the other classes' training images."""
+    from oecl_train.metrics import ood_metrics
+
+    rng = np.random.default_rng(seed)
+    other = splits.oe
+    n_ood = min(len(other), VAL_OOD_PER_CLASS * max(1, len(splits.classes) - 1))
+    ood = flat(other[rng.choice(len(other), n_ood, replace=False)])
+    x = np.concatenate([flat(splits.id_val), ood])
+    is_id = np.r_[np.ones(len(splits.id_val), bool), np.zeros(n_ood, bool)]
+    return {v: ood_metrics(pca.scores(x, v), is_id)["AUROC"] for v in PCA_CANDIDATES}
+
+
+# -- one class -----------------------------------------------------------------------------------
+
+
+def base_config(args: argparse.Namespace, data_root: str, cls: str, method: str):
+    from oecl_train.config import TrainConfig
+
+    cfg = TrainConfig(
+        name=f"mnist-{args.protocol}/{method}/class-{cls}",
+        out_dir=args.runs_dir,
+        seed=args.seed,
+        data="mnist",
+        data_root=data_root,
+        id_class=cls,
+        protocol=args.protocol,
+        oe=DEEP.get(method, "none"),
+        image_size=args.image_size,
+        depth=args.depth,
+        width=args.width,
+        alpha=args.alpha,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        lr=args.lr,
+        hflip=False,
+        device=args.device,
+        precision=args.precision,
+    )
+    cfg.validate()
+    return cfg
+
+
+def run_deep(args, data_root: str, cls: str, method: str, k: int) -> dict[str, Any]:
+    """Train (through the project's training API) and evaluate one deep method on one class."""
+    from oecl_train.evaluate import evaluate_run
+    from oecl_train.scores import SCORES
+    from oecl_train.sweep import train_or_reuse
+
+    cfg = base_config(args, data_root, cls, method)
+    what, seconds = train_or_reuse(cfg, args.progress)
+    run_dir = Path(cfg.out_dir) / cfg.run_name()
+    report = evaluate_run(run_dir, SCORES, k, device=args.device, batch_size=args.eval_batch_size)
+    b = report["budget"]
+    wall = round(seconds, 2) if seconds is not None and what == "trained" else b["wall_time_s"]
+    return {
+        "auroc": {s: v["metrics"]["AUROC"] for s, v in report["scores"].items()},
+        "metrics": {s: v["metrics"] for s, v in report["scores"].items()},
+        "budget": {
+            "steps": b["steps"],
+            "epochs": b["epochs"],
+            "batch_size": cfg.batch_size,
+            "train_wall_s": wall,
+            "train_wall_source": "measured" if what == "trained" else b["wall_time_source"],
+            "eval_wall_s": report["evaluation"]["seconds"],
+            "k": k,
+        },
+        "run": what,
+    }
+
+
+def baseline_splits(cfg, pca_variance: str):
+    """The split every method of this class uses (evaluation's own rebuild from the config);
+    for `--pca-variance val` also the other classes' training images, as validation OOD."""
+
+    from oecl_train.data import build_splits
+    from oecl_train.evaluate import splits_for
+
+    splits = splits_for(cfg)
+    if pca_variance == "val":
+        # Same source as OE = the non-ID training classes; the ID splits do not depend on OE.
+        splits.oe = build_splits(**{**split_kwargs(cfg), "oe": cfg.data}).oe
+    return splits
+
+
+def split_kwargs(cfg) -> dict[str, Any]:
+    keys = (
+        "data",
+        "data_root",
+        "id_class",
+        "protocol",
+        "oe",
+        "image_size",
+        "channels",
+        "val_fraction",
+        "seed",
+        "strict",
+    )
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def run_baselines(args, splits, methods, pca_variance: float | str) -> dict[str, dict]:
+    from oecl_train.metrics import ood_metrics
+
+    out: dict[str, dict] = {}
+    train, test, is_id = flat(splits.id_train), flat(splits.test_images), splits.test_is_id
+    if "nn" in methods:
+        t0 = time.perf_counter()
+        s = nn_scores(train, test)
+        out["nn"] = {"auroc": ood_metrics(s, is_id)["AUROC"], "seconds": time.perf_counter() - t0}
+    if "pca" in methods:
+        t0 = time.perf_counter()
+        pca = PcaModel(train, args.seed)
+        entry: dict[str, Any] = {}
+        if pca_variance == "val":
+            val = pca_validation_auroc(splits, pca, args.seed)
+            variance = max(val, key=val.get)
+            entry["validation_auroc"] = {str(v): a for v, a in val.items()}
+        else:
+            variance = float(pca_variance)
+        s = pca.scores(test, variance)
+        entry.update(
+            auroc=ood_metrics(s, is_id)["AUROC"],
+            variance=variance,
+            n_components=pca.n_components(variance),
+            seconds=time.perf_counter() - t0,
+        )
+        out["pca"] = entry
+    return out
+
+
+# -- tables ------------------------------------------------------------------------------------
+
+
+def columns(methods: list[str]) -> list[tuple[str, str | None]]:
+    from oecl_train.scores import SCORES
+
+    cols: list[tuple[str, str | None]] = []
+    for m in methods:
+        cols += [(m, s) for s in SCORES] if m in DEEP else [(m, None)]
+    return cols
+
+
+def value(entry: dict, score: str | None) -> float:
+    return entry["auroc"][score] if score else entry["auroc"]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    cols = columns(result["methods"])
+    head = ["class", *(f"{m} {s}" if s else m for m, s in cols)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cls, per in result["per_class"].items():
+        lines.append("| " + " | ".join([cls, *(f"{value(per[m], s):.4f}" for m, s in cols)]) + " |")
+    mean = result["mean_auroc"]
+    lines.append(
+        "| **mean** | "
+        + " | ".join(f"**{mean[m][s] if s else mean[m]:.4f}**" for m, s in cols)
+        + " |"
+    )
+    return "\n".join(lines)
+
+
+def mean_auroc(per_class: dict[str, dict], methods: list[str]) -> dict[str, Any]:
+    from oecl_train.scores import SCORES
+
+    out: dict[str, Any] = {}
+    for m in methods:
+        entries = [per[m] for per in per_class.values()]
+        if m in DEEP:
+            out[m] = {s: float(np.mean([e["auroc"][s] for e in entries])) for s in SCORES}
+        else:
+            out[m] = float(np.mean([e["auroc"] for e in entries]))
+    return out
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    from oecl_train.trainer import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return f"{torch.cuda.get_device_name(dev)} (cuda)"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from oecl_runtime.atomic import write_json
+    from oecl_train.sweep import parse_classes
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        sys.exit(f"error: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    if args.pca_variance != "val" and not 0 < float(args.pca_variance) <= 1:
+        sys.exit("error: --pca-variance must be in (0, 1] or 'val'")
+    root = Path(args.data_root)
+    data_root = str(root if root.is_absolute() else (REPO / root).resolve())
+    if not Path(data_root).is_dir():
+        sys.exit(f"error: {args.data_root}: no such directory (MNIST IDX files)")
+    cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    k = (32 if cuda else 8) if args.k == "auto" else int(args.k)
+    classes = parse_classes(args.classes, [str(i) for i in range(10)])
+    result: dict[str, Any] = {
+        "benchmark": "accuracy",
+        "data": "mnist",
+        "protocol": args.protocol,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/bench_accuracy.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
+        "device": device_name(args.device),
+        "direction": "higher = normal (AUROC, ID positive)",
+        "methods": methods,
+        "settings": {
+            "depth": args.depth,
+            "width": args.width,
+            "image_size": args.image_size,
+            "batch_size": args.batch_size,
+            "steps": args.steps,
+            "precision": args.precision,
+            "lr": args.lr,
+            "alpha": args.alpha,
+            "hflip": False,
+            "k": k,
+            "seed": args.seed,
+            "pca_variance": args.pca_variance,
+            "data_root": args.data_root,
+        },
+        "per_class": {},
+    }
+    t_all = time.perf_counter()
+    for cls in classes:
+        splits = baseline_splits(base_config(args, data_root, cls, "simclr"), args.pca_variance)
+        per: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        base = run_baselines(args, splits, methods, args.pca_variance)
+        for m, entry in base.items():
+            per[m] = entry
+            extra = f" ({entry['n_components']} components)" if m == "pca" else ""
+            log(f"class {cls} {m}: AUROC {entry['auroc']:.4f}{extra}")
+        for m in (m for m in methods if m in DEEP):
+            log(f"class {cls} {m}: training {args.steps} steps")
+            per[m] = run_deep(args, data_root, cls, m, k)
+            b = per[m]["budget"]
+            aurocs = ", ".join(f"{s} {a:.4f}" for s, a in per[m]["auroc"].items())
+            log(
+                f"class {cls} {m}: AUROC {aurocs}  [{per[m]['run']}, {b['epochs']} epochs, "
+                f"train {b['train_wall_s']} s, eval {b['eval_wall_s']} s]"
+            )
+        result["per_class"][cls] = {m: per[m] for m in methods}
+        log(f"class {cls}: done in {time.perf_counter() - t0:.0f} s")
+    result["mean_auroc"] = mean_auroc(result["per_class"], methods)
+    result["wall_time_s"] = round(time.perf_counter() - t_all, 1)
+    suffix = "" if args.protocol == "one-vs-rest" else f"-{args.protocol}"
+    out = (
+        Path(args.out) if args.out else REPO / "benchmarks/results" / f"accuracy-mnist{suffix}.json"
+    )
+    write_json(out, result)
+    print(
+        f"MNIST {args.protocol}, AUROC (higher = normal score, ID positive); device "
+        f"{result['device']}; {args.steps} steps of {args.batch_size} ID images, "
+        f"{args.depth} width {args.width}, {args.precision}, K = {k}\n"
+    )
+    print(markdown(result))
+    print(f"\ncommand: `{result['command']}`")
+    log(f"written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
