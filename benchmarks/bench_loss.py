@@ -29,7 +29,6 @@ import functools
 import json
 import multiprocessing as mp
 import os
-import platform
 import re
 import resource
 import statistics
@@ -44,6 +43,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from _common import device_name  # noqa: E402
 
 from kernels import ntxent_oe, ntxent_oe_dense  # noqa: E402
 from kernels.ntxent_oe_torch import DEFAULT_CHUNK, ntxent_oe_torch  # noqa: E402
@@ -318,13 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     load_at_start = os.getloadavg()
     if args.device == "cuda":
         rows = run_gpu(sizes, args.dtypes, impls, args.d)
-        device_name = torch.cuda.get_device_name()
     else:
         rows = run_cpu(sizes, args.dtypes, impls, args.d, args.reps, threads)
-        device_name = _cpu_name()
+    device = device_name(args.device)
 
     meta = {
-        "device": device_name,
+        "device": device,
         "date": started.date().isoformat(),
         "command": "python benchmarks/bench_loss.py " + " ".join(sys.argv[1:] if argv is None
                                                                    else argv),
@@ -354,23 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         w.writerows(rows)
     os.replace(tmp, csv_path)
 
-    print(f"device: {device_name}; torch {torch.__version__}; d={args.d}")
+    print(f"device: {device}; torch {torch.__version__}; d={args.d}")
     print(markdown_table(rows, impls))
     print(f"\nwrote {json_path.relative_to(REPO) if json_path.is_relative_to(REPO) else json_path}"
           f" and {csv_path.name}")
     return 0
-
-
-def _cpu_name() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} logical CPUs)"
 
 
 def _triton_version() -> str | None:

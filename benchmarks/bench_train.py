@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import time
 from datetime import date
@@ -26,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import device_name
 from PIL import Image, ImageEnhance
 
 from kernels import ntxent_oe_dense
@@ -140,20 +139,6 @@ def time_ours(cfg: TrainConfig, splits, steps: int, warmup: int) -> dict:
 def _summary(times: list[float], images_per_step: int) -> dict:
     med = statistics.median(times)
     return {"steps": len(times), "median_step_s": med, "images_per_s": images_per_step / med}
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    model = platform.processor() or "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()}-core {model}"
 
 
 def main() -> None:
