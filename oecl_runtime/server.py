@@ -234,6 +234,25 @@ def create_app(scorer: Scorer, config: ServerConfig | None = None) -> Starlette:
     return app
 
 
+def _draining_server_class():
+    import signal
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn drains on SIGTERM, then re-raises the signal, which kills the process before
+        the caller's cleanup runs and makes a clean stop exit 143. A drained SIGTERM is a
+        normal stop here: the process returns and exits 0."""
+
+        def handle_exit(self, sig: int, frame) -> None:
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", None)
+            if sig == signal.SIGTERM and captured and captured[-1] == sig:
+                captured.pop()
+
+    return DrainingServer
+
+
 def serve(
     scorer: Scorer,
     host: str = "127.0.0.1",
@@ -258,4 +277,4 @@ def serve(
         # Bounds the requests (and their bodies) held in memory; beyond it uvicorn answers 503.
         limit_concurrency=max(64, 2 * cfg.max_queue),
     )
-    uvicorn.Server(uv_config).run()
+    _draining_server_class()(uv_config).run()

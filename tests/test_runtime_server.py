@@ -277,9 +277,8 @@ def test_sigterm_drains_in_flight_requests(artifact_dir: Path) -> None:
             replies, _ = load.result(30)
         assert sorted(r.index for r in replies) == list(range(5))
         assert all(r.status == 200 for r in replies), [(r.status, r.body) for r in replies]
-        # uvicorn re-raises the SIGTERM it handled once shutdown is complete, so the exit status
-        # reports the signal, as process managers expect.
-        assert proc.wait(30) in (0, -signal.SIGTERM)
+        # A drained SIGTERM is a normal stop.
+        assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
