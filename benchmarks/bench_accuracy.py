@@ -388,10 +388,16 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out) if args.out else REPO / "benchmarks/results" / f"accuracy-mnist{suffix}.json"
     )
     write_json(out, result)
+    budget = "raw-pixel baselines only"
+    if any(m in DEEP for m in methods):
+        budget = (
+            f"{args.steps} steps of {args.batch_size} ID images, {args.depth} width "
+            f"{args.width}, {args.precision}, K = {k}"
+        )
+    pca = f"; PCA at {args.pca_variance} explained variance" if "pca" in methods else ""
     print(
         f"MNIST {args.protocol}, AUROC (higher = normal score, ID positive); device "
-        f"{result['device']}; {args.steps} steps of {args.batch_size} ID images, "
-        f"{args.depth} width {args.width}, {args.precision}, K = {k}\n"
+        f"{result['device']}; {budget}{pca}\n"
     )
     print(markdown(result))
     print(f"\ncommand: `{result['command']}`")

@@ -225,6 +225,9 @@ def write_run_report(
     if save_scores:
         files["scores_csv"] = "scores.csv"
         write_text(eval_dir / "scores.csv", scores_csv(test_scores, is_id, labels, paths))
+    else:
+        # A scores.csv from an earlier evaluation would no longer match this report.
+        (eval_dir / "scores.csv").unlink(missing_ok=True)
     report["files"] = files
     write_text(eval_dir / "report.md", run_markdown(report, files))
     # JSON last: a report.json exists only once everything it names has been written.

@@ -197,6 +197,7 @@ def test_eval_command_prints_table(tiny_run):
     assert "higher = normal" in res.output and "FPR@95TPR" in res.output
     assert "threshold (norm" in res.output
     assert list(json.loads((tiny_run / "eval" / "report.json").read_text())["scores"]) == ["norm"]
+    assert not (tiny_run / "eval" / "scores.csv").exists()  # no stale per-image scores
 
 
 # -- sweeps ------------------------------------------------------------------------------------
