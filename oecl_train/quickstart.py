@@ -18,7 +18,7 @@ QUICKSTART = dict(
     depth="resnet10",
     width=32,
     batch_size=64,
-    steps=1000,
+    steps=600,
     precision="bf16",
     hflip=False,
 )
