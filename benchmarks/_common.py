@@ -9,11 +9,13 @@ from pathlib import Path
 
 
 def device_name(device: str) -> str:
-    """The GPU's name for a CUDA device, else "<n>-core <CPU model>" from /proc/cpuinfo."""
-    if device.startswith("cuda"):
+    """The GPU's name for a CUDA device ("auto": CUDA when present), else "<n>-core <CPU model>"
+    from /proc/cpuinfo."""
+    if device.startswith("cuda") or device == "auto":
         import torch
 
-        return torch.cuda.get_device_name(0)
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
     model = platform.processor() or "CPU"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

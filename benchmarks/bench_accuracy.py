@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import platform
 import sys
 import time
 from pathlib import Path
@@ -49,6 +48,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from _common import device_name  # noqa: E402  (benchmarks/ is on sys.path for scripts)
 
 DEEP = {"simclr": "none", "self-oecl": "self", "oecl-photos": "photos"}
 BASELINES = ("nn", "pca")
@@ -300,17 +300,6 @@ def mean_auroc(per_class: dict[str, dict], methods: list[str]) -> dict[str, Any]
         else:
             out[m] = float(np.mean([e["auroc"] for e in entries]))
     return out
-
-
-def device_name(device: str) -> str:
-    import torch
-
-    from oecl_train.trainer import resolve_device
-
-    dev = resolve_device(device)
-    if dev.type == "cuda":
-        return f"{torch.cuda.get_device_name(dev)} (cuda)"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def main(argv: list[str] | None = None) -> int:

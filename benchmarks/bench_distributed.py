@@ -27,7 +27,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from _common import device_name  # noqa: E402  (benchmarks/ is on sys.path for scripts)
 
 GLOBAL_BATCH = 64
 ARMS = (
@@ -168,17 +168,9 @@ def main() -> None:
     base = rows[0]["images_per_s_median"]
     for r in rows:
         r["speedup_vs_1x1"] = r["images_per_s_median"] / base
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     out = {
         "meta": {
-            "device": f"{cpu} ({os.cpu_count()} logical CPUs), no GPU",
+            "device": f"{device_name('cpu')}, no GPU",
             "date": dt.date.today().isoformat(),
             "command": "python benchmarks/bench_distributed.py"
             + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
