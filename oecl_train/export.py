@@ -6,7 +6,7 @@ Stages, each timed on stderr:
    through the dynamo ONNX exporter with a dynamic batch dimension. The fp16 file is the same
    graph with weights and compute in half precision (uint8 in, float32 out).
 2. quantise: static int8 QDQ quantisation with onnxruntime, calibrated on the run's own ID
-   training images; symmetric int8 so that TensorRT can build from the same file.
+   training images (u8s8 for onnxruntime; a symmetric int8 twin as TensorRT's source).
 3. tensorrt: engines built from those files (see `export_tensorrt`).
 4. metadata: threshold and norm statistics from the PyTorch model on the run's held-out data.
 5. verify: held-out ID and OOD images scored by the PyTorch model and by every exported file
@@ -43,7 +43,7 @@ from oecl_runtime.artifact import (
     threshold_at_tpr,
     write_metadata,
 )
-from oecl_runtime.atomic import atomic_dir, write_json
+from oecl_runtime.atomic import atomic_dir, with_file, write_json
 from oecl_runtime.preprocess import InputSpec
 
 FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "tensorrt")
@@ -227,9 +227,18 @@ def check_onnx(path: Path, chw: tuple[int, int, int], embedding: bool) -> dict[s
     return {"opset": opset, "nodes": len(model.graph.node)}
 
 
-def _quantize_int8(src: Path, dst: Path, calib: np.ndarray, scratch: Path) -> None:
-    """Static QDQ int8: per-channel symmetric weights, symmetric activations (TensorRT's
-    explicit quantization takes only zero-point-0 int8), MinMax ranges from `calib`."""
+def _quantize_int8(src: Path, dst: Path, calib: np.ndarray, scratch: Path,
+                   for_tensorrt: bool = False) -> None:
+    """Static QDQ int8 with per-channel symmetric int8 weights and MinMax ranges from `calib`.
+
+    Two flavours, because their consumers' fast paths differ:
+    - onnxruntime (the artifact's `model.int8.onnx`): uint8 activations with zero points
+      (u8s8) and every supported op quantised, so residual adds and ReLUs stay in int8
+      between convolutions. On x86 this is the layout onnxruntime's int8 kernels are fast
+      with; symmetric int8 activations measured slower than fp32 there.
+    - TensorRT: int8 activations with zero point 0 on convolutions and matrix products only,
+      the one form TensorRT's explicit quantisation accepts.
+    """
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -250,21 +259,24 @@ def _quantize_int8(src: Path, dst: Path, calib: np.ndarray, scratch: Path) -> No
             return {INPUT_NAME: np.ascontiguousarray(calib[start:start + CALIB_BATCH])}
 
     pre = scratch / "model.pre.onnx"
-    quant_pre_process(str(src), str(pre))
+    if not pre.exists():
+        quant_pre_process(str(src), str(pre))
+    kwargs: dict[str, Any] = {}
+    if for_tensorrt:
+        kwargs["op_types_to_quantize"] = ["Conv", "Gemm", "MatMul"]
     quantize_static(
         str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-        # The uint8 -> float cast, the mean/std arithmetic, the residual adds and the final norm
-        # stay float: only the matrix products run in int8.
-        op_types_to_quantize=["Conv", "Gemm", "MatMul"],
+        activation_type=QuantType.QInt8 if for_tensorrt else QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
         extra_options={
-            "ActivationSymmetric": True,
+            "ActivationSymmetric": for_tensorrt,
             "WeightSymmetric": True,
             # An int8 projection output would round small (anomalous) embeddings to zero; the
             # last product writes float so the norm keeps its resolution at the low end.
             "OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"],
         },
+        **kwargs,
     )
 
 
@@ -486,8 +498,8 @@ def export_run(
         graph_info: dict[str, Any] = {}
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().cpu().contiguous() for k, v in net_cpu.state_dict().items()},
-                  str(tmp / WEIGHTS_FILE))
+        weights = {k: v.detach().cpu().contiguous() for k, v in net_cpu.state_dict().items()}
+        with_file(tmp / WEIGHTS_FILE, lambda p: save_file(weights, str(p)))
 
         folded = fold_batchnorm(net_cpu)
         want_fp16 = "onnx-fp16" in fmts
@@ -513,6 +525,11 @@ def export_run(
                 graph_info[path.name] = check_onnx(path, chw, embedding)
             onnx_paths["int8"] = path
             graph_info[path.name]["calibration_images"] = int(len(calib))
+            if "tensorrt" in fmts:
+                # TensorRT's source stays out of the artifact: the engine is what ships.
+                onnx_paths["int8-tensorrt"] = scratch / "model.int8.tensorrt.onnx"
+                _quantize_int8(onnx_paths["fp32"], onnx_paths["int8-tensorrt"], calib, scratch,
+                               for_tensorrt=True)
 
         for precision, name in ONNX_FILES.items():
             if precision in onnx_paths and onnx_paths[precision].parent == tmp:

@@ -160,7 +160,7 @@ def source_for(precision: str, onnx_files: dict[str, Path]) -> Path:
     import tensorrt as trt
 
     if precision == "int8":
-        return onnx_files["int8"]
+        return onnx_files["int8-tensorrt"]
     if hasattr(trt.BuilderFlag, "FP16"):
         return onnx_files["fp32"]
     return onnx_files["fp16"]
