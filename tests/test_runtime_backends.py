@@ -13,13 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_runtime_tinymodel import (
-    MEAN,
     SIZE,
     SPEC,
-    STD,
     copy_artifact,
     random_images,
     tiny_artifact_dir,
+    torch_artifact,
 )
 
 from oecl_runtime import BackendUnavailable, Scorer
@@ -163,22 +162,10 @@ def test_torch_cuda_graphs_match_eager(tmp_path: Path, artifact_dir: Path) -> No
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    model = pytest.importorskip("oecl_train.model", reason="oecl_train.model is not importable")
-    from safetensors.torch import save_file
-
-    arch = {"depth": "resnet10", "width": 8, "stem": "cifar", "in_channels": 3, "proj_dim": 128,
-            "mean": MEAN, "std": STD}
-    torch.manual_seed(0)
-    net = model.build_model(**arch).eval()
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()},
-              str(tmp_path / "model.safetensors"))
-    meta = json.loads((artifact_dir / "oecl.json").read_text())
-    meta["architecture"] = arch
-    meta["files"] = [file_entry(tmp_path / "model.safetensors", "safetensors", "fp32")]
-    write_metadata(tmp_path, meta)
+    scorer_model = torch_artifact(tmp_path, artifact_dir, width=8)
     x = np.stack([load(im, SPEC) for im in random_images(7, seed=43)])
     with torch.no_grad():
-        want = model.ScoreModel(net).eval()(torch.from_numpy(x))[0].numpy()
+        want = scorer_model(torch.from_numpy(x))[0].numpy()
     with Scorer.open(tmp_path, backend="torch-cuda") as s:
         np.testing.assert_allclose(s.score_array(x), want, rtol=1e-3)
         np.testing.assert_allclose(s.score_array(x), want, rtol=1e-3)  # graph replay

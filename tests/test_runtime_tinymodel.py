@@ -253,15 +253,16 @@ def test_import_and_onnxruntime_scoring_never_import_torch(artifact_dir: Path) -
     assert out.stdout.strip().startswith("onnxruntime")
 
 
-def test_torch_backend_matches_score_model(artifact_dir: Path, tmp_path: Path) -> None:
-    model = pytest.importorskip("oecl_train.model", reason="oecl_train.model is not importable")
+def torch_artifact(tmp_path: Path, artifact_dir: Path, width: int):
+    """An artifact holding only `model.safetensors` of a seeded resnet10 of `width`, and that
+    network (eval mode) to compare the torch backends against."""
     import torch
     from safetensors.torch import save_file
 
-    from oecl_runtime.artifact import Artifact
+    from oecl_train import model
 
-    arch = {"depth": "resnet10", "width": 4, "stem": "cifar", "in_channels": 3, "proj_dim": 128,
-            "mean": MEAN, "std": STD}
+    arch = {"depth": "resnet10", "width": width, "stem": "cifar", "in_channels": 3,
+            "proj_dim": 128, "mean": MEAN, "std": STD}
     torch.manual_seed(0)
     net = model.build_model(**arch).eval()
     save_file({k: v.contiguous() for k, v in net.state_dict().items()},
@@ -270,9 +271,18 @@ def test_torch_backend_matches_score_model(artifact_dir: Path, tmp_path: Path) -
     meta["architecture"] = arch
     meta["files"] = [file_entry(tmp_path / "model.safetensors", "safetensors", "fp32")]
     write_metadata(tmp_path, meta)
+    return model.ScoreModel(net).eval()
+
+
+def test_torch_backend_matches_score_model(artifact_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    from oecl_runtime.artifact import Artifact
+
+    scorer_model = torch_artifact(tmp_path, artifact_dir, width=4)
     batch = np.stack([load(im, SPEC) for im in random_images(5, seed=11)])
     with torch.no_grad():
-        want = model.ScoreModel(net).eval()(torch.from_numpy(batch))[0].numpy()
+        want = scorer_model(torch.from_numpy(batch))[0].numpy()
     with Scorer.open(tmp_path, backend="torch-cpu") as s:
         assert s.backend.name == "torch-cpu"
         np.testing.assert_allclose(s.score_array(batch), want, rtol=1e-5)
