@@ -171,7 +171,7 @@ def run_budget(run_dir: Path, cfg, meta: dict) -> dict[str, Any]:
         "batch_size": cfg.batch_size,
         "oe": cfg.oe,
         "precision": cfg.precision,
-        "device": cfg.device,
+        "device": meta.get("device", cfg.device),
         "world_size": world,
         "wall_time_s": None if wall is None else round(wall, 2),
         "wall_time_source": source,

@@ -279,6 +279,7 @@ class Trainer:
             "world_size": self.dist.world,
             "complete": epoch >= self.epochs,
             "architecture": self.arch.to_json(),
+            "device": str(self.device),
             "input": self.splits.spec.to_json(),
             "metrics": last,
         }
@@ -345,6 +346,7 @@ class Trainer:
                 lr=m["lr"],
                 alpha=m["alpha"],
                 images_per_s=n_images / elapsed,
+                epoch_s=elapsed,
             )
             if self.dist.rank == 0:
                 self._log(last)
