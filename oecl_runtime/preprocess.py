@@ -117,11 +117,3 @@ def to_model_input(img: Image.Image, spec: InputSpec) -> np.ndarray:
 def load(source: Any, spec: InputSpec) -> np.ndarray:
     """decode + to_model_input: any supported source to a uint8 (C, H, W) array."""
     return to_model_input(decode(source), spec)
-
-
-def load_batch(sources: list[Any], spec: InputSpec) -> np.ndarray:
-    """Stack sources into one uint8 (N, C, H, W) batch; ImageError on the first bad one."""
-    out = np.empty((len(sources), spec.channels, spec.height, spec.width), dtype=np.uint8)
-    for i, s in enumerate(sources):
-        out[i] = load(s, spec)
-    return out

@@ -27,7 +27,7 @@ from starlette.types import Message
 from .batcher import Draining, DynamicBatcher, QueueFull, TooManyImages
 from .inputs import to_batch
 from .metrics import CONTENT_TYPE, ServerMetrics
-from .preprocess import ImageError, load
+from .preprocess import ImageError
 from .scorer import Scorer
 
 log = logging.getLogger("oecl_runtime.server")
@@ -100,17 +100,6 @@ def _decode_npy(body: bytes, scorer: Scorer) -> np.ndarray:
     return to_batch(arr, scorer.spec)
 
 
-def _decode_files(blobs: list[bytes], scorer: Scorer) -> np.ndarray:
-    spec = scorer.spec
-    out = np.empty((len(blobs), spec.channels, spec.height, spec.width), dtype=np.uint8)
-    for i, blob in enumerate(blobs):
-        try:
-            out[i] = load(blob, spec)
-        except ImageError as e:
-            raise ImageError(f"image {i}: {e}" if len(blobs) > 1 else str(e)) from e
-    return out
-
-
 def _threshold(request: Request, scorer: Scorer) -> float:
     raw = request.query_params.get("threshold")
     if raw is None:
@@ -162,14 +151,14 @@ def create_app(scorer: Scorer, config: ServerConfig | None = None) -> Starlette:
             if ctype == "multipart/form-data":
                 files = await _multipart_files(request, body, cfg.max_body_bytes)
                 names = [name for name, _ in files]
-                batch = await run_in_threadpool(_decode_files, [b for _, b in files], scorer)
+                batch = await run_in_threadpool(to_batch, [b for _, b in files], scorer.spec)
             elif not body:
                 raise HTTPError(400, "empty body: send an image, multipart files or an .npy",
                                 "bad_request")
             elif ctype == NPY_TYPE:
                 batch = await run_in_threadpool(_decode_npy, body, scorer)
             else:
-                batch = await run_in_threadpool(_decode_files, [body], scorer)
+                batch = await run_in_threadpool(to_batch, [body], scorer.spec)
             norms = await asyncio.wrap_future(batcher.submit(batch))
         except HTTPError as e:
             metrics.errors.inc(reason=e.kind)

@@ -14,7 +14,6 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -395,7 +394,3 @@ def load_trained(
     net = OECLNet(Architecture(**meta["architecture"]))
     checkpoint.load(path, net, None, device)
     return cfg, net.to(device).eval(), meta
-
-
-def as_numpy_norms(z: torch.Tensor) -> np.ndarray:
-    return torch.linalg.vector_norm(z.float(), dim=1).cpu().numpy()
