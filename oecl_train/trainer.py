@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kernels import NTXentOEOutput, ntxent_oe
-from oecl_runtime.atomic import write_json
+from oecl_runtime.atomic import write_json, write_text
 from oecl_train import checkpoint
 from oecl_train.augment import AugmentConfig, SimCLRAugment, rotate
 from oecl_train.config import TrainConfig
@@ -262,8 +262,6 @@ class Trainer:
         path = self.run_dir / "metrics.jsonl"
         if path.exists():
             keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["epoch"] <= epoch]
-            from oecl_runtime.atomic import write_text
-
             write_text(path, "".join(ln + "\n" for ln in keep))
 
     def _save(self, epoch: int, last: dict) -> Path | None:
