@@ -55,6 +55,26 @@ BASELINES = ("nn", "pca")
 METHODS = (*DEEP, *BASELINES)
 PCA_CANDIDATES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 VAL_OOD_PER_CLASS = 2000  # other-class training images drawn for the PCA validation split
+VAL_OOD_PER_CLASS_DEEP = 500  # the same for the deep methods' validation (scoring is dearer)
+DEFAULT_STEPS = 300
+
+
+def parse_steps(text: str) -> dict[str, int]:
+    """'300' (every deep method) or 'simclr=200,oecl-photos=1000' (others: DEFAULT_STEPS)."""
+    try:
+        if "=" not in text:
+            return dict.fromkeys(DEEP, int(text))
+        out = dict.fromkeys(DEEP, DEFAULT_STEPS)
+        for part in filter(None, (t.strip() for t in text.split(","))):
+            method, _, n = part.partition("=")
+            if method.strip() not in DEEP:
+                raise ValueError(f"unknown deep method {method.strip()!r}")
+            out[method.strip()] = int(n)
+    except ValueError as e:
+        sys.exit(f"error: --steps {text!r}: {e}")
+    if min(out.values()) < 1:
+        sys.exit("error: --steps must be positive")
+    return out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,7 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--classes", default="all", help="'all' or e.g. '0,3,5'.")
     p.add_argument("--protocol", default="one-vs-rest", choices=("one-vs-rest", "leave-one-out"))
     p.add_argument("--methods", default=",".join(METHODS), help="Subset of " + ",".join(METHODS))
-    p.add_argument("--steps", type=int, default=300, help="Training steps per deep run.")
+    p.add_argument(
+        "--steps",
+        default="300",
+        help="Training steps per deep run: one number, or per method, e.g. "
+        "'simclr=200,self-oecl=200,oecl-photos=1000' (unnamed methods: 300).",
+    )
     p.add_argument("--depth", default="resnet10", choices=("resnet10", "resnet18"))
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--image-size", type=int, default=28)
@@ -71,6 +96,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--alpha", type=float, default=1.0, help="OE norm weight (OECL, self-OECL).")
+    p.add_argument("--crop-scale", default="0.08,1.0", help="RandomResizedCrop scale 'lo,hi'.")
+    p.add_argument(
+        "--eval-split",
+        default="test",
+        choices=("test", "val"),
+        help="test: the 10k test set (the benchmark). val: for choosing settings without the "
+        "test set: held-out ID training images vs other classes' training images.",
+    )
     p.add_argument(
         "--k",
         default="auto",
@@ -126,17 +159,23 @@ class PcaModel:
         return -np.square(centred - recon).sum(1)
 
 
-def pca_validation_auroc(splits, pca: PcaModel, seed: int) -> dict[float, float]:
-    """AUROC of each candidate share on the validation split of the training classes: held-out
-    ID training images vs a sample of the other classes' training images."""
-    from oecl_train.metrics import ood_metrics
-
+def validation_set(splits, seed: int, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+    """The validation split of the training classes (uint8 images, is-ID mask): held-out ID
+    training images vs a sample of the other classes' training images (`splits.oe`)."""
     rng = np.random.default_rng(seed)
     other = splits.oe
-    n_ood = min(len(other), VAL_OOD_PER_CLASS * max(1, len(splits.classes) - 1))
-    ood = flat(other[rng.choice(len(other), n_ood, replace=False)])
-    x = np.concatenate([flat(splits.id_val), ood])
+    n_ood = min(len(other), per_class * max(1, len(splits.classes) - 1))
+    ood = other[rng.choice(len(other), n_ood, replace=False)]
     is_id = np.r_[np.ones(len(splits.id_val), bool), np.zeros(n_ood, bool)]
+    return np.concatenate([splits.id_val, ood]), is_id
+
+
+def pca_validation_auroc(splits, pca: PcaModel, seed: int) -> dict[float, float]:
+    """AUROC of each candidate share on the validation split of the training classes."""
+    from oecl_train.metrics import ood_metrics
+
+    images, is_id = validation_set(splits, seed, VAL_OOD_PER_CLASS)
+    x = flat(images)
     return {v: ood_metrics(pca.scores(x, v), is_id)["AUROC"] for v in PCA_CANDIDATES}
 
 
@@ -160,8 +199,9 @@ def base_config(args: argparse.Namespace, data_root: str, cls: str, method: str)
         width=args.width,
         alpha=args.alpha,
         batch_size=args.batch_size,
-        steps=args.steps,
+        steps=args.steps.get(method, DEFAULT_STEPS),
         lr=args.lr,
+        crop_scale=args.crop_scale,
         hflip=False,
         device=args.device,
         precision=args.precision,
@@ -170,8 +210,38 @@ def base_config(args: argparse.Namespace, data_root: str, cls: str, method: str)
     return cfg
 
 
-def run_deep(args, data_root: str, cls: str, method: str, k: int) -> dict[str, Any]:
-    """Train (through the project's training API) and evaluate one deep method on one class."""
+def validation_report(run_dir: Path, val: tuple, k: int, args) -> dict[str, Any]:
+    """The run scored on the validation split instead of the test set, shaped like the parts
+    of `evaluate_run`'s report this benchmark reads."""
+    from oecl_train.evaluate import augment_for, eval_precision, run_budget
+    from oecl_train.metrics import ood_metrics
+    from oecl_train.scores import SCORES, compute_scores
+    from oecl_train.trainer import load_trained, resolve_device
+
+    dev = resolve_device(args.device)
+    cfg, net, meta = load_trained(run_dir, dev)
+    images, is_id, spec = val
+    t0 = time.perf_counter()
+    scores = compute_scores(
+        net,
+        images,
+        scores=SCORES,
+        augment=augment_for(cfg, spec, dev),
+        k=k,
+        device=dev,
+        precision=eval_precision(cfg, dev),
+        batch=args.eval_batch_size,
+    )
+    return {
+        "scores": {s: {"metrics": ood_metrics(v, is_id)} for s, v in scores.items()},
+        "budget": run_budget(run_dir, cfg, meta),
+        "evaluation": {"seconds": round(time.perf_counter() - t0, 2)},
+    }
+
+
+def run_deep(args, data_root: str, cls: str, method: str, k: int, val=None) -> dict[str, Any]:
+    """Train (through the project's training API) and evaluate one deep method on one class:
+    on the test set, or on `val` = (images, is_id, input spec) when given."""
     from oecl_train.evaluate import evaluate_run
     from oecl_train.scores import SCORES
     from oecl_train.sweep import train_or_reuse
@@ -179,7 +249,12 @@ def run_deep(args, data_root: str, cls: str, method: str, k: int) -> dict[str, A
     cfg = base_config(args, data_root, cls, method)
     what, seconds = train_or_reuse(cfg, args.progress)
     run_dir = Path(cfg.out_dir) / cfg.run_name()
-    report = evaluate_run(run_dir, SCORES, k, device=args.device, batch_size=args.eval_batch_size)
+    if val is not None:
+        report = validation_report(run_dir, val, k, args)
+    else:
+        report = evaluate_run(
+            run_dir, SCORES, k, device=args.device, batch_size=args.eval_batch_size
+        )
     b = report["budget"]
     wall = round(seconds, 2) if seconds is not None and what == "trained" else b["wall_time_s"]
     return {
@@ -198,15 +273,15 @@ def run_deep(args, data_root: str, cls: str, method: str, k: int) -> dict[str, A
     }
 
 
-def baseline_splits(cfg, pca_variance: str):
+def baseline_splits(cfg, with_validation: bool):
     """The split every method of this class uses (evaluation's own rebuild from the config);
-    for `--pca-variance val` also the other classes' training images, as validation OOD."""
+    with validation also the other classes' training images, as validation OOD."""
 
     from oecl_train.data import build_splits
     from oecl_train.evaluate import splits_for
 
     splits = splits_for(cfg)
-    if pca_variance == "val":
+    if with_validation:
         # Same source as OE = the non-ID training classes; the ID splits do not depend on OE.
         splits.oe = build_splits(**{**split_kwargs(cfg), "oe": cfg.data}).oe
     return splits
@@ -228,11 +303,13 @@ def split_kwargs(cfg) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in keys}
 
 
-def run_baselines(args, splits, methods, pca_variance: float | str) -> dict[str, dict]:
+def run_baselines(args, splits, methods, pca_variance: float | str, val=None) -> dict[str, dict]:
+    """The raw-pixel baselines on the test set, or on `val` (images, is_id, spec) when given."""
     from oecl_train.metrics import ood_metrics
 
     out: dict[str, dict] = {}
-    train, test, is_id = flat(splits.id_train), flat(splits.test_images), splits.test_is_id
+    train = flat(splits.id_train)
+    test, is_id = (flat(val[0]), val[1]) if val else (flat(splits.test_images), splits.test_is_id)
     if "nn" in methods:
         t0 = time.perf_counter()
         s = nn_scores(train, test)
@@ -304,6 +381,12 @@ def mean_auroc(per_class: dict[str, dict], methods: list[str]) -> dict[str, Any]
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.steps = parse_steps(args.steps)
+    try:
+        lo, hi = (float(v) for v in args.crop_scale.split(","))
+    except ValueError:
+        sys.exit(f"error: --crop-scale {args.crop_scale!r}: expected 'lo,hi'")
+    args.crop_scale = (lo, hi)
     import torch
 
     from oecl_runtime.atomic import write_json
@@ -326,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "accuracy",
         "data": "mnist",
         "protocol": args.protocol,
+        "eval_split": args.eval_split,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/bench_accuracy.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
@@ -341,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             "precision": args.precision,
             "lr": args.lr,
             "alpha": args.alpha,
+            "crop_scale": list(args.crop_scale),
             "hflip": False,
             "k": k,
             "seed": args.seed,
@@ -350,18 +435,24 @@ def main(argv: list[str] | None = None) -> int:
         "per_class": {},
     }
     t_all = time.perf_counter()
+    validate = args.eval_split == "val"
     for cls in classes:
-        splits = baseline_splits(base_config(args, data_root, cls, "simclr"), args.pca_variance)
+        cfg = base_config(args, data_root, cls, "simclr")
+        splits = baseline_splits(cfg, validate or args.pca_variance == "val")
+        val = None
+        if validate:
+            images, is_id = validation_set(splits, args.seed, VAL_OOD_PER_CLASS_DEEP)
+            val = (images, is_id, splits.spec)
         per: dict[str, Any] = {}
         t0 = time.perf_counter()
-        base = run_baselines(args, splits, methods, args.pca_variance)
+        base = run_baselines(args, splits, methods, args.pca_variance, val)
         for m, entry in base.items():
             per[m] = entry
             extra = f" ({entry['n_components']} components)" if m == "pca" else ""
             log(f"class {cls} {m}: AUROC {entry['auroc']:.4f}{extra}")
         for m in (m for m in methods if m in DEEP):
-            log(f"class {cls} {m}: training {args.steps} steps")
-            per[m] = run_deep(args, data_root, cls, m, k)
+            log(f"class {cls} {m}: training {args.steps[m]} steps")
+            per[m] = run_deep(args, data_root, cls, m, k, val)
             b = per[m]["budget"]
             aurocs = ", ".join(f"{s} {a:.4f}" for s, a in per[m]["auroc"].items())
             log(
@@ -373,19 +464,22 @@ def main(argv: list[str] | None = None) -> int:
     result["mean_auroc"] = mean_auroc(result["per_class"], methods)
     result["wall_time_s"] = round(time.perf_counter() - t_all, 1)
     suffix = "" if args.protocol == "one-vs-rest" else f"-{args.protocol}"
+    suffix += "-val" if validate else ""
     out = (
         Path(args.out) if args.out else REPO / "benchmarks/results" / f"accuracy-mnist{suffix}.json"
     )
     write_json(out, result)
     budget = "raw-pixel baselines only"
     if any(m in DEEP for m in methods):
+        steps = ", ".join(f"{m} {args.steps[m]}" for m in methods if m in DEEP)
         budget = (
-            f"{args.steps} steps of {args.batch_size} ID images, {args.depth} width "
+            f"steps ({steps}) of {args.batch_size} ID images, {args.depth} width "
             f"{args.width}, {args.precision}, K = {k}"
         )
     pca = f"; PCA at {args.pca_variance} explained variance" if "pca" in methods else ""
+    where = "validation split of the training classes" if validate else "test set"
     print(
-        f"MNIST {args.protocol}, AUROC (higher = normal score, ID positive); device "
+        f"MNIST {args.protocol} ({where}), AUROC (higher = normal score, ID positive); device "
         f"{result['device']}; {budget}{pca}\n"
     )
     print(markdown(result))
