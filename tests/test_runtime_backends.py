@@ -89,6 +89,15 @@ def test_onnxruntime_cuda_refused_without_provider(artifact_dir: Path) -> None:
         Scorer.open(artifact_dir, backend="onnxruntime-cuda")
 
 
+def test_onnxruntime_cpu_flushes_subnormals(artifact_dir: Path) -> None:
+    from oecl_runtime.artifact import Artifact
+    from oecl_runtime.backends.ort import OnnxRuntimeBackend
+
+    backend = OnnxRuntimeBackend(Artifact.open(artifact_dir), device="cpu")
+    opts = backend.session.get_session_options()
+    assert opts.get_session_config_entry("session.set_denormal_as_zero") == "1"
+
+
 def test_torch_cuda_refused_without_gpu(artifact_dir: Path) -> None:
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
