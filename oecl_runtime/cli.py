@@ -28,6 +28,9 @@ def _model_option(f: Any) -> Any:
 
 
 def _backend_options(f: Any) -> Any:
+    f = click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="CPU intra-op threads of onnxruntime-cpu / torch-cpu; default: one "
+                          "per physical core.")(f)
     f = click.option("--precision", type=click.Choice(PRECISIONS), default=None,
                      help="Model file precision; default: fp32 where present.")(f)
     return click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto",
@@ -36,14 +39,14 @@ def _backend_options(f: Any) -> Any:
 
 
 def _open_scorer(model_dir: Path, backend: str, precision: str | None, threshold: float | None,
-                 batch_size: int | None = None) -> Any:
+                 batch_size: int | None = None, threads: int | None = None) -> Any:
     from .artifact import ArtifactError
     from .backends import BackendUnavailable
     from .scorer import Scorer
 
     try:
         return Scorer.open(model_dir, backend=backend, precision=precision, threshold=threshold,
-                           batch_size=batch_size)
+                           batch_size=batch_size, threads=threads)
     except (ArtifactError, BackendUnavailable, ValueError) as e:
         raise click.ClickException(str(e)) from None
 
@@ -139,8 +142,8 @@ class _RowWriter:
               show_default=True, help="Threads decoding images.")
 @click.option("--strict", is_flag=True, help="Exit with status 1 if any image failed.")
 def score(paths: tuple[str, ...], model_dir: Path, out: Path | None, threshold: float | None,
-          backend: str, precision: str | None, batch_size: int | None, workers: int,
-          strict: bool) -> None:
+          backend: str, precision: str | None, threads: int | None, batch_size: int | None,
+          workers: int, strict: bool) -> None:
     """Score image files, directories (recursive) and globs. norm: higher = normal.
 
     Each image gets a row (path, norm, is_anomaly, error); an unreadable image becomes an error
@@ -154,7 +157,7 @@ def score(paths: tuple[str, ...], model_dir: Path, out: Path | None, threshold: 
     files = expand_paths(paths)
     if not files:
         raise click.ClickException("no images found in " + " ".join(paths))
-    scorer = _open_scorer(model_dir, backend, precision, threshold, batch_size)
+    scorer = _open_scorer(model_dir, backend, precision, threshold, batch_size, threads)
     _say(f"scoring {len(files)} images with {scorer.backend.name} ({scorer.backend.precision}), "
          f"threshold {scorer.threshold:g}; norm: higher = normal")
     if out is None:
@@ -239,8 +242,9 @@ def _score_files(scorer: Any, files: list[str], writer: _RowWriter,
               default="info", show_default=True)
 @click.option("--access-log", is_flag=True, help="Log every request (off: /metrics counts them).")
 def serve(model_dir: Path, host: str, port: int, backend: str, precision: str | None,
-          threshold: float | None, max_batch: int | None, max_delay_ms: float, max_queue: int,
-          max_body_mb: float, log_level: str, access_log: bool) -> None:
+          threads: int | None, threshold: float | None, max_batch: int | None,
+          max_delay_ms: float, max_queue: int, max_body_mb: float, log_level: str,
+          access_log: bool) -> None:
     """HTTP scoring server with dynamic batching. norm: higher = normal.
 
     POST /v1/score (image body, multipart files, or application/x-npy), GET /healthz,
@@ -252,7 +256,7 @@ def serve(model_dir: Path, host: str, port: int, backend: str, precision: str | 
     from .server import serve as run_server
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
-    scorer = _open_scorer(model_dir, backend, precision, threshold)
+    scorer = _open_scorer(model_dir, backend, precision, threshold, threads=threads)
     if host not in ("127.0.0.1", "localhost", "::1"):
         _say(f"warning: listening on {host}, reachable from other machines")
     cfg = ServerConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
@@ -287,7 +291,8 @@ def serve(model_dir: Path, host: str, port: int, backend: str, precision: str | 
 @click.option("--http-only", is_flag=True, help="Skip the backend sweep (needs --url).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default="oecl-bench",
               show_default=True, help="Directory for bench.json, bench.csv and bench.png.")
-def bench(model_dir: Path, backend: str, precision: str | None, batch_sizes: str,
+def bench(model_dir: Path, backend: str, precision: str | None, threads: int | None,
+          batch_sizes: str,
           iterations: int, warmup: int, max_seconds: float, url: str | None,
           concurrencies: str, requests: int, http_only: bool, out: Path) -> None:
     """Throughput (images/s) and latency (min/mean/p50/p90/p95/p99) of a model.
@@ -308,7 +313,7 @@ def bench(model_dir: Path, backend: str, precision: str | None, batch_sizes: str
             B.check_loopback_url(url)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--url") from None
-    scorer = _open_scorer(model_dir, backend, precision, None)
+    scorer = _open_scorer(model_dir, backend, precision, None, threads=threads)
     spec = scorer.spec
     report: dict[str, Any] = {
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

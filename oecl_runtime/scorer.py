@@ -61,10 +61,13 @@ class Scorer:
         threshold: float | None = None,
         batch_size: int | None = None,
         verify: bool = True,
+        threads: int | None = None,
     ) -> Scorer:
-        """Validate the artifact (hashes included unless verify=False) and open a backend."""
+        """Validate the artifact (hashes included unless verify=False) and open a backend;
+        `threads` sizes a CPU backend's intra-op pool (default: one per physical core)."""
         artifact = Artifact.open(artifact_dir, verify=verify)
-        return cls(artifact, open_backend(artifact, backend, precision), threshold, batch_size)
+        backend_ = open_backend(artifact, backend, precision, threads)
+        return cls(artifact, backend_, threshold, batch_size)
 
     @property
     def threshold(self) -> float:

@@ -89,12 +89,10 @@ def test_onnxruntime_cuda_refused_without_provider(artifact_dir: Path) -> None:
         Scorer.open(artifact_dir, backend="onnxruntime-cuda")
 
 
-def test_onnxruntime_cpu_flushes_subnormals(artifact_dir: Path) -> None:
-    from oecl_runtime.artifact import Artifact
-    from oecl_runtime.backends.ort import OnnxRuntimeBackend
-
-    backend = OnnxRuntimeBackend(Artifact.open(artifact_dir), device="cpu")
-    opts = backend.session.get_session_options()
+def test_onnxruntime_cpu_session_threads_and_subnormals(artifact_dir: Path) -> None:
+    with Scorer.open(artifact_dir, backend="onnxruntime-cpu", threads=1) as s:
+        opts = s.backend.session.get_session_options()
+    assert opts.intra_op_num_threads == 1
     assert opts.get_session_config_entry("session.set_denormal_as_zero") == "1"
 
 

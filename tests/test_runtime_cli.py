@@ -65,7 +65,8 @@ def test_score_strict_jsonl_glob_and_threshold(artifact_dir: Path, image_dir: Pa
                                                tmp_path: Path) -> None:
     out = tmp_path / "scores.jsonl"
     args = [str(image_dir / "**" / "*.png"), str(image_dir / "missing.png"),
-            "--model", str(artifact_dir), "--out", str(out), "--threshold", "1e9", "--strict"]
+            "--model", str(artifact_dir), "--out", str(out), "--threshold", "1e9", "--strict",
+            "--threads", "1"]
     res = CliRunner().invoke(score, args)
     assert res.exit_code == 1, res.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]

@@ -20,38 +20,42 @@ log = logging.getLogger("oecl_runtime")
 
 
 
-def _ort(device: str) -> Callable[[Artifact, str | None], Backend]:
-    def make(artifact: Artifact, precision: str | None) -> Backend:
+# A factory opens one backend: (artifact, precision, CPU intra-op threads or None) -> Backend.
+Factory = Callable[[Artifact, str | None, int | None], Backend]
+
+
+def _ort(device: str) -> Factory:
+    def make(artifact: Artifact, precision: str | None, threads: int | None) -> Backend:
         from .ort import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(artifact, precision, device=device)
+        return OnnxRuntimeBackend(artifact, precision, device=device, threads=threads)
 
     return make
 
 
-def _torch(device: str | None) -> Callable[[Artifact, str | None], Backend]:
-    def make(artifact: Artifact, precision: str | None) -> Backend:
+def _torch(device: str | None) -> Factory:
+    def make(artifact: Artifact, precision: str | None, threads: int | None) -> Backend:
         from .torch_model import TorchBackend
 
-        return TorchBackend(artifact, precision, device=device)
+        return TorchBackend(artifact, precision, device=device, threads=threads)
 
     return make
 
 
-def _tensorrt(artifact: Artifact, precision: str | None) -> Backend:
+def _tensorrt(artifact: Artifact, precision: str | None, threads: int | None) -> Backend:
     from .trt import TensorRTBackend
 
-    return TensorRTBackend(artifact, precision)
+    return TensorRTBackend(artifact, precision)  # the GPU does the work; no CPU pool to size
 
 
-def _ort_default(artifact: Artifact, precision: str | None) -> Backend:
+def _ort_default(artifact: Artifact, precision: str | None, threads: int | None) -> Backend:
     from .ort import available_devices
 
     gpu = "cuda" in available_devices() and nvidia_gpu_present()
-    return _ort("cuda" if gpu else "cpu")(artifact, precision)
+    return _ort("cuda" if gpu else "cpu")(artifact, precision, threads)
 
 
-_EXPLICIT: dict[str, Callable[[Artifact, str | None], Backend]] = {
+_EXPLICIT: dict[str, Factory] = {
     "tensorrt": _tensorrt,
     "onnxruntime": _ort_default,
     "onnxruntime-cpu": _ort("cpu"),
@@ -65,14 +69,14 @@ _EXPLICIT: dict[str, Callable[[Artifact, str | None], Backend]] = {
 
 def _auto_candidates(
     artifact: Artifact, precision: str | None
-) -> list[tuple[str, Callable[[Artifact, str | None], Backend] | None, str]]:
+) -> list[tuple[str, Factory | None, str]]:
     """(name, factory or None, why not) in order of expected speed.
 
     Cheap checks first (files present, library installed, GPU node present) so that a CPU box
     goes straight to onnxruntime-cpu without importing torch, TensorRT or CUDA libraries.
     """
     gpu = nvidia_gpu_present()
-    out: list[tuple[str, Callable[[Artifact, str | None], Backend] | None, str]] = []
+    out: list[tuple[str, Factory | None, str]] = []
 
     def has(fmt: str, prec: str | None = precision) -> bool:
         return artifact.find(fmt, prec) is not None
@@ -80,7 +84,7 @@ def _auto_candidates(
     def installed(mod: str) -> bool:
         return importlib.util.find_spec(mod) is not None
 
-    def add(name: str, factory: Callable[[Artifact, str | None], Backend],
+    def add(name: str, factory: Factory,
             checks: list[tuple[bool, str]]) -> None:
         failed = [why for ok, why in checks if not ok]
         out.append((name, None if failed else factory, "; ".join(failed)))
@@ -105,9 +109,15 @@ def _auto_candidates(
 
 
 def open_backend(
-    artifact: Artifact, backend: str = "auto", precision: str | None = None
+    artifact: Artifact,
+    backend: str = "auto",
+    precision: str | None = None,
+    threads: int | None = None,
 ) -> Backend:
     """Open the named backend, or with "auto" the fastest one that works here.
+
+    `threads` sizes the CPU intra-op pool of onnxruntime-cpu and torch-cpu (default: the
+    library's own choice, one per physical core).
 
     auto order: tensorrt > onnxruntime-cuda > torch-cuda > onnxruntime-cpu. The choice and the
     reasons the faster ones were passed over go to the `oecl_runtime` logger.
@@ -116,7 +126,7 @@ def open_backend(
         if backend not in _EXPLICIT:
             choices = ", ".join(BACKEND_CHOICES)
             raise ValueError(f"unknown backend {backend!r}; choose from {choices}")
-        b = _EXPLICIT[backend](artifact, precision)
+        b = _EXPLICIT[backend](artifact, precision, threads)
         log.info("backend: %s (%s, max batch %d)", b.name, b.precision, b.max_batch)
         return b
     skipped: list[str] = []
@@ -125,7 +135,7 @@ def open_backend(
             skipped.append(f"{name}: {why}")
             continue
         try:
-            b = factory(artifact, precision)
+            b = factory(artifact, precision, threads)
         except BackendUnavailable as e:
             skipped.append(f"{name}: {e}")
             continue

@@ -26,6 +26,7 @@ class TorchBackend(Backend):
         precision: str | None = None,
         device: str | None = None,
         cuda_graphs: bool = True,
+        threads: int | None = None,
     ) -> None:
         try:
             import torch
@@ -49,6 +50,8 @@ class TorchBackend(Backend):
             raise BackendUnavailable("torch sees no CUDA device")
         if device == "cpu" and precision != "fp32":
             raise BackendUnavailable(f"torch backend runs {precision} only on a GPU")
+        if device == "cpu" and threads:
+            torch.set_num_threads(threads)  # torch has one intra-op pool per process
 
         arch = artifact.meta.get("architecture")
         if not isinstance(arch, dict):
