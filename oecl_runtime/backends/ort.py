@@ -65,10 +65,9 @@ class OnnxRuntimeBackend(Backend):
         if threads:
             opts.intra_op_num_threads = threads
         if device == "cpu":
-            # Trained ReLU networks produce subnormal activations, which x86 handles with slow
-            # microcode assists (~10 % of fp32 throughput here). Flushing them moves a norm by
-            # less than 1e-38. onnxruntime applies it to its pool threads and, once per process,
-            # to the thread that opens the first session.
+            # Subnormal floats (tiny activations and weights) take slow microcode paths on x86;
+            # flushing them to zero moves a norm by less than 1e-38. onnxruntime applies this
+            # to its pool threads and, once per process, to the thread opening the first session.
             opts.add_session_config_entry("session.set_denormal_as_zero", "1")
         providers = self._providers(artifact, entry, device, device_id)
         try:
