@@ -17,7 +17,8 @@ Methods:
   trained through the project's own `run_training` (--steps per method, at --batch-size ID
   images per step; self-OECL's steps carry 4x the views, OECL's 2x, as in the paper) and
   evaluated by `evaluate_run` with all three scores (higher = normal). Runs are kept under
-  --runs-dir; a run that finished with the same settings is reused, not retrained.
+  --runs-dir (one per method and class: other settings need another --runs-dir); a run that
+  finished with the same settings is reused, not retrained.
 - nn: raw pixels in [0, 1], score = -(L2 distance to the nearest ID training image).
 - pca: raw pixels, PCA fitted on the ID training images with as many components as explain
   --pca-variance of their variance (default 0.9, fixed in advance); score = -(squared
