@@ -48,6 +48,7 @@ import argparse
 import datetime as dt
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -218,38 +219,27 @@ def base_config(args: argparse.Namespace, data_root: str, cls: str, method: str)
     return cfg
 
 
-def validation_report(run_dir: Path, val: tuple, k: int, args) -> dict[str, Any]:
-    """The run scored on the validation split instead of the test set, shaped like the parts
-    of `evaluate_run`'s report this benchmark reads."""
-    from oecl_train.evaluate import augment_for, eval_precision, run_budget
+def validation_report(run_dir: Path, splits, k: int, args) -> dict[str, Any]:
+    """The run's scores on `splits` (whose test part is the validation split), shaped like
+    the parts of `evaluate_run`'s report this benchmark reads."""
+    from oecl_train.evaluate import run_budget, score_model
     from oecl_train.metrics import ood_metrics
-    from oecl_train.scores import SCORES, compute_scores
     from oecl_train.trainer import load_trained, resolve_device
 
     dev = resolve_device(args.device)
     cfg, net, meta = load_trained(run_dir, dev)
-    images, is_id, spec = val
     t0 = time.perf_counter()
-    scores = compute_scores(
-        net,
-        images,
-        scores=SCORES,
-        augment=augment_for(cfg, spec, dev),
-        k=k,
-        device=dev,
-        precision=eval_precision(cfg, dev),
-        batch=args.eval_batch_size,
-    )
+    scores, _ = score_model(net, cfg, splits, k=k, device=dev, batch_size=args.eval_batch_size)
     return {
-        "scores": {s: {"metrics": ood_metrics(v, is_id)} for s, v in scores.items()},
+        "scores": {s: {"metrics": ood_metrics(v, splits.test_is_id)} for s, v in scores.items()},
         "budget": run_budget(run_dir, cfg, meta),
         "evaluation": {"seconds": round(time.perf_counter() - t0, 2)},
     }
 
 
-def run_deep(args, data_root: str, cls: str, method: str, k: int, val=None) -> dict[str, Any]:
+def run_deep(args, data_root: str, cls: str, method: str, k: int, val_splits=None) -> dict:
     """Train (through the project's training API) and evaluate one deep method on one class:
-    on the test set, or on `val` = (images, is_id, input spec) when given."""
+    on the test set, or on the test part of `val_splits` (the validation split) when given."""
     from oecl_train.evaluate import evaluate_run
     from oecl_train.scores import SCORES
     from oecl_train.sweep import train_or_reuse
@@ -257,8 +247,8 @@ def run_deep(args, data_root: str, cls: str, method: str, k: int, val=None) -> d
     cfg = base_config(args, data_root, cls, method)
     what, seconds = train_or_reuse(cfg, args.progress)
     run_dir = Path(cfg.out_dir) / cfg.run_name()
-    if val is not None:
-        report = validation_report(run_dir, val, k, args)
+    if val_splits is not None:
+        report = validation_report(run_dir, val_splits, k, args)
     else:
         report = evaluate_run(
             run_dir, SCORES, k, device=args.device, batch_size=args.eval_batch_size
@@ -311,13 +301,11 @@ def split_kwargs(cfg) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in keys}
 
 
-def run_baselines(args, splits, methods, pca_variance: float | str, val=None) -> dict[str, dict]:
-    """The raw-pixel baselines on the test set, or on `val` (images, is_id, spec) when given."""
+def run_baselines(args, splits, methods, pca_variance: float | str) -> dict[str, dict]:
     from oecl_train.metrics import ood_metrics
 
     out: dict[str, dict] = {}
-    train = flat(splits.id_train)
-    test, is_id = (flat(val[0]), val[1]) if val else (flat(splits.test_images), splits.test_is_id)
+    train, test, is_id = flat(splits.id_train), flat(splits.test_images), splits.test_is_id
     if "nn" in methods:
         t0 = time.perf_counter()
         s = nn_scores(train, test)
@@ -447,20 +435,21 @@ def main(argv: list[str] | None = None) -> int:
     for cls in classes:
         cfg = base_config(args, data_root, cls, "simclr")
         splits = baseline_splits(cfg, validate or args.pca_variance == "val")
-        val = None
         if validate:
+            # Every method scores the validation split in place of the test set (labels and
+            # paths of the test set are not read on this path).
             images, is_id = validation_set(splits, args.seed, VAL_OOD_PER_CLASS_DEEP)
-            val = (images, is_id, splits.spec)
+            splits = replace(splits, test_images=images, test_is_id=is_id, test_paths=None)
         per: dict[str, Any] = {}
         t0 = time.perf_counter()
-        base = run_baselines(args, splits, methods, args.pca_variance, val)
+        base = run_baselines(args, splits, methods, args.pca_variance)
         for m, entry in base.items():
             per[m] = entry
             extra = f" ({entry['n_components']} components)" if m == "pca" else ""
             log(f"class {cls} {m}: AUROC {entry['auroc']:.4f}{extra}")
         for m in (m for m in methods if m in DEEP):
             log(f"class {cls} {m}: training {args.steps[m]} steps")
-            per[m] = run_deep(args, data_root, cls, m, k, val)
+            per[m] = run_deep(args, data_root, cls, m, k, splits if validate else None)
             b = per[m]["budget"]
             aurocs = ", ".join(f"{s} {a:.4f}" for s, a in per[m]["auroc"].items())
             log(

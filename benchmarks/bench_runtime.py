@@ -660,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
                     "onnxruntime_default": ort_default,
                     "torch_set_to": torch.get_num_threads(),
                     "onnxruntime_in_process_intra_op": threads,
-                    "server": "onnxruntime default intra-op threads (oecl serve has no option)",
+                    "server": "onnxruntime default intra-op threads (oecl serve without --threads)",
                     "note": "torch and onnxruntime in process run with the same intra-op thread "
                             "count; the HTTP load client and the server share the cores"},
         "load_average_at_start": load_at_start,
