@@ -52,6 +52,7 @@ from oecl_runtime.atomic import write_json
 from oecl_runtime.backends import Backend, open_backend
 from oecl_runtime.backends.ort import OnnxRuntimeBackend
 from oecl_runtime.cli import _request_images, _server_runtime
+from oecl_runtime.server import http_stack
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
@@ -468,7 +469,8 @@ def markdown(rep: dict[str, Any]) -> str:
         f"{rep['device']}; torch {rep['versions'].get('torch')}, onnxruntime "
         f"{rep['versions'].get('onnxruntime')}; {rep['threads']['used']} intra-op threads for "
         f"torch and onnxruntime; model {rep['model']['architecture_label']}, "
-        f"{rep['model']['input']} uint8 in.",
+        f"{rep['model']['input']} uint8 in; server on uvicorn {rep['http_stack']['uvicorn']} "
+        f"({rep['http_stack']['http']}, {rep['http_stack']['loop']}).",
         "",
         f"| path | file | images/s (median of {n}) | rounds | p50 ms | p99 ms | "
         "vs torch eager fp32 |",
@@ -655,6 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_name("cpu"),
         "versions": {**info["versions"], "torch": torch.__version__,
                      "onnxruntime": ort.__version__, "numpy": np.__version__},
+        "http_stack": http_stack(),
         "platform": info["platform"],
         "threads": {"used": threads, "torch_default": torch_default,
                     "onnxruntime_default": ort_default,

@@ -242,6 +242,23 @@ def _draining_server_class():
     return DrainingServer
 
 
+def http_stack() -> dict[str, str]:
+    """What uvicorn's "auto" settings will run on: httptools and uvloop when installed (C
+    parsing and event loop), else h11 and asyncio (pure Python, slower per request)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def have(dist: str) -> str | None:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return None
+
+    http, loop = have("httptools"), have("uvloop")
+    return {"uvicorn": have("uvicorn") or "missing",
+            "http": f"httptools {http}" if http else "h11",
+            "loop": f"uvloop {loop}" if loop else "asyncio"}
+
+
 def serve(
     scorer: Scorer,
     host: str = "127.0.0.1",
@@ -266,4 +283,6 @@ def serve(
         # Bounds the requests (and their bodies) held in memory; beyond it uvicorn answers 503.
         limit_concurrency=max(64, 2 * cfg.max_queue),
     )
+    stack = http_stack()
+    log.info("uvicorn %s, http %s, event loop %s", stack["uvicorn"], stack["http"], stack["loop"])
     _draining_server_class()(uv_config).run()

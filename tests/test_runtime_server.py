@@ -283,3 +283,26 @@ def test_sigterm_drains_in_flight_requests(artifact_dir: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_http_stack_names_what_uvicorn_will_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata as md
+
+    from oecl_runtime.server import http_stack
+
+    import importlib.util
+
+    real = md.version
+    installed = http_stack()
+    if importlib.util.find_spec("httptools") is not None:
+        assert installed["http"] == f"httptools {real('httptools')}"
+
+    def without_c_extensions(dist: str) -> str:
+        if dist in ("httptools", "uvloop"):
+            raise md.PackageNotFoundError(dist)
+        return real(dist)
+
+    monkeypatch.setattr(md, "version", without_c_extensions)
+    stack = http_stack()
+    assert (stack["http"], stack["loop"]) == ("h11", "asyncio")
+    assert stack["uvicorn"] == real("uvicorn")
