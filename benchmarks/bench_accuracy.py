@@ -106,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--alpha", type=float, default=1.0, help="OE norm weight (OECL, self-OECL).")
     p.add_argument("--crop-scale", default="0.5,1.0", help="RandomResizedCrop scale 'lo,hi'.")
+    p.add_argument("--jitter-p", type=float, default=0.8,
+                   help="Probability of brightness/contrast jitter per view.")
     p.add_argument(
         "--eval-split",
         default="test",
@@ -211,6 +213,7 @@ def base_config(args: argparse.Namespace, data_root: str, cls: str, method: str)
         steps=args.steps.get(method, DEFAULT_STEPS),
         lr=args.lr,
         crop_scale=args.crop_scale,
+        jitter_p=args.jitter_p,
         hflip=False,
         device=args.device,
         precision=args.precision,
@@ -422,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
             "lr": args.lr,
             "alpha": args.alpha,
             "crop_scale": list(args.crop_scale),
+            "jitter_p": args.jitter_p,
             "hflip": False,
             "k": k,
             "seed": args.seed,

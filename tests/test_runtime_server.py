@@ -287,10 +287,9 @@ def test_sigterm_drains_in_flight_requests(artifact_dir: Path) -> None:
 
 def test_http_stack_names_what_uvicorn_will_run(monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.metadata as md
+    import importlib.util
 
     from oecl_runtime.server import http_stack
-
-    import importlib.util
 
     real = md.version
     installed = http_stack()
