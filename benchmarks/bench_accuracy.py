@@ -106,6 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--alpha", type=float, default=1.0, help="OE norm weight (OECL, self-OECL).")
     p.add_argument("--crop-scale", default="0.5,1.0", help="RandomResizedCrop scale 'lo,hi'.")
+    p.add_argument("--oe-overlay", type=float, default=0.5,
+                   help="oecl-photos: share of each step's OE images made by overlaying two ID "
+                   "images, one shifted (the rest are photo crops); 0 = photos alone.")
     p.add_argument("--jitter-p", type=float, default=0.8,
                    help="Probability of brightness/contrast jitter per view.")
     p.add_argument(
@@ -205,6 +208,7 @@ def base_config(args: argparse.Namespace, data_root: str, cls: str, method: str)
         id_class=cls,
         protocol=args.protocol,
         oe=DEEP.get(method, "none"),
+        oe_overlay=args.oe_overlay if method == "oecl-photos" else 0.0,
         image_size=args.image_size,
         depth=args.depth,
         width=args.width,
@@ -426,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             "alpha": args.alpha,
             "crop_scale": list(args.crop_scale),
             "jitter_p": args.jitter_p,
+            "oe_overlay": args.oe_overlay,
             "hflip": False,
             "k": k,
             "seed": args.seed,

@@ -33,6 +33,11 @@ class TrainConfig:
     protocol: str = _opt("one-vs-rest", "one-vs-rest or leave-one-out.")
     oe: str = _opt("photos", "OE: none (SimCLR), self (rotations), photos, or any source name.")
     oe_root: str | None = _opt(None, "Directory of the OE data, for an on-disk OE source.")
+    oe_overlay: float = _opt(
+        0.0,
+        "Share of each step's OE images made by overlaying two ID images, one shifted (a "
+        "self-made near-OE for light-on-dark images); the rest come from --oe.",
+    )
     image_size: int | None = _opt(
         None, "Resize shorter side to this and centre-crop (default: native)."
     )
@@ -103,6 +108,10 @@ class TrainConfig:
             raise ValueError("--alpha-warmup must be in [0, 1)")
         if self.channels not in (None, 1, 3):
             raise ValueError("--channels must be 1 or 3")
+        if not 0.0 <= self.oe_overlay < 1.0:
+            raise ValueError("--oe-overlay must be in [0, 1)")
+        if self.oe_overlay > 0 and self.oe in ("none", "self"):
+            raise ValueError("--oe-overlay mixes into an external OE source, not --oe none/self")
         if not self.dist_timeout > 0:
             raise ValueError("--dist-timeout must be positive")
 

@@ -70,8 +70,14 @@ def class_dir_name(cls: str) -> str:
 
 
 def _same_config(run_dir: Path, cfg) -> bool:
-    saved = json.loads((run_dir / "config.json").read_text())
-    return saved == json.loads(json.dumps(cfg.to_json()))
+    from oecl_train.config import TrainConfig
+
+    # Through TrainConfig, so a run saved before an option existed reads as its default.
+    try:
+        saved = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    except (ValueError, TypeError):
+        return False
+    return json.loads(json.dumps(saved.to_json())) == json.loads(json.dumps(cfg.to_json()))
 
 
 def train_or_reuse(cfg, progress: bool) -> tuple[str, float | None]:

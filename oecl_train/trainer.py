@@ -1,4 +1,5 @@
-"""The one OECL training loop: SimCLR (oe=none), self-OECL (oe=self) and OECL (external OE).
+"""The one OECL training loop: SimCLR (oe=none), self-OECL (oe=self) and OECL (external OE,
+optionally mixed with overlays of ID images).
 
 Per step: draw ID (and OE) images from uint8 tensors kept on the device, make two SimCLR views
 of each on the device, run ID and OE views through ONE forward pass (BatchNorm sees both), and
@@ -20,7 +21,7 @@ from torch import nn
 from kernels import NTXentOEOutput, ntxent_oe
 from oecl_runtime.atomic import write_json, write_text
 from oecl_train import checkpoint
-from oecl_train.augment import AugmentConfig, SimCLRAugment, rotate
+from oecl_train.augment import AugmentConfig, SimCLRAugment, overlay, rotate
 from oecl_train.config import TrainConfig
 from oecl_train.data import Splits
 from oecl_train.distributed import Dist
@@ -117,6 +118,7 @@ class Trainer:
         self.oe_data = None if splits.oe is None else torch.from_numpy(splits.oe).to(self.device)
         self.batch = cfg.batch_size
         self.oe_batch = cfg.oe_batch_size or cfg.batch_size
+        self.n_overlay = round(cfg.oe_overlay * self.oe_batch)
         n_id = len(self.id_data)
         if n_id == 0:
             raise ValueError("no ID training images")
@@ -177,7 +179,14 @@ class Trainer:
             # shuffled draw of the ID images at 180° and 270°.
             xo = self.id_data[oidx]
             return torch.cat([x, rotate(x, 1)]), torch.cat([rotate(xo, 2), rotate(xo, 3)])
-        return x, self.oe_data[oidx]
+        xo = self.oe_data[oidx]
+        if self.n_overlay:
+            # The overlays replace the tail of the external draw; their ID pairs and shifts
+            # come from the epoch-seeded default generator, so a resumed run redraws them.
+            pick = torch.randint(len(self.id_data), (2, self.n_overlay), device=self.device)
+            made = overlay(self.id_data[pick[0]], self.id_data[pick[1]])
+            xo = torch.cat([xo[: len(xo) - self.n_overlay], made])
+        return x, xo
 
     # -- one step -----------------------------------------------------------------------------
     def _step(self, step: int, x_id: torch.Tensor, x_oe: torch.Tensor | None) -> dict:

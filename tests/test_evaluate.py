@@ -261,3 +261,21 @@ def test_sweep_unknown_class_is_one_line(tmp_path):
     msg = _one_line_error(CliRunner().invoke(train, args))
     assert "no class 42" in msg
     assert not any(tmp_path.iterdir())  # refused before anything was trained
+
+
+def test_sweep_reuses_only_runs_with_the_same_settings(tmp_path: Path) -> None:
+    from oecl_train.sweep import EvalError, train_or_reuse
+
+    cfg = TrainConfig(data="digits", out_dir=str(tmp_path), name="run", steps=5)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "epoch-0001.json").write_text(json.dumps({"complete": True}))
+    (run_dir / "checkpoints" / "epoch-0001.safetensors").write_bytes(b"")
+    saved = cfg.to_json()
+    del saved["oe_overlay"]  # written before the option existed: reads as its default
+    (run_dir / "config.json").write_text(json.dumps(saved))
+    assert train_or_reuse(cfg, progress=False) == ("reused", None)
+    (run_dir / "config.json").write_text(json.dumps({**saved, "oe_overlay": 0.5}))
+    with pytest.raises(EvalError, match="different settings"):
+        train_or_reuse(cfg, progress=False)

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from oecl_train import checkpoint
-from oecl_train.augment import AugmentConfig, SimCLRAugment, rotate
+from oecl_train.augment import AugmentConfig, SimCLRAugment, overlay, rotate
 from oecl_train.cli import main
 from oecl_train.config import TrainConfig
 from oecl_train.data import build_splits
@@ -104,6 +104,53 @@ def test_self_oecl_batches_are_rotations_of_id_images(tmp_path):
     assert torch.equal(x_oe, torch.cat([torch.rot90(xo, 2, (2, 3)), torch.rot90(xo, 3, (2, 3))]))
     assert not torch.equal(id_order[:4], oe_order[:4])  # a separately shuffled draw
     assert torch.equal(rotate(rotate(x, 1), 3), x)
+
+
+def test_overlay_is_the_maximum_with_a_shifted_image():
+    torch.manual_seed(0)
+    n, size = 500, 16
+    a = torch.zeros(n, 1, size, size, dtype=torch.uint8)
+    a[:, :, 8, 8] = 100
+    b = torch.zeros_like(a)
+    b[:, :, 0, 0] = 255
+    out = overlay(a, b)
+    assert out.shape == a.shape and out.dtype == torch.uint8
+    assert (out[:, 0, 8, 8] == 100).all()  # a is kept
+    assert (out == 255).sum((1, 2, 3)).eq(1).all()  # b's pixel moved, not lost
+    y, x = (out[:, 0] == 255).nonzero()[:, 1:].T
+    dy, dx = ((y + 8) % size) - 8, ((x + 8) % size) - 8  # signed circular shift
+    for d in (dy, dx):
+        assert d.abs().min() >= 2 and d.abs().max() <= 4  # 1/8 to 1/4 of 16 pixels
+        assert (d > 0).any() and (d < 0).any()
+    # Every image gets its own shift.
+    assert len(set(zip(dy.tolist(), dx.tolist(), strict=True))) > 20
+
+
+def test_overlay_share_replaces_the_tail_of_the_external_oe_draw(tmp_path):
+    cfg = tiny_config(tmp_path, batch_size=4, oe_batch_size=8, oe_overlay=0.25)
+    tr = Trainer(cfg, splits_for(cfg), tmp_path / "run", progress=False)
+    id_order, oe_order = tr._orders(0)
+    torch.manual_seed(3)
+    x_id, x_oe = tr._batch(0, id_order, oe_order)
+    assert torch.equal(x_id, tr.id_data[id_order[:4]])
+    assert x_oe.shape[0] == 8
+    assert torch.equal(x_oe[:6], tr.oe_data[oe_order[:6]])
+    torch.manual_seed(3)
+    pick = torch.randint(len(tr.id_data), (2, 2))
+    assert torch.equal(x_oe[6:], overlay(tr.id_data[pick[0]], tr.id_data[pick[1]]))
+    # The same seed draws the same overlays (what resume relies on).
+    torch.manual_seed(3)
+    assert torch.equal(tr._batch(0, id_order, oe_order)[1], x_oe)
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [({"oe_overlay": 1.0}, "--oe-overlay must be in"), ({"oe": "self", "oe_overlay": 0.5},
+                                                       "external OE source")],
+)
+def test_overlay_share_is_checked(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(tmp_path, **kw)
 
 
 # -- optimisation -------------------------------------------------------------------------------
