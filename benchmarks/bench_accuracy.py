@@ -33,8 +33,8 @@ OE) were chosen that way on classes 8 and 1 (benchmarks/RESULTS.md has every tri
 horizontal flips (a mirrored digit is another shape). SimCLR and self-OECL get smaller
 budgets; every method's steps, epochs and wall time are recorded with it.
 
-Cost on a quiet 2-core Xeon with the defaults, per class: OECL ~0.08 s per step (~5 min),
-self-OECL ~0.17 s per step, SimCLR ~0.05 s; scoring 10k test images with K = 16 ~20 s per
+Cost on a quiet 2-core Xeon with the defaults, per class: OECL ~0.09 s per step (~5 min),
+self-OECL ~0.17 s per step, SimCLR ~0.05 s; scoring 10k test images with K = 16 ~25 s per
 run; the two baselines ~20 s.
 
 Writes benchmarks/results/accuracy-mnist[-leave-one-out][-val].json (per class and mean
