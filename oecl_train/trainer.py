@@ -179,14 +179,13 @@ class Trainer:
             # shuffled draw of the ID images at 180° and 270°.
             xo = self.id_data[oidx]
             return torch.cat([x, rotate(x, 1)]), torch.cat([rotate(xo, 2), rotate(xo, 3)])
-        xo = self.oe_data[oidx]
-        if self.n_overlay:
-            # The overlays replace the tail of the external draw; their ID pairs and shifts
-            # come from the epoch-seeded default generator, so a resumed run redraws them.
-            pick = torch.randint(len(self.id_data), (2, self.n_overlay), device=self.device)
-            made = overlay(self.id_data[pick[0]], self.id_data[pick[1]])
-            xo = torch.cat([xo[: len(xo) - self.n_overlay], made])
-        return x, xo
+        if not self.n_overlay:
+            return x, self.oe_data[oidx]
+        # The overlays take the place of the external draw's tail; their ID pairs and shifts
+        # come from the epoch-seeded default generator, so a resumed run redraws them.
+        pick = torch.randint(len(self.id_data), (2, self.n_overlay), device=self.device)
+        made = overlay(self.id_data[pick[0]], self.id_data[pick[1]])
+        return x, torch.cat([self.oe_data[oidx[: len(oidx) - self.n_overlay]], made])
 
     # -- one step -----------------------------------------------------------------------------
     def _step(self, step: int, x_id: torch.Tensor, x_oe: torch.Tensor | None) -> dict:
