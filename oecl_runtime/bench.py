@@ -91,8 +91,13 @@ def bench_backend(
     warmup: int = 5,
     max_seconds: float = 10.0,
     progress: Any = None,
+    macs_per_image: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Time `run(uint8 NCHW)` per batch size; at most `iterations` calls or `max_seconds` each."""
+    """Time `run(uint8 NCHW)` per batch size; at most `iterations` calls or `max_seconds` each.
+
+    With `macs_per_image` (see `oecl_runtime.flops.graph_macs`), each row also gives the
+    arithmetic rate reached, `gflop_per_s` (2 FLOPs per multiply-accumulate).
+    """
     rng = np.random.default_rng(0)
     rows = []
     for bs in batch_sizes:
@@ -109,6 +114,8 @@ def bench_backend(
         rows.append({"mode": "backend", "batch_size": bs, "concurrency": None,
                      "count": len(times), "errors": 0, "seconds": total,
                      "images_per_s": bs * len(times) / total, "latency_ms": latency_stats(times)})
+        if macs_per_image:
+            rows[-1]["gflop_per_s"] = 2e-9 * macs_per_image * rows[-1]["images_per_s"]
         if progress is not None:
             progress(rows[-1])
     return rows
@@ -272,7 +279,7 @@ def bench_http(
 # ----------------------------------------------------------------------------- reports
 
 CSV_FIELDS = ("mode", "batch_size", "concurrency", "count", "errors", "seconds", "images_per_s",
-              "lat_min_ms", "lat_mean_ms", "lat_p50_ms", "lat_p90_ms", "lat_p95_ms",
+              "gflop_per_s", "lat_min_ms", "lat_mean_ms", "lat_p50_ms", "lat_p90_ms", "lat_p95_ms",
               "lat_p99_ms", "lat_max_ms")
 
 
@@ -281,19 +288,22 @@ def _flat(row: dict[str, Any]) -> dict[str, Any]:
     for k, v in row["latency_ms"].items():
         out[f"lat_{k}_ms"] = round(v, 4)
     out["images_per_s"] = round(row["images_per_s"], 2)
+    if "gflop_per_s" in row:
+        out["gflop_per_s"] = round(row["gflop_per_s"], 2)
     out["seconds"] = round(row["seconds"], 4)
     return out
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    head = ("mode", "batch", "conc", "n", "err", "img/s", "min", "mean", "p50", "p90", "p95",
-            "p99")
+    head = ("mode", "batch", "conc", "n", "err", "img/s", "GFLOP/s", "min", "mean", "p50", "p90",
+            "p95", "p99")
     lines = ["  ".join(f"{h:>8}" for h in head) + "   (latency in ms)"]
     for r in rows:
         lat = r["latency_ms"]
+        rate = f"{r['gflop_per_s']:.1f}" if "gflop_per_s" in r else "-"
         cells = [r["mode"], r["batch_size"], r["concurrency"] or "-", r["count"], r["errors"],
-                 f"{r['images_per_s']:.1f}", *(f"{lat[k]:.2f}" for k in
-                                               ("min", "mean", "p50", "p90", "p95", "p99"))]
+                 f"{r['images_per_s']:.1f}", rate, *(f"{lat[k]:.2f}" for k in
+                                                     ("min", "mean", "p50", "p90", "p95", "p99"))]
         lines.append("  ".join(f"{c!s:>8}" for c in cells))
     return "\n".join(lines)
 

@@ -12,11 +12,14 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .names import BACKEND_CHOICES, IMAGE_EXTENSIONS, PRECISIONS
+
+if TYPE_CHECKING:
+    from .artifact import Artifact
 
 _GLOB_CHARS = set("*?[")
 
@@ -315,13 +318,14 @@ def bench(model_dir: Path, backend: str, precision: str | None, threads: int | N
             raise click.BadParameter(str(e), param_hint="--url") from None
     scorer = _open_scorer(model_dir, backend, precision, None, threads=threads)
     spec = scorer.spec
+    macs = _macs_per_image(scorer.artifact)
     report: dict[str, Any] = {
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "options": {k: str(v) if isinstance(v, Path) else v
                     for k, v in click.get_current_context().params.items()},
         "model": str(model_dir), "backend": scorer.backend.describe(),
         "input": {"channels": spec.channels, "height": spec.height, "width": spec.width},
-        "device": B.device_info(), "results": [],
+        "macs_per_image": macs, "device": B.device_info(), "results": [],
     }
 
     def show(row: dict[str, Any]) -> None:
@@ -339,7 +343,8 @@ def bench(model_dir: Path, backend: str, precision: str | None, threads: int | N
         _say(f"backend sweep: {scorer.backend.name} ({scorer.backend.precision})")
         report["results"] += B.bench_backend(
             scorer.backend.run, (spec.channels, spec.height, spec.width), runnable,
-            iterations=iterations, warmup=warmup, max_seconds=max_seconds, progress=show)
+            iterations=iterations, warmup=warmup, max_seconds=max_seconds, progress=show,
+            macs_per_image=macs)
     if url:
         report["server"] = _server_runtime(url)
         bodies = _request_images(spec, count=min(requests, 256))
@@ -350,6 +355,21 @@ def bench(model_dir: Path, backend: str, precision: str | None, threads: int | N
     click.echo(B.format_table(report["results"]))
     paths = B.write_report(out, report)
     _say("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
+def _macs_per_image(artifact: Artifact) -> int | None:
+    """Multiply-accumulates per image, from the artifact's ONNX graph (every precision and
+    format holds the same network); None when there is no ONNX file or its shapes are dynamic."""
+    from .flops import graph_macs
+
+    entry = artifact.find("onnx")
+    if entry is None:
+        return None
+    try:
+        return graph_macs(artifact.path_of(entry))
+    except ValueError as e:
+        _say(f"GFLOP/s not reported: {e}")
+        return None
 
 
 def _server_runtime(url: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from test_runtime_tinymodel import copy_artifact, random_images, tiny_artifact_d
 
 from oecl_runtime import Scorer
 from oecl_runtime.cli import bench, expand_paths, score
+from oecl_runtime.flops import graph_macs
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +139,15 @@ def test_bench_quick_run_writes_json_csv_png(artifact_dir: Path, live_server: st
     assert report["backend"]["name"] == "onnxruntime-cpu" and report["device"]["cpu"]
     assert "onnxruntime" in report["device"]["versions"]
     assert report["server"]["name"] == "onnxruntime-cpu"
-    assert len(_rows((out / "bench.csv").read_text())) == 4
+    # The arithmetic rate is the throughput times the graph's multiply-adds (x2 FLOPs).
+    macs = graph_macs(artifact_dir / "model.onnx")
+    assert report["macs_per_image"] == macs
+    for r in rows[:2]:
+        assert r["gflop_per_s"] == pytest.approx(2e-9 * macs * r["images_per_s"])
+    assert all("gflop_per_s" not in r for r in rows[2:])
+    csv_rows = _rows((out / "bench.csv").read_text())
+    assert len(csv_rows) == 4
+    assert float(csv_rows[0]["gflop_per_s"]) > 0 and csv_rows[2]["gflop_per_s"] == ""
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "skipping batch sizes [512]" in res.stderr and "p99" in res.stdout
     assert np.isfinite(rows[3]["latency_ms"]["p99"])
