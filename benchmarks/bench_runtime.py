@@ -52,6 +52,7 @@ from oecl_runtime.atomic import write_json
 from oecl_runtime.backends import Backend, open_backend
 from oecl_runtime.backends.ort import OnnxRuntimeBackend
 from oecl_runtime.cli import _request_images, _server_runtime
+from oecl_runtime.flops import graph_macs
 from oecl_runtime.server import http_stack
 
 ROOT = Path(__file__).resolve().parent
@@ -71,10 +72,11 @@ BACKENDS: dict[str, tuple[str, str, str]] = {
     "onnxruntime int8": ("onnxruntime-cpu", "onnx", "int8"),
 }
 QUICK = dict(width=8, train_steps=3, train_batch=16, requests=100, http_warmup=32, rounds=3,
-             iterations=3, warmup=1, max_seconds=2.0, pause=0.2, http_time_limit=120.0)
+             iterations=3, warmup=1, max_seconds=2.0, pause=0.2, http_time_limit=120.0,
+             gemm_sizes=[512, 1024])
 FULL = dict(width=64, train_steps=30, train_batch=64, requests=10000, http_warmup=256,
             rounds=3, iterations=30, warmup=3, max_seconds=15.0, pause=1.0,
-            http_time_limit=900.0)
+            http_time_limit=900.0, gemm_sizes=[1024, 2048, 4096])
 
 Log = Callable[[str], None]
 
@@ -126,6 +128,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "count as failures.")
     p.add_argument("--max-batch", type=int, default=64, help="`oecl serve --max-batch`.")
     p.add_argument("--max-delay-ms", type=float, default=10.0, help="`oecl serve --max-delay-ms`.")
+    p.add_argument("--gemm-sizes", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                   help="n of the n x n x n fp32 GEMMs whose best rate sets the compute ceiling "
+                        "(default 1024,2048,4096; 512,1024 with --quick).")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
@@ -284,6 +289,116 @@ def time_in_process(backends: dict[str, Backend], chw: tuple[int, int, int],
             rows[label].append(row)
             log(f"  round {r + 1}: {label}: {row['images_per_s']:.1f} images/s "
                 f"({row['count']} calls, p50 {row['latency_ms']['p50']:.1f} ms)")
+    return rows
+
+
+def _best_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def fp32_matmul_rates(threads: int, n: int, repeats: int) -> dict[str, float]:
+    """GFLOP/s of one n x n x n fp32 matrix product (best of `repeats`) in each library's own
+    GEMM: torch (MKL / oneDNN) and onnxruntime (MLAS, the right operand a prepacked constant)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    flop = 2.0 * n**3
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    with torch.no_grad():
+        t_torch = _best_seconds(lambda: torch.mm(ta, tb), repeats)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
+        [numpy_helper.from_array(b, "b")])
+    # IR 9 / opset 17: readable by every onnxruntime this project supports.
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    t_ort = _best_seconds(lambda: sess.run(None, {"a": a}), repeats)
+    return {"torch_mm": flop / t_torch / 1e9, "onnxruntime_matmul": flop / t_ort / 1e9}
+
+
+def compute_ceiling(summary: dict[str, dict[str, Any]], macs: int,
+                    rates: dict[int, dict[str, float]]) -> dict[str, Any]:
+    """Each fp32 path's arithmetic rate against the fastest fp32 GEMM measured in the same run
+    (over sizes and libraries: the practical fp32 ceiling of this machine at this thread count),
+    and what the fp32 target asks of onnxruntime in those terms."""
+    peak = max(r for by_lib in rates.values() for r in by_lib.values())
+    flop_per_image = 2.0 * macs
+    ceiling = peak * 1e9 / flop_per_image
+    paths = {}
+    for label, s in summary.items():
+        if "fp32" not in label:
+            continue  # int8 runs other instructions; the fp32 GEMM rate does not bound it
+        rate = s["images_per_s_median"] * flop_per_image / 1e9
+        paths[label] = {"gflop_per_s": rate, "share_of_gemm_peak": rate / peak}
+    torch_ips = summary["torch eager fp32"]["images_per_s_median"]
+    needed = TARGETS["onnxruntime_fp32_vs_torch"] * torch_ips
+    return {"macs_per_image": macs,
+            "gemm_gflop_per_s": {str(n): by_lib for n, by_lib in rates.items()},
+            "gemm_peak_gflop_per_s": peak, "fp32_ceiling_images_per_s": ceiling,
+            "paths": paths,
+            "fp32_target_images_per_s": needed, "fp32_target_share_of_gemm_peak": needed / ceiling,
+            "note": "images/s x 2 x multiply-adds of the ONNX graph (convolutions and matrix "
+                    "products) against the best fp32 n x n GEMM of torch and onnxruntime at the "
+                    "same thread count"}
+
+
+def ort_layer_profile(path: Path, threads: int, chw: tuple[int, int, int], batch: int,
+                      runs: int = 10) -> list[dict[str, Any]]:
+    """onnxruntime's own per-node kernel times (its profiler, after graph optimisation) for the
+    convolutions of one batch, grouped by kernel and shape: where the fp32 time goes.
+    Multiply-adds per node = output elements x weight elements / output channels, which holds
+    for onnxruntime's blocked (NCHWc) weights as for plain OIHW ones. (Its GEMMs are left out:
+    the profiler does not list their prepacked weights, and they are a few per mille.)"""
+    with tempfile.TemporaryDirectory() as tmp:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = threads
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(Path(tmp) / "ort")
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        x = np.random.default_rng(0).integers(0, 256, (batch, *chw), dtype=np.uint8)
+        for _ in range(runs):
+            sess.run(None, {name: x})
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    per_node: dict[str, list[float]] = {}
+    key_of: dict[str, tuple[str, str, str, int]] = {}
+    for e in events:
+        args = e.get("args", {})
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") \
+                or args.get("op_name") not in ("Conv", "FusedConv"):
+            continue
+        x_shape, w_shape = (next(iter(t.values())) for t in args["input_type_shape"][:2])
+        out = next(iter(args["output_type_shape"][0].values()))
+        macs = int(np.prod(out)) * int(np.prod(w_shape)) // out[1]
+        per_node.setdefault(e["name"], []).append(e["dur"] / 1e6)
+        key_of[e["name"]] = ("x".join(map(str, w_shape[2:4])), "x".join(map(str, x_shape[2:4])),
+                             "x".join(map(str, out[1:])), macs)
+    groups: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for node, secs in per_node.items():
+        kernel, size_in, out, macs = key_of[node]
+        g = groups.setdefault((kernel, size_in, out), {
+            "kernel": kernel, "input_hw": size_in, "output_chw": out, "nodes": 0,
+            "seconds": 0.0, "macs": 0})
+        g["nodes"] += 1
+        g["seconds"] += statistics.median(secs[1:] or secs)  # the first run warms up
+        g["macs"] += macs
+    rows = sorted(groups.values(), key=lambda g: -g["seconds"])
+    for g in rows:
+        g["gflop_per_s"] = 2e-9 * g["macs"] / g["seconds"]
     return rows
 
 
@@ -491,6 +606,24 @@ def markdown(rep: dict[str, Any]) -> str:
         f"{http['concurrency']} | {http['served_file']} | {r['images_per_s']:.1f} | "
         f"{r['ok']}/{r['requests']} ok | {_fmt_ms(r['latency_ms'], 'p50')} | "
         f"{_fmt_ms(r['latency_ms'], 'p99')} | {r['images_per_s'] / torch_ips:.2f}x |")
+    c = rep["compute_ceiling"]
+    gemm = "; ".join(f"{n}^3 " + ", ".join(f"{k} {v:.0f}" for k, v in by_lib.items())
+                     for n, by_lib in c["gemm_gflop_per_s"].items())
+    shares = "; ".join(f"{label} {p['gflop_per_s']:.0f} GFLOP/s = "
+                       f"{100 * p['share_of_gemm_peak']:.0f}%" for label, p in c["paths"].items())
+    lines += ["", f"Compute ceiling: {c['macs_per_image'] / 1e6:.1f} M multiply-adds per image; "
+              f"fp32 GEMM GFLOP/s: {gemm}; the best, {c['gemm_peak_gflop_per_s']:.0f}, allows "
+              f"at most {c['fp32_ceiling_images_per_s']:.0f} fp32 images/s. Share of that GEMM "
+              f"rate: {shares}. The fp32 target asks for "
+              f"{c['fp32_target_images_per_s']:.0f} images/s, "
+              f"{100 * c['fp32_target_share_of_gemm_peak']:.0f}% of the GEMM rate.",
+              "", f"onnxruntime fp32 per layer (its profiler, batch {rep['settings']['batch']}; "
+              "profiling slows every layer alike, so compare rows, not the GEMM rate):",
+              "", "| convolution | input HxW | output CxHxW | nodes | ms per batch | GFLOP/s |",
+              "|---|---|---|---:|---:|---:|"]
+    for g in c["onnxruntime_fp32_layers"]:
+        lines.append(f"| {g['kernel']} | {g['input_hw']} | {g['output_chw']} | {g['nodes']} | "
+                     f"{1000 * g['seconds']:.1f} | {g['gflop_per_s']:.0f} |")
     tr = rep["model"]["training"]
     if tr is not None:
         auroc = "-" if tr["test_AUROC"] is None else f"{tr['test_AUROC']:.4f}"
@@ -617,6 +750,16 @@ def main(argv: list[str] | None = None) -> int:
     agree = parity(backends, chw, args.batch)
     rows = time_in_process(backends, chw, args)
     summary = summarise(rows)
+    time.sleep(args.pause)
+    macs = graph_macs(artifact.path_of(artifact.require("onnx", "fp32")))
+    rates = {n: fp32_matmul_rates(threads, n, repeats=5) for n in args.gemm_sizes}
+    ceiling = compute_ceiling(summary, macs, rates)
+    ceiling["onnxruntime_fp32_layers"] = ort_layer_profile(
+        artifact.path_of(artifact.require("onnx", "fp32")), threads, chw, args.batch)
+    log("fp32 GEMM GFLOP/s: " + "; ".join(
+        f"{n}^3 " + ", ".join(f"{k} {v:.0f}" for k, v in by_lib.items())
+        for n, by_lib in rates.items()) + f"; {macs / 1e6:.1f} M multiply-adds per image -> "
+        f"fp32 ceiling {ceiling['fp32_ceiling_images_per_s']:.0f} images/s")
 
     served_label = f"onnxruntime {args.serve_precision}"
     for label in [k for k in backends if k != served_label]:
@@ -679,12 +822,13 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: getattr(args, k) for k in (
             "batch", "rounds", "iterations", "warmup", "max_seconds", "pause", "serve_precision",
             "concurrency", "requests", "http_warmup", "http_time_limit", "max_batch",
-            "max_delay_ms")},
+            "max_delay_ms", "gemm_sizes")},
         "timing": "oecl_runtime.bench.bench_backend (time.perf_counter per run() call; warm-up "
                   "excluded) on one random uint8 batch (seed 0) shared by all backends; rounds "
                   "rotate the order; images/s of the median round",
         "in_process": {"files": files, "agreement_on_timed_batch": agree, "summary": summary,
                        "rounds": rows},
+        "compute_ceiling": ceiling,
         "http": http,
         "targets_goals": TARGETS,
     }
