@@ -70,3 +70,17 @@ def test_exported_artifact(tmp_path_factory):
     conv2 = (8 * 8 * 8) * (8 * 3 * 3)
     proj = 128 * 512
     assert graph_macs(onnx_path) == conv1 + conv2 + proj
+
+
+def test_quantised_convolution_counts_like_its_float_twin():
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    zero_u8 = numpy_helper.from_array(np.array(0, np.uint8), "zu")
+    zero_i8 = numpy_helper.from_array(np.array(0, np.int8), "zi")
+    weight = numpy_helper.from_array(np.zeros((6, 4, 3, 3), np.int8), "w")
+    node = helper.make_node("QLinearConv", ["x", "s", "zu", "w", "s", "zi", "s", "zu"], ["y"],
+                            pads=[1] * 4)
+    graph = helper.make_graph(
+        [node], "q", [_value("x", ["batch", 4, 8, 8], TensorProto.UINT8)],
+        [_value("y", ["batch", 6, 8, 8], TensorProto.UINT8)], [scale, zero_u8, zero_i8, weight])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert graph_macs(m) == (6 * 8 * 8) * (4 * 3 * 3)
