@@ -1,8 +1,9 @@
 """onnxruntime CPU session variants on one fp32 model, side by side: which settings make the
 runtime's fp32 path faster than the session `oecl_runtime` opens by default?
 
-Each variant scores the same random uint8 batch (seed 0); rounds rotate the order and report
-images/s of the median round; every variant's norms are checked against the default session's.
+Each variant scores the same random uint8 batch (seed 0, as `oecl_runtime.bench.bench_backend`
+draws it); rounds rotate the order and report images/s of the median round; every variant's
+norms are checked against the default session's.
 
     python benchmarks/bench_ort_cpu.py --artifact runs/bench-runtime/<run>-model
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -22,11 +22,12 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from _common import device_name
+from _common import device_name, rotated_rounds
 from onnx import helper, numpy_helper, shape_inference
 
 from oecl_runtime import Artifact
 from oecl_runtime.atomic import write_json
+from oecl_runtime.backends.ort import session_options
 
 ROOT = Path(__file__).resolve().parent
 Run = Callable[[np.ndarray], np.ndarray]
@@ -35,10 +36,7 @@ Run = Callable[[np.ndarray], np.ndarray]
 def session(model: str | bytes, threads: int, config: dict[str, str] | None = None,
             disabled: list[str] | None = None) -> ort.InferenceSession:
     """A CPU session set up like `oecl_runtime`'s backend, plus `config` entries."""
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+    opts = session_options("cpu", threads)
     for key, value in (config or {}).items():
         opts.add_session_config_entry(key, value)
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"],
@@ -160,26 +158,6 @@ def variants(path: Path, name: str, threads: int) -> tuple[dict[str, Run], dict[
     return runs, notes
 
 
-def time_rounds(runs: dict[str, Run], x: np.ndarray, rounds: int, iterations: int,
-                pause: float) -> dict[str, list[float]]:
-    labels = list(runs)
-    out: dict[str, list[float]] = {k: [] for k in labels}
-    for r in range(rounds):
-        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
-            time.sleep(pause)
-            fn = runs[label]
-            fn(x)
-            fn(x)
-            times = []
-            for _ in range(iterations):
-                t0 = time.perf_counter()
-                fn(x)
-                times.append(time.perf_counter() - t0)
-            out[label].append(len(x) / statistics.median(times))
-            print(f"  round {r + 1}: {label}: {out[label][-1]:.1f} images/s", file=sys.stderr)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--artifact", type=Path, required=True, help="An exported model directory.")
@@ -199,7 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         0, 256, (args.batch, spec.channels, spec.height, spec.width), dtype=np.uint8)
     ref = runs["default"](x)
     agree = {k: float(np.max(np.abs(fn(x) - ref) / np.abs(ref))) for k, fn in runs.items()}
-    rates = time_rounds(runs, x, args.rounds, args.iterations, args.pause)
+    chw = (spec.channels, spec.height, spec.width)
+    timed = rotated_rounds(runs, chw, args.batch, args.rounds, args.iterations, warmup=2,
+                           max_seconds=60.0, pause=args.pause,
+                           log=lambda msg: print(msg, file=sys.stderr))
+    rates = {k: [r["images_per_s"] for r in rows] for k, rows in timed.items()}
     base = statistics.median(rates["default"])
     rows = [{"variant": k, "setting": notes[k], "images_per_s_rounds": v,
              "images_per_s_median": statistics.median(v),

@@ -44,13 +44,13 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
-from _common import device_name
+from _common import device_name, rotated_rounds
 
 from oecl_runtime import Artifact
 from oecl_runtime import bench as B
 from oecl_runtime.atomic import write_json
 from oecl_runtime.backends import Backend, open_backend
-from oecl_runtime.backends.ort import OnnxRuntimeBackend
+from oecl_runtime.backends.ort import OnnxRuntimeBackend, session_options
 from oecl_runtime.cli import _request_images, _server_runtime
 from oecl_runtime.flops import graph_macs
 from oecl_runtime.server import http_stack
@@ -272,26 +272,6 @@ def parity(backends: dict[str, Backend], chw: tuple[int, int, int], batch: int) 
     return out
 
 
-def time_in_process(backends: dict[str, Backend], chw: tuple[int, int, int],
-                    args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
-    """`rounds` rounds; each times every backend once, the order rotating so that no backend
-    always runs first (or right after another's threads) and slow drifts hit all alike."""
-    labels = list(backends)
-    rows: dict[str, list[dict[str, Any]]] = {label: [] for label in labels}
-    for r in range(args.rounds):
-        order = labels[r % len(labels):] + labels[:r % len(labels)]
-        for label in order:
-            time.sleep(args.pause)
-            row = B.bench_backend(backends[label].run, chw, [args.batch],
-                                  iterations=args.iterations, warmup=args.warmup,
-                                  max_seconds=args.max_seconds)[0]
-            row["round"] = r + 1
-            rows[label].append(row)
-            log(f"  round {r + 1}: {label}: {row['images_per_s']:.1f} images/s "
-                f"({row['count']} calls, p50 {row['latency_ms']['p50']:.1f} ms)")
-    return rows
-
-
 def _best_seconds(fn: Callable[[], Any], repeats: int) -> float:
     fn()
     times = []
@@ -321,9 +301,7 @@ def fp32_matmul_rates(threads: int, n: int, repeats: int) -> dict[str, float]:
         [numpy_helper.from_array(b, "b")])
     # IR 9 / opset 17: readable by every onnxruntime this project supports.
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(model.SerializeToString(), opts,
+    sess = ort.InferenceSession(model.SerializeToString(), session_options("cpu", threads),
                                 providers=["CPUExecutionProvider"])
     t_ort = _best_seconds(lambda: sess.run(None, {"a": a}), repeats)
     return {"torch_mm": flop / t_torch / 1e9, "onnxruntime_matmul": flop / t_ort / 1e9}
@@ -363,9 +341,7 @@ def ort_layer_profile(path: Path, threads: int, chw: tuple[int, int, int], batch
     for onnxruntime's blocked (NCHWc) weights as for plain OIHW ones. (Its GEMMs are left out:
     the profiler does not list their prepacked weights, and they are a few per mille.)"""
     with tempfile.TemporaryDirectory() as tmp:
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = threads
+        opts = session_options("cpu", threads)
         opts.enable_profiling = True
         opts.profile_file_prefix = str(Path(tmp) / "ort")
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -748,14 +724,16 @@ def main(argv: list[str] | None = None) -> int:
     log(f"in process, batch {args.batch}, {threads} threads: {args.rounds} rounds of "
         f"{args.warmup} warm-up + up to {args.iterations} timed calls (or {args.max_seconds} s)")
     agree = parity(backends, chw, args.batch)
-    rows = time_in_process(backends, chw, args)
+    rows = rotated_rounds({label: b.run for label, b in backends.items()}, chw, args.batch,
+                          args.rounds, args.iterations, args.warmup, args.max_seconds,
+                          args.pause, log)
     summary = summarise(rows)
     time.sleep(args.pause)
-    macs = graph_macs(artifact.path_of(artifact.require("onnx", "fp32")))
+    fp32_onnx = artifact.path_of(artifact.require("onnx", "fp32"))
+    macs = graph_macs(fp32_onnx)
     rates = {n: fp32_matmul_rates(threads, n, repeats=5) for n in args.gemm_sizes}
     ceiling = compute_ceiling(summary, macs, rates)
-    ceiling["onnxruntime_fp32_layers"] = ort_layer_profile(
-        artifact.path_of(artifact.require("onnx", "fp32")), threads, chw, args.batch)
+    ceiling["onnxruntime_fp32_layers"] = ort_layer_profile(fp32_onnx, threads, chw, args.batch)
     log("fp32 GEMM GFLOP/s: " + "; ".join(
         f"{n}^3 " + ", ".join(f"{k} {v:.0f}" for k, v in by_lib.items())
         for n, by_lib in rates.items()) + f"; {macs / 1e6:.1f} M multiply-adds per image -> "

@@ -15,9 +15,10 @@ from math import prod
 import onnx
 from onnx import shape_inference
 
-# op type -> (index of the data input, index of the weight input)
-_CONV = {"Conv": (0, 1), "ConvInteger": (0, 1), "QLinearConv": (0, 3)}
-_MATMUL = {"MatMul": (0, 1), "MatMulInteger": (0, 1), "QLinearMatMul": (0, 3), "Gemm": (0, 1)}
+# convolution op type -> index of its weight input
+_CONV_WEIGHT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}
+# matrix products: the left operand is input 0 in each
+_MATMUL = {"MatMul", "MatMulInteger", "QLinearMatMul", "Gemm"}
 
 
 def graph_macs(model: str | os.PathLike | onnx.ModelProto) -> int:
@@ -29,15 +30,13 @@ def graph_macs(model: str | os.PathLike | onnx.ModelProto) -> int:
     shapes = _known_shapes(inferred)
     total = 0
     for node in inferred.graph.node:
-        if node.op_type in _CONV:
-            _, w = _CONV[node.op_type]
-            weight = _shape(shapes, node, node.input[w])
+        if node.op_type in _CONV_WEIGHT:
+            weight = _shape(shapes, node, node.input[_CONV_WEIGHT[node.op_type]])
             # Each output element of a grouped convolution sums Cin/groups x kH x kW products,
             # which is exactly the weight's shape past its first (output-channel) axis.
             total += prod(_shape(shapes, node, node.output[0])) * prod(weight[1:])
         elif node.op_type in _MATMUL:
-            a, _ = _MATMUL[node.op_type]
-            left = _shape(shapes, node, node.input[a])
+            left = _shape(shapes, node, node.input[0])
             trans_a = any(at.name == "transA" and at.i for at in node.attribute)
             inner = left[0] if (node.op_type == "Gemm" and trans_a) else left[-1]
             total += prod(_shape(shapes, node, node.output[0])) * inner

@@ -26,6 +26,22 @@ def available_devices() -> list[str]:
     return [dev for dev, provider in _PROVIDERS.items() if provider in have]
 
 
+def session_options(device: str = "cpu", threads: int | None = None) -> Any:
+    """The `onnxruntime.SessionOptions` this backend opens its sessions with."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    if device == "cpu":
+        # Subnormal floats (tiny activations and weights) take slow microcode paths on x86;
+        # flushing them to zero moves a norm by less than 1e-38. onnxruntime applies this
+        # to its pool threads and, once per process, to the thread opening the first session.
+        opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+    return opts
+
+
 class OnnxRuntimeBackend(Backend):
     """One onnxruntime InferenceSession over the artifact's ONNX file of the chosen precision.
 
@@ -60,18 +76,10 @@ class OnnxRuntimeBackend(Backend):
         self._device_id = device_id
         self._input = artifact.input_name
 
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            opts.intra_op_num_threads = threads
-        if device == "cpu":
-            # Subnormal floats (tiny activations and weights) take slow microcode paths on x86;
-            # flushing them to zero moves a norm by less than 1e-38. onnxruntime applies this
-            # to its pool threads and, once per process, to the thread opening the first session.
-            opts.add_session_config_entry("session.set_denormal_as_zero", "1")
         providers = self._providers(artifact, entry, device, device_id)
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            self.session = ort.InferenceSession(str(path), sess_options=session_options(
+                device, threads), providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types per failure
             reason = _one_line(e)
             raise ArtifactError(f"{entry['path']}: onnxruntime cannot load it: {reason}") from e
