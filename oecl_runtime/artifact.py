@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import write_json
-from .names import FORMATS, PRECISIONS
+from .names import CONSUMERS, DATA_PRECISIONS, FORMATS, PRECISIONS
 from .preprocess import InputSpec
 
 SCHEMA_VERSION = 1
@@ -51,7 +51,7 @@ def file_entry(path: str | os.PathLike, fmt: str, precision: str, **extra: Any) 
     path = Path(path)
     if fmt not in FORMATS:
         raise ArtifactError(f"unknown file format {fmt!r} for {path.name} (known: {FORMATS})")
-    if precision not in PRECISIONS:
+    if precision not in (DATA_PRECISIONS if fmt == "npy" else PRECISIONS):
         raise ArtifactError(
             f"unknown precision {precision!r} for {path.name} (known: {PRECISIONS})"
         )
@@ -102,6 +102,24 @@ def write_metadata(directory: str | os.PathLike, meta: dict[str, Any]) -> Path:
     return path
 
 
+def update_files(directory: str | os.PathLike, add: Iterable[dict[str, Any]] = (),
+                 remove: Iterable[str] = ()) -> dict[str, Any]:
+    """Drop the `files[]` entries of paths in `remove` and those `add` replaces, append `add`,
+    and rewrite `oecl.json` atomically; every other key is kept as it was. Returns the new
+    metadata. Used to record an engine built after export (`oecl engine`)."""
+    path = Path(directory) / METADATA_NAME
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"cannot read {path}: {e}") from e
+    validate_metadata(meta)
+    add = list(add)
+    gone = set(remove) | {f["path"] for f in add}
+    meta["files"] = [f for f in meta["files"] if f["path"] not in gone] + add
+    write_metadata(directory, meta)
+    return meta
+
+
 # ---------------------------------------------------------------- validation
 
 
@@ -136,7 +154,12 @@ def _check_file_entry(f: Any, i: int) -> None:
     _need(not pp.is_absolute() and ".." not in pp.parts and "\\" not in p,
           f"files[{i}].path {p!r} must be relative to the artifact directory")
     _need(f["format"] in FORMATS, f"{p}: unknown format {f['format']!r}")
-    _need(f["precision"] in PRECISIONS, f"{p}: unknown precision {f['precision']!r}")
+    known = DATA_PRECISIONS if f["format"] == "npy" else PRECISIONS
+    _need(f["precision"] in known, f"{p}: unknown precision {f['precision']!r}")
+    consumers = f.get("consumers")
+    _need(consumers is None or (isinstance(consumers, list) and consumers
+                                and all(c in CONSUMERS for c in consumers)),
+          f"{p}: consumers must list some of {', '.join(CONSUMERS)}")
     sha = f["sha256"]
     _need(isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha),
           f"{p}: sha256 must be 64 lowercase hex digits")
@@ -298,21 +321,28 @@ class Artifact:
     def files(self) -> list[dict[str, Any]]:
         return list(self.meta["files"])
 
-    def find(self, fmt: str, precision: str | None = None) -> dict[str, Any] | None:
-        """The first file of `fmt` (and `precision`, if given); fp32 first when unspecified."""
-        matches = [f for f in self.meta["files"] if f["format"] == fmt]
+    def find(self, fmt: str, precision: str | None = None,
+             consumer: str = "onnxruntime") -> dict[str, Any] | None:
+        """The first file of `fmt` (and `precision`, if given) meant for `consumer`; fp32 first
+        when unspecified. A file without `consumers` serves anyone; the int8 ONNX files name
+        theirs, since onnxruntime and TensorRT each need a different form of quantisation."""
+        matches = [f for f in self.meta["files"] if f["format"] == fmt
+                   and consumer in f.get("consumers", CONSUMERS)]
         if precision is not None:
             matches = [f for f in matches if f["precision"] == precision]
         else:
             matches.sort(key=lambda f: f["precision"] != "fp32")
         return matches[0] if matches else None
 
-    def require(self, fmt: str, precision: str | None = None) -> dict[str, Any]:
-        f = self.find(fmt, precision)
+    def require(self, fmt: str, precision: str | None = None,
+                consumer: str = "onnxruntime") -> dict[str, Any]:
+        f = self.find(fmt, precision, consumer)
         if f is None:
             have = ", ".join(f"{x['path']} ({x['format']}/{x['precision']})"
                              for x in self.meta["files"])
             want = fmt if precision is None else f"{fmt}/{precision}"
+            if consumer != "onnxruntime":
+                want += f" for {consumer}"
             raise ArtifactError(f"artifact {self.directory} has no {want} file (it has: {have})")
         return f
 

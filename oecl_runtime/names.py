@@ -1,8 +1,14 @@
 """Names shared by the artifact schema, the backends and the CLI (no imports: the CLI's
 option choices come from here without loading numpy or any backend)."""
 
-FORMATS = ("onnx", "tensorrt", "safetensors")
+FORMATS = ("onnx", "tensorrt", "safetensors", "npy")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# dtypes of the golden set's `.npy` files (images and labels are uint8, reference norms fp32).
+DATA_PRECISIONS = ("uint8", "fp32")
+# TensorRT engines `oecl engine` builds.
+ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
+# Who a model file is meant for, where it matters (the two int8 ONNX files differ in form).
+CONSUMERS = ("onnxruntime", "tensorrt")
 
 # "onnxruntime" and "torch" pick their device; the suffixed names force one.
 BACKEND_CHOICES = (
