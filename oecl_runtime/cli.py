@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .names import BACKEND_CHOICES, IMAGE_EXTENSIONS, PRECISIONS
+from .names import BACKEND_CHOICES, ENGINE_PRECISIONS, IMAGE_EXTENSIONS, PRECISIONS
 
 if TYPE_CHECKING:
     from .artifact import Artifact
@@ -401,6 +401,125 @@ def _request_images(spec: Any, count: int) -> list[bytes]:
     return out
 
 
+# ----------------------------------------------------------------------------- edge box
+
+
+def _artifact_argument(f: Any) -> Any:
+    return click.argument("artifact", type=click.Path(exists=True, file_okay=False,
+                                                      path_type=Path))(f)
+
+
+@click.command("verify")
+@_artifact_argument
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
+              help="Backend to check (auto: the one `oecl serve` would pick here).")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="Model file precision; default: fp32 where present.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the report to this JSON file.")
+def verify(artifact: Path, backend: str, precision: str | None, out: Path | None) -> None:
+    """Score the artifact's golden set here and compare with the exporter's reference norms.
+
+    Reports max/mean relative norm difference and the AUROC of both (ID positive; norm:
+    higher = normal); exits 1 outside the tolerances the artifact was exported with.
+    """
+    import json
+
+    from .artifact import ArtifactError
+    from .backends import BackendUnavailable
+    from .golden import fmt_auroc
+    from .golden import verify as run_verify
+
+    try:
+        report = run_verify(artifact, backend, precision)
+    except (ArtifactError, BackendUnavailable, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"{report['backend']} ({report['precision']}) on {report['n_id']} ID + "
+               f"{report['n_ood']} OOD golden images: max rel diff {report['max_rel_diff']:.2e}, "
+               f"mean rel diff {report['mean_rel_diff']:.2e}, AUROC {fmt_auroc(report['AUROC'])} "
+               f"(reference {fmt_auroc(report['reference_AUROC'])}); norm: higher = normal")
+    if out is not None:
+        from .atomic import write_json
+
+        write_json(out, report)
+    click.echo(json.dumps(report))
+    if not report["pass"]:
+        raise click.ClickException(f"verification failed: {report['problems'][0]}")
+    _say("pass")
+
+
+@click.command("engine")
+@_artifact_argument
+@click.option("--precision", "precisions", type=click.Choice(ENGINE_PRECISIONS), multiple=True,
+              default=("fp16",), show_default=True,
+              help="Engine to build (repeat for several): fp16 -> model.plan, int8 -> "
+                   "model.int8.plan (from the symmetric int8 ONNX), fp32 -> model.fp32.plan.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=None,
+              help="Largest batch of the engine's profile; default: the artifact's max_batch.")
+@click.option("--workspace-mb", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="TensorRT builder workspace (lower it on a small Jetson).")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Score the golden set with the new engine; refuse to record one that fails.")
+def engine(artifact: Path, precisions: tuple[str, ...], max_batch: int | None,
+           workspace_mb: int, verify: bool) -> None:
+    """Build TensorRT engines from ARTIFACT's ONNX files on this GPU and record them.
+
+    The engine is valid only for this GPU model and TensorRT version; `oecl.json` gets its
+    sha256, TensorRT version, GPU name and compute capability. Needs tensorrt, cuda-python
+    and an NVIDIA GPU (no torch).
+    """
+    import json
+
+    from .artifact import ArtifactError
+    from .engine import EngineError, build_engines
+
+    try:
+        meta = build_engines(artifact, precisions, max_batch, workspace_mb=workspace_mb,
+                             verify=verify, log=_say)
+    except (ArtifactError, EngineError) as e:
+        raise click.ClickException(str(e)) from None
+    plans = [f for f in meta["files"] if f["format"] == "tensorrt"]
+    click.echo(json.dumps({"artifact": str(artifact), "engines": plans}))
+
+
+@click.command("triton-repo")
+@_artifact_argument
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Repository directory to write (replaced only if oecl wrote it).")
+@click.option("--name", default="oecl", show_default=True, help="Model name in the repository.")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "tensorrt"]), default="onnx",
+              show_default=True, help="onnx: Triton's onnxruntime backend; tensorrt: the plan.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default=None,
+              help="Model file precision; default: fp32 where present.")
+@click.option("--max-delay-us", type=click.IntRange(min=0), default=5000, show_default=True,
+              help="Dynamic batching: longest a request waits for its batch to fill.")
+@click.option("--kind", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
+              help="Instance kind.")
+@click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Model instances per device.")
+def triton_repo(artifact: Path, out: Path, name: str, fmt: str, precision: str | None,
+                max_delay_us: int, kind: str, instances: int) -> None:
+    """Write a Triton Inference Server model repository for ARTIFACT.
+
+    <name>/config.pbtxt (uint8 NCHW in, norm out, max_batch_size and dynamic batching from the
+    artifact), <name>/1/model.onnx or model.plan, and README.md with the tritonserver command
+    and a client call. norm: higher = normal.
+    """
+    import json
+
+    from .artifact import ArtifactError
+    from .triton_repo import write_repository
+
+    try:
+        summary = write_repository(artifact, out, name=name, fmt=fmt, precision=precision,
+                                   max_delay_us=max_delay_us, kind=kind, instances=instances)
+    except ArtifactError as e:
+        raise click.ClickException(str(e)) from None
+    _say(f"wrote {summary['config']} ({summary['platform']}, {summary['file']}, max batch "
+         f"{summary['max_batch_size']}); see {out / 'README.md'}")
+    click.echo(json.dumps(summary))
+
+
 @click.group("oecl-runtime")
 def main() -> None:
     """Score, serve and benchmark OECL model artifacts (no torch needed)."""
@@ -409,3 +528,6 @@ def main() -> None:
 main.add_command(score)
 main.add_command(serve)
 main.add_command(bench)
+main.add_command(verify)
+main.add_command(engine)
+main.add_command(triton_repo)

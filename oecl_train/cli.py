@@ -29,6 +29,10 @@ VERBS = {
     "score": ("oecl_runtime.cli", "score", "Score images with an exported model (no torch)."),
     "serve": ("oecl_runtime.cli", "serve", "Serve an exported model over HTTP."),
     "bench": ("oecl_runtime.cli", "bench", "Measure scoring latency and throughput."),
+    "verify": ("oecl_runtime.cli", "verify", "Check a backend here on the artifact's golden set."),
+    "engine": ("oecl_runtime.cli", "engine", "Build and record TensorRT engines on this GPU."),
+    "triton-repo": ("oecl_runtime.cli", "triton_repo", "Write a Triton Inference Server model "
+                    "repository."),
 }
 
 

@@ -6,12 +6,14 @@ Stages, each timed on stderr:
    through the dynamo ONNX exporter with a dynamic batch dimension. The fp16 file is the same
    graph with weights and compute in half precision (uint8 in, float32 out).
 2. quantise: static int8 QDQ quantisation with onnxruntime, calibrated on the run's own ID
-   training images (u8s8 for onnxruntime; a symmetric int8 twin as TensorRT's source).
-3. tensorrt: engines built from those files (see `export_tensorrt`).
-4. metadata: threshold and norm statistics from the PyTorch model on the run's held-out data.
+   training images: `model.int8.onnx` (u8s8, for onnxruntime) and its symmetric twin
+   `model.int8.symmetric.onnx` (for TensorRT, here or on the edge box).
+3. metadata: threshold and norm statistics from the PyTorch model on the run's held-out data,
+   and the golden set (`oecl_runtime.golden`) that lets any machine check its backend.
+4. tensorrt: engines built from the artifact by `oecl_runtime.engine`, as `oecl engine` does.
 5. verify: held-out ID and OOD images scored by the PyTorch model and by every exported file
-   through `oecl_runtime.Scorer` (the pre-processing and backends that serve), written to
-   `verify.json`; an export outside the tolerances fails.
+   through the runtime's backends, compared by `oecl_runtime.golden.compare` (the check `oecl
+   verify` makes), written to `verify.json`; an export outside the tolerances fails.
 
 Everything is built in a temporary directory and renamed into place only when all stages
 pass, so a crash or a failed check leaves nothing under the output name.
@@ -20,7 +22,6 @@ pass, so a crash or a failed check leaves nothing under the output name.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import sys
 import time
@@ -59,7 +60,7 @@ CALIB_BATCH = 32
 TRAINING_OPS = frozenset({"BatchNormalization", "Dropout"})
 
 ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
-PLAN_FILES = {"fp16": "model.plan", "int8": "model.int8.plan"}
+INT8_SYMMETRIC_FILE = "model.int8.symmetric.onnx"
 WEIGHTS_FILE = "model.safetensors"
 VERIFY_FILE = "verify.json"
 
@@ -335,59 +336,17 @@ def _load_splits(cfg: Any) -> Any:
 # ---------------------------------------------------------------- verification
 
 
-def _verify_targets(files: list[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:
-    """(file entry, runtime backend) for every model file. ONNX files run on onnxruntime's CPU
-    provider everywhere: its fp32 is exact fp32 (the CUDA provider may use TF32)."""
-    backend = {"onnx": "onnxruntime-cpu", "safetensors": "torch-cpu", "tensorrt": "tensorrt"}
-    return [(f, backend[f["format"]]) for f in files]
-
-
 def verify_artifact(
     directory: Path, ref_norms: np.ndarray, images: np.ndarray, is_id: np.ndarray, log: Log
 ) -> dict[str, Any]:
     """Score `images` with every file of the artifact through the runtime; compare to torch."""
-    from oecl_runtime import Scorer
-    from oecl_train.metrics import ood_metrics
+    from oecl_runtime import golden
 
-    ref_auroc = ood_metrics(ref_norms, is_id)["AUROC"]
-    ref = np.asarray(ref_norms, np.float64)
-    rows: list[dict[str, Any]] = []
-    meta = json.loads((directory / METADATA_NAME).read_text())
-    for entry, backend in _verify_targets(meta["files"]):
-        t0 = time.perf_counter()
-        with Scorer.open(directory, backend=backend, precision=entry["precision"]) as scorer:
-            norms = np.array([r.norm for r in scorer.score(images)], np.float64)
-            used = scorer.backend.name
-        diff = np.abs(norms - ref)
-        rel = diff / np.maximum(np.abs(ref), np.finfo(np.float32).tiny)
-        auroc = ood_metrics(norms, is_id)["AUROC"]
-        row = {
-            "path": entry["path"], "format": entry["format"], "precision": entry["precision"],
-            "backend": used, "max_abs_diff": float(diff.max()), "max_rel_diff": float(rel.max()),
-            "mean_rel_diff": float(rel.mean()), "AUROC": auroc,
-            "AUROC_diff": float(abs(auroc - ref_auroc)), "seconds": time.perf_counter() - t0,
-        }
-        problems = []
-        if entry["precision"] == "fp32" and row["max_rel_diff"] > FP32_REL_TOL:
-            problems.append(f"max relative norm difference {row['max_rel_diff']:.3g} "
-                            f"exceeds {FP32_REL_TOL:g}")
-        if row["AUROC_diff"] > AUROC_TOL:
-            problems.append(f"AUROC {auroc:.4f} differs from PyTorch's {ref_auroc:.4f} by "
-                            f"{row['AUROC_diff']:.4f} (limit {AUROC_TOL:g})")
-        row["pass"] = not problems
-        row["problems"] = problems
-        rows.append(row)
-        log(f"verify: {entry['path']} on {used}: max rel diff {row['max_rel_diff']:.2e}, "
-            f"AUROC {auroc:.4f} ({'pass' if not problems else 'FAIL'})")
-    return {
-        "n_images": int(len(images)), "n_id": int(is_id.sum()), "n_ood": int((~is_id).sum()),
-        "images": "held-out ID validation + ID test images vs non-ID test images of the run",
-        "reference": {"model": "PyTorch eval fp32", "AUROC": ref_auroc},
-        "tolerances": {"fp32_max_rel_diff": FP32_REL_TOL, "AUROC_diff": AUROC_TOL},
-        "score": "norm (higher = normal)",
-        "files": rows,
-        "pass": all(r["pass"] for r in rows),
-    }
+    report = golden.verify_files(directory, images, is_id, ref_norms,
+                                 {"fp32_max_rel_diff": FP32_REL_TOL, "AUROC_diff": AUROC_TOL}, log)
+    report["images"] = "held-out ID validation + ID test images vs non-ID test images of the run"
+    report["reference"]["model"] = "PyTorch eval fp32"
+    return report
 
 
 def _verification_summary(report: dict[str, Any]) -> dict[str, Any]:
@@ -461,12 +420,12 @@ def export_run(
     if calib_images < 1:
         raise ExportError(f"--calib-images must be positive, got {calib_images}")
     if "tensorrt" in fmts:
-        from oecl_train import export_tensorrt
+        from oecl_runtime import engine
 
         try:
-            export_tensorrt.preflight(verify)
-        except export_tensorrt.TensorRTUnavailable as e:
-            raise ExportError(str(e)) from None
+            engine.preflight()
+        except engine.EngineError as e:
+            raise ExportError(f"--format tensorrt: {e}") from None
 
     run_dir, out = Path(run_dir), Path(out_dir)
     if not run_dir.is_dir():
@@ -507,9 +466,8 @@ def export_run(
         for precision, wanted in (("fp32", True), ("fp16", want_fp16 or trt_fp16_src)):
             if not wanted:
                 continue
-            # An fp16 graph made only as TensorRT's source stays out of the artifact.
-            home = tmp if (precision == "fp32" or want_fp16) else scratch
-            path = home / ONNX_FILES[precision]
+            # Shipped even when made only as TensorRT 11's source: the edge box builds from it.
+            path = tmp / ONNX_FILES[precision]
             with _stage(log, f"export: {path.name} ({precision})", timings, f"export_{precision}"):
                 model = _Served(copy.deepcopy(folded), precision == "fp16", embedding)
                 _export_onnx(model, path, chw, embedding)
@@ -525,32 +483,31 @@ def export_run(
                 graph_info[path.name] = check_onnx(path, chw, embedding)
             onnx_paths["int8"] = path
             graph_info[path.name]["calibration_images"] = int(len(calib))
-            if "tensorrt" in fmts:
-                # TensorRT's source stays out of the artifact: the engine is what ships.
-                onnx_paths["int8-tensorrt"] = scratch / "model.int8.tensorrt.onnx"
-                _quantize_int8(onnx_paths["fp32"], onnx_paths["int8-tensorrt"], calib, scratch,
-                               for_tensorrt=True)
+            # TensorRT takes only zero points of 0: the symmetric twin ships for it.
+            sym = tmp / INT8_SYMMETRIC_FILE
+            with _stage(log, f"quantise: {sym.name} (symmetric int8 QDQ, for TensorRT)",
+                        timings, "quantise_int8_symmetric"):
+                _quantize_int8(onnx_paths["fp32"], sym, calib, scratch, for_tensorrt=True)
+                graph_info[sym.name] = check_onnx(sym, chw, embedding)
 
         for precision, name in ONNX_FILES.items():
             if precision in onnx_paths and onnx_paths[precision].parent == tmp:
-                files.append(file_entry(tmp / name, "onnx", precision))
+                extra = _INT8_FORMS["onnxruntime"] if precision == "int8" else {}
+                files.append(file_entry(tmp / name, "onnx", precision, **extra))
+        if "int8" in onnx_paths:
+            files.append(file_entry(tmp / INT8_SYMMETRIC_FILE, "onnx", "int8",
+                                    **_INT8_FORMS["tensorrt"]))
 
-        producer_extra: dict[str, str] = {}
-        if "tensorrt" in fmts:
-            from oecl_train import export_tensorrt
-
-            plans = ["fp16"] + (["int8"] if "int8" in onnx_paths else [])
-            for precision in plans:
-                src = export_tensorrt.source_for(precision, onnx_paths)
-                path = tmp / PLAN_FILES[precision]
-                with _stage(log, f"tensorrt: {path.name} ({precision}, from {src.name})",
-                            timings, f"tensorrt_{precision}"):
-                    extra = export_tensorrt.build_engine(
-                        src, path, precision=precision, input_name=INPUT_NAME, chw=chw,
-                        max_batch=max_batch, log=log)
-                files.append(file_entry(path, "tensorrt", precision, **extra))
-                producer_extra["tensorrt"] = extra["tensorrt_version"]
         files.append(file_entry(tmp / WEIGHTS_FILE, "safetensors", "fp32"))
+        from oecl_runtime import golden
+
+        with _stage(log, "golden: held-out images and their PyTorch fp32 norms", timings,
+                    "golden"):
+            g_images, g_is_id = golden.select(*_held_out(splits), cfg.seed)
+            g_entries, g_section = golden.write(
+                tmp, g_images, g_is_id, torch_norms(net, g_images, dev),
+                {"fp32_max_rel_diff": FP32_REL_TOL, "AUROC_diff": AUROC_TOL})
+            files += g_entries
 
         with _stage(log, "metadata: threshold and norm statistics (PyTorch fp32)", timings,
                     "metadata"):
@@ -561,13 +518,25 @@ def export_run(
             meta_out = _metadata(
                 spec=spec, arch=arch, embedding=embedding, threshold=threshold,
                 tpr=threshold_tpr, id_norms=id_norms, oe_norms=oe_norms, max_batch=max_batch,
-                files=files, producer=_producer(producer_extra),
+                files=files, producer=_producer({}),
                 source={"run": run_dir.name, "checkpoint_step": meta.get("step"),
                         "data": cfg.data, "id_class": cfg.id_class, "protocol": cfg.protocol,
                         "oe": cfg.oe, "oe_mode": splits.oe_mode},
             )
+            meta_out["golden"] = g_section
             meta_out["verification"] = {"passed": None, "skipped": True}
             write_metadata(tmp, meta_out)
+
+        if "tensorrt" in fmts:
+            from oecl_runtime import engine
+
+            plans = ["fp16"] + (["int8"] if "int8" in onnx_paths else [])
+            with _stage(log, f"tensorrt: {', '.join(plans)} engines", timings, "tensorrt"):
+                try:
+                    meta_out = engine.build_engines(tmp, plans, max_batch, verify=verify,
+                                                    log=log)
+                except engine.EngineError as e:
+                    raise ExportError(str(e)) from None
 
         report = None
         if verify:
@@ -616,14 +585,30 @@ def _scratch() -> Iterator[Path]:
 
 
 def _trt_needs_fp16_onnx() -> bool:
-    from oecl_train import export_tensorrt
+    from oecl_runtime import engine
 
-    return export_tensorrt.needs_fp16_onnx()
+    return engine.needs_fp16_onnx()
+
+
+# The `files[]` keys of the two int8 ONNX files: who each is for and how it is quantised.
+_INT8_FORMS: dict[str, dict[str, Any]] = {
+    "onnxruntime": {"consumers": ["onnxruntime"], "quantization": {
+        "format": "QDQ", "activations": "uint8, asymmetric (zero points), per tensor",
+        "weights": "int8, symmetric, per channel", "ops": "every op onnxruntime quantises"}},
+    "tensorrt": {"consumers": ["tensorrt"], "quantization": {
+        "format": "QDQ", "activations": "int8, symmetric (zero point 0), per tensor",
+        "weights": "int8, symmetric, per channel", "ops": "Conv, Gemm, MatMul"}},
+}
+
+
+def _held_out(splits: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(ID, OOD) held-out images: ID validation plus ID test images, and the non-ID test ones."""
+    id_imgs = np.concatenate([splits.id_val, splits.test_images[splits.test_is_id]])
+    return id_imgs, splits.test_images[~splits.test_is_id]
 
 
 def _verification_images(splits: Any, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    id_imgs = np.concatenate([splits.id_val, splits.test_images[splits.test_is_id]])
-    ood_imgs = splits.test_images[~splits.test_is_id]
+    id_imgs, ood_imgs = _held_out(splits)
     if len(ood_imgs) == 0:
         raise ExportError("the run's test set has no OOD images to verify AUROC on "
                           "(use --no-verify)")

@@ -24,6 +24,7 @@ from click.testing import CliRunner  # noqa: E402
 from oecl_runtime import Artifact, ArtifactError, Scorer  # noqa: E402
 from oecl_runtime.artifact import sha256_file, threshold_at_tpr, validate_metadata  # noqa: E402
 from oecl_runtime.backends.base import nvidia_gpu_present  # noqa: E402
+from oecl_runtime.golden import GOLDEN_FILES  # noqa: E402
 from oecl_train import export  # noqa: E402
 from oecl_train.export import ExportError, VerificationFailed, export_run  # noqa: E402
 
@@ -151,7 +152,8 @@ def test_metadata_validates_and_hashes_match(artifact, trained):
     assert meta["max_batch"] == MAX_BATCH
     assert meta["architecture"]["depth"] == "resnet10"
     listed = {f["path"]: f for f in meta["files"]}
-    assert set(listed) == {*PRECISIONS.values(), "model.safetensors"}
+    assert set(listed) == {*PRECISIONS.values(), "model.safetensors", export.INT8_SYMMETRIC_FILE,
+                           *GOLDEN_FILES.values()}
     for name, f in listed.items():
         assert f["sha256"] == sha256_file(out / name)
         assert f["bytes"] == (out / name).stat().st_size
@@ -195,7 +197,7 @@ def test_parity_within_tolerances(artifact):
     assert report["pass"] is True
     assert report["n_id"] > 0 and report["n_ood"] > 0 and report["n_images"] >= 100
     rows = {r["path"]: r for r in report["files"]}
-    assert set(rows) == {*PRECISIONS.values(), "model.safetensors"}
+    assert set(rows) == {*PRECISIONS.values(), "model.safetensors", export.INT8_SYMMETRIC_FILE}
     assert rows["model.onnx"]["backend"] == "onnxruntime-cpu"
     assert rows["model.onnx"]["max_rel_diff"] <= 1e-4
     assert rows["model.safetensors"]["max_rel_diff"] <= 1e-4
@@ -322,6 +324,63 @@ def test_self_oe_statistics_use_rotated_validation_images():
     np.testing.assert_array_equal(oe[0], S.id_val[0, :, ::-1, ::-1])
     S.oe_mode = "none"
     assert export._oe_images(S, seed=0) is None
+
+
+# ---------------------------------------------------------------- golden set, int8 forms
+
+
+def test_golden_set_holds_reference_norms_of_the_run(artifact, trained):
+    from oecl_runtime import golden
+    from oecl_train.trainer import load_trained
+
+    out, _ = artifact
+    art = Artifact.open(out)
+    listed = {f["path"]: f for f in art.meta["files"]}
+    for name in GOLDEN_FILES.values():
+        assert listed[name]["format"] == "npy"
+    g = golden.load(art)
+    assert g.images.dtype == np.uint8 and g.images.shape[1:] == (1, 16, 16)
+    assert 0 < g.is_id.sum() <= golden.PER_SIDE and 0 < (~g.is_id).sum() <= golden.PER_SIDE
+    _, net, _ = load_trained(trained[0], torch.device("cpu"))
+    want = export.torch_norms(net, g.images, torch.device("cpu"))
+    np.testing.assert_allclose(g.reference, want, rtol=1e-6)
+    assert art.meta["golden"]["tolerances"] == {"fp32_max_rel_diff": export.FP32_REL_TOL,
+                                                "AUROC_diff": export.AUROC_TOL}
+
+
+@pytest.mark.parametrize("backend,precision", [("onnxruntime-cpu", "fp32"),
+                                               ("onnxruntime-cpu", "int8"), ("torch-cpu", None)])
+def test_oecl_verify_passes_on_the_export(artifact, backend, precision):
+    from oecl_train.cli import main
+
+    out, _ = artifact
+    args = ["verify", str(out), "--backend", backend] + (["--precision", precision]
+                                                         if precision else [])
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-2])  # the JSON, then "pass"
+    assert report["pass"] is True and report["backend"] == backend
+    assert report["precision"] == (precision or "fp32")
+
+
+def test_two_int8_files_each_for_its_consumer(artifact):
+    out, _ = artifact
+    art = Artifact.open(out)
+    for_ort = art.find("onnx", "int8")
+    for_trt = art.find("onnx", "int8", consumer="tensorrt")
+    assert for_ort["path"] == "model.int8.onnx" and for_ort["consumers"] == ["onnxruntime"]
+    assert for_trt["path"] == export.INT8_SYMMETRIC_FILE and for_trt["consumers"] == ["tensorrt"]
+    assert "symmetric" in for_trt["quantization"]["activations"]
+
+    def zero_points(name):
+        model = onnx.load(str(out / name))
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+        return [inits[n.input[2]] for n in model.graph.node
+                if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+
+    sym = zero_points(export.INT8_SYMMETRIC_FILE)
+    assert sym and all(z.dtype == np.int8 and not z.any() for z in sym)  # TensorRT's rule
+    assert any(z.dtype == np.uint8 for z in zero_points("model.int8.onnx"))
 
 
 # ---------------------------------------------------------------- TensorRT (GPU boxes)
