@@ -95,9 +95,10 @@ def _auto_candidates(
                                 (gpu, "no GPU")])
     ort_cuda_checks = [(has("onnx"), f"no{want} ONNX file"), (gpu, "no GPU")]
     if gpu:
-        from .ort import available_devices
+        from .ort import cuda_provider_problem
 
-        ort_cuda_checks.append(("cuda" in available_devices(), "onnxruntime has no CUDA provider"))
+        problem = cuda_provider_problem()
+        ort_cuda_checks.append((problem is None, problem or ""))
     add("onnxruntime-cuda", _ort("cuda"), ort_cuda_checks)
     add("torch-cuda", _torch("cuda"),
         [(precision in (None, "fp32", "bf16", "fp16"), f"torch does not run {precision}"),
@@ -119,8 +120,10 @@ def open_backend(
     `threads` sizes the CPU intra-op pool of onnxruntime-cpu and torch-cpu (default: the
     library's own choice, one per physical core).
 
-    auto order: tensorrt > onnxruntime-cuda > torch-cuda > onnxruntime-cpu. The choice and the
-    reasons the faster ones were passed over go to the `oecl_runtime` logger.
+    auto order: tensorrt > onnxruntime-cuda > torch-cuda > onnxruntime-cpu. Any failure to
+    open one (a missing library, a CUDA error, an engine that does not deserialise, a broken
+    import) passes to the next; the choice and each "skipped, because ..." go to the
+    `oecl_runtime` logger and to the backend's `passed_over`.
     """
     if backend != "auto":
         if backend not in _EXPLICIT:
@@ -132,15 +135,22 @@ def open_backend(
     skipped: list[str] = []
     for name, factory, why in _auto_candidates(artifact, precision):
         if factory is None:
-            skipped.append(f"{name}: {why}")
+            skipped.append(f"{name}: skipped, because {why}")
             continue
         try:
             b = factory(artifact, precision, threads)
-        except BackendUnavailable as e:
-            skipped.append(f"{name}: {e}")
+        except Exception as e:  # whatever stops this one, a slower one may still work
+            skipped.append(f"{name}: skipped, because {_reason(e)}")
             continue
         log.info("backend: %s (%s, max batch %d), chosen by auto%s", b.name, b.precision,
                  b.max_batch, f"; passed over {' | '.join(skipped)}" if skipped else "")
         b.passed_over = tuple(skipped)
         return b
     raise ArtifactError("no backend can run this artifact here: " + " | ".join(skipped))
+
+
+def _reason(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    if not isinstance(e, (BackendUnavailable, ArtifactError)):
+        text = f"{type(e).__name__}: {text}"  # an unexpected failure: say what kind
+    return text[:300] + ("..." if len(text) > 300 else "")

@@ -53,3 +53,21 @@ def nvidia_gpu_present() -> bool:
     """
     gpus = "/proc/driver/nvidia/gpus"
     return os.path.exists("/dev/nvidia0") or (os.path.isdir(gpus) and bool(os.listdir(gpus)))
+
+
+def gpu_models() -> list[str]:
+    """Model names of the NVIDIA GPUs the driver lists, in PCI order, without loading any CUDA
+    library (from /proc/driver/nvidia/gpus/*/information; empty where that is absent)."""
+    root = "/proc/driver/nvidia/gpus"
+    names = []
+    for bus in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        try:
+            with open(os.path.join(root, bus, "information"), encoding="utf-8") as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    if key.strip() == "Model":
+                        names.append(value.strip())
+                        break
+        except OSError:
+            continue
+    return names

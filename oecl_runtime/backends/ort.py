@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..artifact import Artifact, ArtifactError
-from .base import Backend, BackendUnavailable
+from .base import Backend, BackendUnavailable, gpu_models
 
 _PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -24,6 +25,30 @@ def available_devices() -> list[str]:
 
     have = set(ort.get_available_providers())
     return [dev for dev, provider in _PROVIDERS.items() if provider in have]
+
+
+def cuda_provider_problem() -> str | None:
+    """Why onnxruntime offers no CUDA provider here, or None when it does."""
+    import onnxruntime as ort
+
+    if "cuda" in available_devices():
+        return None
+    from importlib import metadata
+
+    have = set()
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.version(dist)
+            have.add(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    if len(have) == 2:
+        # Both wheels write the same `onnxruntime` package; whichever came last wins.
+        return ("onnxruntime and onnxruntime-gpu are both installed and share one module, so "
+                "the CUDA provider may be missing: pip uninstall -y onnxruntime onnxruntime-gpu "
+                "&& pip install onnxruntime-gpu")
+    return (f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install "
+            "onnxruntime-gpu in place of onnxruntime)")
 
 
 def session_options(device: str = "cpu", threads: int | None = None) -> Any:
@@ -63,11 +88,13 @@ class OnnxRuntimeBackend(Backend):
         if device not in _PROVIDERS:
             raise ValueError(f"unknown onnxruntime device {device!r} (use cpu, cuda or tensorrt)")
         if device not in available_devices():
-            raise BackendUnavailable(
+            problem = cuda_provider_problem() if device == "cuda" else None
+            raise BackendUnavailable(problem or (
                 f"onnxruntime {ort.__version__} has no {_PROVIDERS[device]} "
-                "(install onnxruntime-gpu for cuda/tensorrt)"
-            )
-        entry = artifact.require("onnx", precision)
+                "(install onnxruntime-gpu in place of onnxruntime for cuda/tensorrt)"))
+        # TensorRT's parser takes only symmetric int8: that execution provider gets its own file.
+        entry = artifact.require("onnx", precision,
+                                 consumer="tensorrt" if device == "tensorrt" else "onnxruntime")
         path = artifact.path_of(entry)
         self.name = f"onnxruntime-{device}"
         self.precision = entry["precision"]
@@ -96,7 +123,9 @@ class OnnxRuntimeBackend(Backend):
                    device_id: int) -> list[Any]:
         if device == "cpu":
             return ["CPUExecutionProvider"]
-        cuda = ("CUDAExecutionProvider", {"device_id": device_id})
+        # TF32 (the CUDA provider's default) would round fp32 products to 10 mantissa bits.
+        cuda = ("CUDAExecutionProvider", {"device_id": device_id,
+                                          "use_tf32": int(entry["precision"] != "fp32")})
         if device == "cuda":
             return [cuda, "CPUExecutionProvider"]
         spec = artifact.spec
@@ -108,7 +137,7 @@ class OnnxRuntimeBackend(Backend):
             "trt_int8_enable": entry["precision"] == "int8",
             # Building an engine takes minutes; cache it per model file so restarts are quick.
             "trt_engine_cache_enable": True,
-            "trt_engine_cache_path": str(_engine_cache_dir(entry["sha256"])),
+            "trt_engine_cache_path": str(_engine_cache_dir(entry["sha256"], device_id)),
             "trt_profile_min_shapes": f"{name}:1x{chw}",
             "trt_profile_opt_shapes": f"{name}:{artifact.max_batch}x{chw}",
             "trt_profile_max_shapes": f"{name}:{artifact.max_batch}x{chw}",
@@ -146,11 +175,40 @@ class OnnxRuntimeBackend(Backend):
         self.session = None  # type: ignore[assignment]
 
 
-def _engine_cache_dir(sha256: str) -> Path:
+def _engine_cache_dir(sha256: str, device_id: int = 0) -> Path:
+    """Engines the TensorRT provider caches hold for one model, onnxruntime build, TensorRT
+    version and GPU model: a change of any of them gets a directory of its own."""
+    import onnxruntime as ort
+
     root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "oecl" / "ort-trt"
-    path = root / sha256[:16]
+    gpus = gpu_models()
+    gpu = gpus[device_id] if device_id < len(gpus) else (gpus[0] if gpus else "unknown-gpu")
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    key = f"ort{ort.__version__}-trt{tensorrt_version()}-{slug}"
+    path = root / sha256[:16] / key
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def tensorrt_version() -> str:
+    """The TensorRT library onnxruntime's provider will load: from the tensorrt package's
+    metadata, else from libnvinfer itself, else "unknown"."""
+    from importlib import metadata
+
+    for dist in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-libs"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    import ctypes
+
+    for soname in ("libnvinfer.so.11", "libnvinfer.so.10", "libnvinfer.so.8"):
+        try:
+            # getInferLibVersion(): major*10000 + minor*100 + patch (TensorRT >= 10)
+            return f"lib{int(ctypes.CDLL(soname).getInferLibVersion())}"
+        except (OSError, AttributeError):
+            continue
+    return "unknown"
 
 
 def _one_line(e: BaseException) -> str:

@@ -1,12 +1,16 @@
 """torch backend: the training code's own network rebuilt from `architecture` + `model.safetensors`.
 
 Useful where no ONNX runtime fits (or to check an export against the eager model). On a GPU it
-can run in bf16/fp16 autocast and replay CUDA graphs, one captured per batch size. torch and
-oecl_train are imported only when this backend is opened.
+runs fp32 as true fp32 (TF32 off), or bf16/fp16 autocast, and replays CUDA graphs captured at
+open for a few bucket sizes (a batch is padded up to the next bucket) from one memory pool.
+torch and oecl_train are imported only when this backend is opened.
 """
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -27,6 +31,7 @@ class TorchBackend(Backend):
         device: str | None = None,
         cuda_graphs: bool = True,
         threads: int | None = None,
+        graph_batch_sizes: Sequence[int] | None = None,
     ) -> None:
         try:
             import torch
@@ -79,6 +84,11 @@ class TorchBackend(Backend):
         self._autocast = getattr(torch, _AUTOCAST[precision]) if _AUTOCAST[precision] else None
         self._use_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[int, tuple[Any, Any, Any]] = {}
+        self._buckets: tuple[int, ...] = ()
+        if self._use_graphs:
+            self._buckets = graph_buckets(self.max_batch, graph_batch_sizes)
+            spec = artifact.spec
+            self._capture((spec.channels, spec.height, spec.width))
 
     @staticmethod
     def _check_normalization(artifact: Artifact, arch: dict[str, Any]) -> None:
@@ -89,6 +99,21 @@ class TorchBackend(Backend):
                     f"architecture.{key} {have} differs from input.normalization.{key} {want}"
                 )
 
+    @contextmanager
+    def _true_fp32(self) -> Iterator[None]:
+        """fp32 means fp32: cuDNN's convolutions and cuBLAS's products default to TF32 on
+        Ampere and newer, which moves norms by ~1e-3. Graphs keep the kernels chosen here."""
+        torch = self._torch
+        if self.device.type != "cuda" or self._autocast is not None:
+            yield
+            return
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
     def _forward(self, x: Any) -> Any:
         torch = self._torch
         if self._autocast is None:
@@ -96,38 +121,65 @@ class TorchBackend(Backend):
         with torch.autocast(self.device.type, dtype=self._autocast):
             return self.model(x)[0].float()
 
-    def _graph_for(self, shape: tuple[int, ...]) -> tuple[Any, Any, Any]:
-        # Capturing costs a few warm-up passes, paid once per distinct batch size.
+    def _capture(self, chw: tuple[int, int, int]) -> None:
+        """One graph per bucket, captured now rather than on the request path, all from one
+        memory pool. Sharing is safe because graphs replay one at a time (the scorer holds a
+        lock) and each output is copied out before the next replay: a later capture may reuse
+        an earlier one's dead intermediates, never a tensor still read."""
         torch = self._torch
-        if shape[0] not in self._graphs:
-            static_in = torch.zeros(shape, dtype=torch.uint8, device=self.device)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), torch.inference_mode():
-                for _ in range(3):
-                    self._forward(static_in)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph), torch.inference_mode():
-                static_out = self._forward(static_in)
-            self._graphs[shape[0]] = (graph, static_in, static_out)
-        return self._graphs[shape[0]]
+        pool = torch.cuda.graph_pool_handle()
+        # Pinned staging, so the input copy is a plain DMA queued before the replay.
+        self._host_in = torch.empty((self._buckets[-1], *chw), dtype=torch.uint8).pin_memory()
+        with self._true_fp32(), torch.inference_mode():
+            for size in sorted(self._buckets, reverse=True):  # the largest leaves the most to reuse
+                static_in = torch.zeros((size, *chw), dtype=torch.uint8, device=self.device)
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(3):  # cuDNN picks its algorithms before capture
+                        self._forward(static_in)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    static_out = self._forward(static_in)
+                self._graphs[size] = (graph, static_in, static_out)
+        torch.cuda.synchronize(self.device)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         torch = self._torch
+        n = batch.shape[0]
         x = torch.from_numpy(np.ascontiguousarray(batch))
         if self._use_graphs:
-            graph, static_in, static_out = self._graph_for(tuple(batch.shape))
-            static_in.copy_(x.pin_memory(), non_blocking=True)
+            size = self._buckets[bisect.bisect_left(self._buckets, n)]
+            graph, static_in, static_out = self._graphs[size]
+            self._host_in[:n].copy_(x)
+            # Rows n..size keep an earlier batch: every image's norm is computed on its own,
+            # so the padding changes nothing and is not worth clearing.
+            static_in[:n].copy_(self._host_in[:n], non_blocking=True)
             graph.replay()
-            return static_out.cpu().numpy().astype(np.float32, copy=False)
-        with torch.inference_mode():
+            return static_out[:n].cpu().numpy().astype(np.float32, copy=True)
+        with self._true_fp32(), torch.inference_mode():
             out = self._forward(x.to(self.device, non_blocking=True))
         return out.float().cpu().numpy()
+
+    def describe(self) -> dict[str, object]:
+        return {**super().describe(), "cuda_graph_batch_sizes": list(self._buckets)}
 
     def close(self) -> None:
         self._graphs.clear()
         self.model = None  # type: ignore[assignment]
+
+
+def graph_buckets(max_batch: int, sizes: Sequence[int] | None = None) -> tuple[int, ...]:
+    """Batch sizes to capture: by default 1, 2, 4, ... below `max_batch`, and `max_batch`, so a
+    batch pads by less than 2x and at most log2(max_batch) + 1 graphs exist. Given `sizes` are
+    kept within 1..max_batch, and max_batch is always one (every batch must fit one)."""
+    if sizes is None:
+        sizes = [1 << k for k in range(max_batch.bit_length()) if 1 << k < max_batch]
+    bad = [s for s in sizes if not 1 <= int(s) <= max_batch]
+    if bad:
+        raise ValueError(f"CUDA graph batch sizes must be in 1..{max_batch}, got {bad}")
+    return tuple(sorted({int(s) for s in sizes} | {max_batch}))
 
 
 def _strip_prefix(state: dict[str, Any], want: Any) -> dict[str, Any]:

@@ -24,9 +24,18 @@ def _import_cudart() -> Any:
             from cuda import cudart  # older cuda-python layout
         except ImportError as e:
             raise BackendUnavailable(
-                "the TensorRT backend needs cuda-python (pip install cuda-python)"
+                "the TensorRT backend needs cuda-python (pip install 'cuda-python>=12.6,<13' "
+                "for a CUDA 12 driver, <14 for CUDA 13)"
             ) from e
+        except Exception as e:  # installed but broken (e.g. built for a newer driver)
+            raise BackendUnavailable(f"cuda-python does not import: {_one_line(e)}") from e
+    except Exception as e:
+        raise BackendUnavailable(f"cuda-python does not import: {_one_line(e)}") from e
     return cudart
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
 
 
 class _Cuda:
@@ -72,6 +81,8 @@ class TensorRTBackend(Backend):
             import tensorrt as trt
         except ImportError as e:
             raise BackendUnavailable("tensorrt is not installed (pip install tensorrt)") from e
+        except Exception as e:  # a broken install: missing libnvinfer, mismatched CUDA
+            raise BackendUnavailable(f"tensorrt does not import: {_one_line(e)}") from e
         if not nvidia_gpu_present():
             raise BackendUnavailable("no NVIDIA GPU is visible, the TensorRT backend needs one")
         cuda = _Cuda()
