@@ -32,10 +32,14 @@ def _images(n: int, seed: int) -> np.ndarray:
     return np.stack([load(im, SPEC) for im in random_images(n, seed=seed)])
 
 
+def golden_images() -> np.ndarray:
+    """24 ID-like images, then 24 darker "OOD" ones."""
+    return np.concatenate([_images(24, seed=5), _images(24, seed=6) // 4])
+
+
 def with_golden(art: Path, reference: np.ndarray | None = None) -> Path:
-    """Give the artifact at `art` a golden set of 24 ID-like and 24 darker "OOD" images."""
-    bright, dark = _images(24, seed=5), _images(24, seed=6) // 4
-    images = np.concatenate([bright, dark])
+    """Give the artifact at `art` the golden set of `golden_images`."""
+    images = golden_images()
     is_id = np.r_[np.ones(24, bool), np.zeros(24, bool)]
     ref = torch_norms(images) if reference is None else reference
     entries, section = golden.write(art, images, is_id, ref)
@@ -103,8 +107,8 @@ def test_tampered_golden_file_is_refused(art: Path) -> None:
 
 def test_norms_off_the_reference_fail(source: Path, tmp_path: Path) -> None:
     # A consistent artifact whose model no longer scores like the reference: 1% off in norm.
-    images = np.concatenate([_images(24, seed=5), _images(24, seed=6) // 4])
-    art = with_golden(copy_artifact(source, tmp_path / "art"), torch_norms(images) * 1.01)
+    reference = torch_norms(golden_images()) * 1.01
+    art = with_golden(copy_artifact(source, tmp_path / "art"), reference)
     result = CliRunner().invoke(main, ["verify", str(art), "--backend", "onnxruntime-cpu"])
     assert result.exit_code == 1
     assert "verification failed: max relative norm difference" in result.output
