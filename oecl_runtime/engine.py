@@ -196,13 +196,14 @@ class TensorRTBuilder:
         config.add_optimization_profile(profile)
 
         cache_path = timing_cache_path(self.version, self.gpu)
-        cache = attach_timing_cache(config, cache_path, self.log)
+        attach_timing_cache(config, cache_path, self.log)
         plan = builder.build_serialized_network(network, config)
         if plan is None:
             raise EngineError(f"TensorRT could not build a {precision} engine from "
                               f"{onnx_path.name} (see the TensorRT messages above)")
         write_bytes(plan_path, bytes(memoryview(plan)))
-        write_bytes(cache_path, bytes(memoryview(cache.serialize())))
+        # The config's cache, which the build has added its timings to.
+        write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
         return {"tensorrt_version": self.version, "gpu_name": self.gpu.name,
                 "compute_capability": self.gpu.compute_capability,
                 "strongly_typed": self.strongly_typed}
