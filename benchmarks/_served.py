@@ -113,7 +113,8 @@ def parse_ks(text: str) -> list[int]:
 
 
 def view_study(net: Any, cfg: Any, images: np.ndarray, is_id: np.ndarray, ks: Sequence[int],
-               families: Sequence[tuple[float, float] | None]) -> dict[str, dict[str, float]]:
+               families: Sequence[tuple[float, float] | None]
+               ) -> dict[str, dict[str, float | None]]:
     """Validation AUROC of mean-view-norm for each K and crop-scale family (None = the run's
     own, the one `views_for` exports), scored in PyTorch by the code the graph is built from."""
     from oecl_train.metrics import ood_metrics
@@ -127,7 +128,11 @@ def view_study(net: Any, cfg: Any, images: np.ndarray, is_id: np.ndarray, ks: Se
         label = "train" if fam is None else f"{fam[0]:g}-{fam[1]:g}"
         row = {}
         for k in ks:
-            views = make_views(k, h, w, scale, bool(cfg.hflip))
+            try:
+                views = make_views(k, h, w, scale, bool(cfg.hflip))
+            except ValueError:  # a narrow family on a small input has fewer distinct views
+                row[str(k)] = None
+                continue
             s = view_scores(net, images, views, precision="fp32", batch=1024)
             row[str(k)] = ood_metrics(s, is_id)["AUROC"]
         out[label] = row

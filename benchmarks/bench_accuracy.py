@@ -455,7 +455,8 @@ def view_study_means(per_class: dict[str, dict], methods: list[str]) -> dict[str
         studies = [per[m]["view_study"]["auroc"] for per in per_class.values()
                    if "view_study" in per.get(m, {})]
         if studies:
-            out[m] = {fam: {k: float(np.mean([s[fam][k] for s in studies])) for k in row}
+            out[m] = {fam: {k: None if any(s[fam][k] is None for s in studies)
+                            else float(np.mean([s[fam][k] for s in studies])) for k in row}
                       for fam, row in studies[0].items()}
     return out
 
@@ -528,8 +529,8 @@ def view_study_markdown(result: dict[str, Any]) -> str:
             if not lines:
                 lines = [f"| method | family | {' | '.join(f'K={k}' for k in row)} |",
                          "|---|---|" + "---|" * len(row)]
-            lines.append(f"| {m} | {fam} | " + " | ".join(f"{v:.4f}" for v in row.values())
-                         + " |")
+            lines.append(f"| {m} | {fam} | " + " | ".join(
+                "n/a" if v is None else f"{v:.4f}" for v in row.values()) + " |")
     return "Validation AUROC of mean-view-norm (mean over classes)\n\n" + "\n".join(lines)
 
 
