@@ -6,6 +6,8 @@
     python benchmarks/bench_accuracy.py --eval-split val --classes 8 --methods oecl-photos
     python benchmarks/bench_accuracy.py --depth resnet18 --width 64 --image-size 28 \
         --steps 3000 --k 32                                # the paper's backbone, on a GPU
+    python benchmarks/bench_accuracy.py --eval-split val --classes 1,8 --methods oecl-photos \
+        --views 1,2,4,8,16 --view-families train,0.75-1    # choose the served K and views
 
 Split, for each class (the same for every method, rebuilt from the seed): train = that class
 of the 60k MNIST training set (leave-one-out: every other class), less the 10% held out as ID
@@ -37,9 +39,18 @@ Cost on a quiet 2-core Xeon with the defaults, per class: OECL ~0.09 s per step 
 self-OECL ~0.17 s per step, SimCLR ~0.05 s; scoring 10k test images with K = 16 ~25 s per
 run; the two baselines ~20 s.
 
+The served score: on the test split, every trained run of the --serve-methods is exported
+(`export_run`, verified, fp32 and int8 ONNX) once per K of --serve-views, and the test set is
+scored through `oecl_runtime` on the exported files with the onnxruntime CPU backend: AUROC,
+AUPR-IN, AUPR-OUT, FPR@95TPR, and the TPR / FPR the artifact's own threshold gives, per class
+and mean; then the served images/s of each K (first class's files, batch 64). The `served`
+entry of the JSON is K = --served-k (default: the exporter's DEFAULT_VIEWS). On the
+validation split, --views and --view-families instead compare the K-view score (in PyTorch,
+from the code the graph is built with) for each K and crop-scale family, to choose K there.
+
 Writes benchmarks/results/accuracy-mnist[-leave-one-out][-val].json (per class and mean
-AUROC, the device, and each method's budget: steps, epochs, wall time) and prints a markdown
-table.
+AUROC, the device, each method's budget: steps, epochs, wall time, and `served`) and prints
+markdown tables.
 """
 
 from __future__ import annotations
@@ -126,6 +137,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "CUDA, 16 on the CPU, to keep scoring a small share of the budget).",
     )
     p.add_argument("--eval-batch-size", type=int, default=1024)
+    p.add_argument("--serve-methods", default="oecl-photos",
+                   help="Deep methods whose runs are exported and scored through the runtime "
+                   "on the test split ('' = none).")
+    p.add_argument("--serve-views", default=None,
+                   help="K values exported and served per run (default '1,<served-k>').")
+    p.add_argument("--served-k", type=int, default=None,
+                   help="The K reported as `served` (default: oecl_train.views.DEFAULT_VIEWS).")
+    p.add_argument("--serve-threads", type=int, default=None,
+                   help="onnxruntime intra-op threads (default: one per physical core).")
+    p.add_argument("--views", default="1,2,4,8,16",
+                   help="Validation split only: K values of the view study.")
+    p.add_argument("--view-families", default="train",
+                   help="Validation split only: crop-scale families of the view study, 'train' "
+                   "(the run's own, what export uses) or 'lo-hi', comma-separated.")
     p.add_argument("--pca-variance", default="0.9", help="Explained-variance share, or 'val'.")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -229,7 +254,9 @@ def base_config(args: argparse.Namespace, data_root: str, cls: str, method: str)
 
 def validation_report(run_dir: Path, splits, k: int, args) -> dict[str, Any]:
     """The run's scores on `splits` (whose test part is the validation split), shaped like
-    the parts of `evaluate_run`'s report this benchmark reads."""
+    the parts of `evaluate_run`'s report this benchmark reads, plus the view study."""
+    from _served import view_study
+
     from oecl_train.evaluate import run_budget, score_model
     from oecl_train.metrics import ood_metrics
     from oecl_train.trainer import load_trained, resolve_device
@@ -238,11 +265,43 @@ def validation_report(run_dir: Path, splits, k: int, args) -> dict[str, Any]:
     cfg, net, meta = load_trained(run_dir, dev)
     t0 = time.perf_counter()
     scores, _ = score_model(net, cfg, splits, k=k, device=dev, batch_size=args.eval_batch_size)
+    seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    study = view_study(net, cfg, splits.test_images, splits.test_is_id, args.views,
+                       args.view_families)
     return {
         "scores": {s: {"metrics": ood_metrics(v, splits.test_is_id)} for s, v in scores.items()},
         "budget": run_budget(run_dir, cfg, meta),
-        "evaluation": {"seconds": round(time.perf_counter() - t0, 2)},
+        "evaluation": {"seconds": round(seconds, 2)},
+        "view_study": {"auroc": study, "seconds": round(time.perf_counter() - t0, 2)},
     }
+
+
+def serve_run(run_dir: Path, cls: str, method: str, args) -> dict[str, Any]:
+    """Export the run at each served K and score the test set through the runtime."""
+    from _served import export_views, served_metrics
+
+    from oecl_train.evaluate import splits_for
+    from oecl_train.trainer import load_trained
+
+    cfg, _, _ = load_trained(run_dir, "cpu")
+    splits = splits_for(cfg)
+    out: dict[str, Any] = {}
+    for k in args.serve_views:
+        path = Path(args.runs_dir) / "artifacts" / method / f"class-{cls}" / f"views-{k}"
+        t0 = time.perf_counter()
+        summary = export_views(run_dir, path, k, splits, log=log)
+        export_s = time.perf_counter() - t0
+        out[str(k)] = served_metrics(path, splits.test_images, splits.test_is_id,
+                                     args.serve_threads)
+        for precision, row in out[str(k)].items():
+            row["export_s"] = round(export_s, 1)
+            row["artifact"] = str(path)
+            log(f"class {cls} {method} served K={k} {precision}: AUROC "
+                f"{row['metrics']['AUROC']:.4f}, at threshold TPR {row['at_threshold']['TPR']:.3f}"
+                f" FPR {row['at_threshold']['FPR']:.3f} (export {export_s:.0f} s, verified "
+                f"{summary['verification']['pass']})")
+    return out
 
 
 def run_deep(args, data_root: str, cls: str, method: str, k: int, val_splits=None) -> dict:
@@ -263,7 +322,13 @@ def run_deep(args, data_root: str, cls: str, method: str, k: int, val_splits=Non
         )
     b = report["budget"]
     wall = round(seconds, 2) if seconds is not None and what == "trained" else b["wall_time_s"]
+    extra: dict[str, Any] = {}
+    if val_splits is not None:
+        extra["view_study"] = report["view_study"]
+    elif method in args.serve_methods:
+        extra["served"] = serve_run(run_dir, cls, method, args)
     return {
+        **extra,
         "auroc": {s: v["metrics"]["AUROC"] for s, v in report["scores"].items()},
         "metrics": {s: v["metrics"] for s, v in report["scores"].items()},
         "budget": {
@@ -383,9 +448,111 @@ def mean_auroc(per_class: dict[str, dict], methods: list[str]) -> dict[str, Any]
     return out
 
 
+def view_study_means(per_class: dict[str, dict], methods: list[str]) -> dict[str, Any]:
+    """Mean validation AUROC of mean-view-norm per method, family and K."""
+    out: dict[str, Any] = {}
+    for m in methods:
+        studies = [per[m]["view_study"]["auroc"] for per in per_class.values()
+                   if "view_study" in per.get(m, {})]
+        if studies:
+            out[m] = {fam: {k: None if any(s[fam][k] is None for s in studies)
+                            else float(np.mean([s[fam][k] for s in studies])) for k in row}
+                      for fam, row in studies[0].items()}
+    return out
+
+
+def served_summary(per_class: dict[str, dict], methods: list[str], args) -> dict[str, Any] | None:
+    """The top-level `served` entry: the served score at K = --served-k of the first served
+    method, per class and mean, plus every served K's mean and the served images/s."""
+    from _served import BACKEND, PRECISIONS, mean_served, throughput
+
+    from oecl_train.views import SCORE_NAME
+
+    served = [m for m in methods if m in args.serve_methods and m in DEEP]
+    if not served:
+        return None
+    m, k = served[0], args.served_k
+    per = {cls: per_m[m]["served"] for cls, per_m in per_class.items()}
+    first = next(iter(per))
+    log(f"served images/s ({BACKEND}, batch 64), class {first} files")
+    artifacts = {kk: Path(per[first][str(kk)]["fp32"]["artifact"]) for kk in args.serve_views}
+    return {
+        "method": m,
+        "score": "norm" if k == 1 else SCORE_NAME,
+        "k": k,
+        "backend": BACKEND,
+        "precisions": list(PRECISIONS),
+        "per_class": {cls: {p: {"AUROC": v[str(k)][p]["metrics"]["AUROC"],
+                                **v[str(k)][p]["metrics"], **v[str(k)][p]["at_threshold"],
+                                "threshold": v[str(k)][p]["threshold"]} for p in PRECISIONS}
+                      for cls, v in per.items()},
+        "mean": mean_served(per, k),
+        "mean_by_k": {str(kk): mean_served(per, kk) for kk in args.serve_views},
+        "images_per_s": throughput(artifacts, 64, log, args.serve_threads),
+        "images_per_s_note": f"median of 3 rotated rounds, batch 64, class {first}'s files",
+    }
+
+
+def served_markdown(result: dict[str, Any]) -> str:
+    served = result.get("served")
+    if not served:
+        return ""
+    lines = [f"Served through oecl_runtime ({served['backend']}), {served['method']}: "
+             f"{served['score']} at K = {served['k']}",
+             "",
+             "| class | precision | AUROC | AUPR-IN | AUPR-OUT | FPR@95TPR | TPR at thr | "
+             "FPR at thr |", "|---|---|---|---|---|---|---|---|"]
+    rows = [*served["per_class"].items(), ("**mean**", None)]
+    for cls, per in rows:
+        for p in served["precisions"]:
+            r = served["mean"][p] if per is None else per[p]
+            tpr = r.get("TPR_at_threshold", r.get("TPR"))
+            fpr = r.get("FPR_at_threshold", r.get("FPR"))
+            lines.append(f"| {cls} | {p} | {r['AUROC']:.4f} | {r['AUPR-IN']:.4f} | "
+                         f"{r['AUPR-OUT']:.4f} | {r['FPR@95TPR']:.4f} | {tpr:.3f} | {fpr:.3f} |")
+    lines += ["", "| K | mean AUROC fp32 | mean AUROC int8 | images/s fp32 | images/s int8 |",
+              "|---|---|---|---|---|"]
+    for k, by_p in served["mean_by_k"].items():
+        ips = served["images_per_s"].get(k, {})
+        lines.append(f"| {k} | {by_p['fp32']['AUROC']:.4f} | {by_p['int8']['AUROC']:.4f} | "
+                     f"{ips.get('fp32', float('nan')):.0f} | {ips.get('int8', float('nan')):.0f} |")
+    return "\n".join(lines)
+
+
+def view_study_markdown(result: dict[str, Any]) -> str:
+    study = result.get("view_study")
+    if not study:
+        return ""
+    lines = []
+    for m, fams in study.items():
+        for fam, row in fams.items():
+            if not lines:
+                lines = [f"| method | family | {' | '.join(f'K={k}' for k in row)} |",
+                         "|---|---|" + "---|" * len(row)]
+            lines.append(f"| {m} | {fam} | " + " | ".join(
+                "n/a" if v is None else f"{v:.4f}" for v in row.values()) + " |")
+    return "Validation AUROC of mean-view-norm (mean over classes)\n\n" + "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.steps = parse_steps(args.steps)
+    from _served import parse_ks
+
+    from oecl_train.views import DEFAULT_VIEWS
+
+    args.served_k = DEFAULT_VIEWS if args.served_k is None else args.served_k
+    try:
+        args.views = parse_ks(args.views)
+        args.serve_views = parse_ks(args.serve_views or f"1,{args.served_k}")
+        args.view_families = [None if f.strip() == "train" else
+                              tuple(float(x) for x in f.strip().split("-"))
+                              for f in args.view_families.split(",") if f.strip()]
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    args.serve_methods = [m.strip() for m in args.serve_methods.split(",") if m.strip()]
+    if args.served_k not in args.serve_views:
+        sys.exit(f"error: --served-k {args.served_k} is not among --serve-views")
     try:
         lo, hi = (float(v) for v in args.crop_scale.split(","))
     except ValueError:
@@ -434,6 +601,10 @@ def main(argv: list[str] | None = None) -> int:
             "oe_overlay": args.oe_overlay,
             "hflip": False,
             "k": k,
+            "views": args.views if args.eval_split == "val" else None,
+            "view_families": args.view_families if args.eval_split == "val" else None,
+            "serve_views": args.serve_views if args.eval_split == "test" else None,
+            "serve_methods": args.serve_methods if args.eval_split == "test" else None,
             "seed": args.seed,
             "pca_variance": args.pca_variance,
             "data_root": args.data_root,
@@ -469,6 +640,10 @@ def main(argv: list[str] | None = None) -> int:
         result["per_class"][cls] = {m: per[m] for m in methods}
         log(f"class {cls}: done in {time.perf_counter() - t0:.0f} s")
     result["mean_auroc"] = mean_auroc(result["per_class"], methods)
+    if validate:
+        result["view_study"] = view_study_means(result["per_class"], methods)
+    else:
+        result["served"] = served_summary(result["per_class"], methods, args)
     result["wall_time_s"] = round(time.perf_counter() - t_all, 1)
     suffix = "" if args.protocol == "one-vs-rest" else f"-{args.protocol}"
     suffix += "-val" if validate else ""
@@ -490,6 +665,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{result['device']}; {budget}{pca}\n"
     )
     print(markdown(result))
+    for table in (served_markdown(result), view_study_markdown(result)):
+        if table:
+            print("\n" + table)
     print(f"\ncommand: `{result['command']}`")
     log(f"written {out}")
     return 0

@@ -26,6 +26,10 @@ SCHEMA_VERSION = 1
 METADATA_NAME = "oecl.json"
 
 STAT_KEYS = ("n", "mean", "std", "min", "p05", "p50", "p95", "max")
+# The graph computes the score either way; the name says which: the single-pass norm, or the
+# norm of the mean projection over the fixed views listed in `score.views`.
+SCORE_NAMES = ("norm", "mean-view-norm")
+VIEW_KEYS = ("top", "left", "height", "width", "hflip")
 _TOP_KEYS = ("schema_version", "producer", "created", "input", "outputs", "score", "max_batch",
              "files")
 
@@ -170,6 +174,30 @@ def _check_file_entry(f: Any, i: int) -> None:
                   f"{p}: a TensorRT plan needs {key!r} (plans only run where they were built)")
 
 
+def _check_views(score: dict[str, Any], inp: dict[str, Any]) -> None:
+    """`score.views` (optional for `norm`: absent means the plain view alone): boxes inside the
+    input, view 0 the plain image, and more than one view exactly when the name says so."""
+    views = score.get("views")
+    if views is None:
+        _need(score["name"] == "norm", f"score.name {score['name']!r} needs score.views")
+        return
+    _need(isinstance(views, list) and views, "score.views must list at least one view")
+    h, w = inp["height"], inp["width"]
+    for i, v in enumerate(views):
+        _need(isinstance(v, dict) and all(k in v for k in VIEW_KEYS),
+              f"score.views[{i}] needs {', '.join(VIEW_KEYS)}")
+        ints = [v[k] for k in VIEW_KEYS[:4]]
+        _need(all(isinstance(x, int) and not isinstance(x, bool) for x in ints)
+              and isinstance(v["hflip"], bool), f"score.views[{i}]: whole pixels and a boolean")
+        _need(v["top"] >= 0 and v["left"] >= 0 and v["height"] > 0 and v["width"] > 0
+              and v["top"] + v["height"] <= h and v["left"] + v["width"] <= w,
+              f"score.views[{i}] box lies outside the {h}x{w} input")
+    plain = {"top": 0, "left": 0, "height": h, "width": w, "hflip": False}
+    _need({k: views[0][k] for k in VIEW_KEYS} == plain, "score.views[0] must be the plain image")
+    want = "norm" if len(views) == 1 else "mean-view-norm"
+    _need(score["name"] == want, f"score.name must be {want!r} for {len(views)} view(s)")
+
+
 def validate_metadata(meta: dict[str, Any]) -> None:
     """Raise ArtifactError (one line) unless `meta` follows schema version SCHEMA_VERSION."""
     _need(isinstance(meta, dict), "top level must be a JSON object")
@@ -217,7 +245,9 @@ def validate_metadata(meta: dict[str, Any]) -> None:
 
     score = meta["score"]
     _need(isinstance(score, dict), "score must be an object")
-    _need(score.get("name") == "norm", f"score.name must be 'norm', got {score.get('name')!r}")
+    _need(score.get("name") in SCORE_NAMES,
+          f"score.name must be one of {', '.join(SCORE_NAMES)}, got {score.get('name')!r}")
+    _check_views(score, inp)
     _need(score.get("direction") == "higher_is_normal",
           f"score.direction must be 'higher_is_normal', got {score.get('direction')!r}")
     _need(_is_num(score.get("threshold")), "score.threshold must be a finite number")
@@ -300,6 +330,18 @@ class Artifact:
     @property
     def input_name(self) -> str:
         return str(self.meta["input"]["name"])
+
+    @property
+    def score_name(self) -> str:
+        return str(self.meta["score"]["name"])
+
+    @property
+    def views(self) -> list[dict[str, Any]]:
+        """The fixed views the graph averages over (the plain view alone when not listed)."""
+        spec = self.meta["input"]
+        plain = {"top": 0, "left": 0, "height": spec["height"], "width": spec["width"],
+                 "hflip": False}
+        return [dict(v) for v in self.meta["score"].get("views") or [plain]]
 
     @property
     def threshold(self) -> float:

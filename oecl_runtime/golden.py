@@ -215,7 +215,7 @@ def verify(artifact: Artifact | str | os.PathLike, backend: str = "auto",
     return {"artifact": str(art.directory), "backend": used["name"],
             "precision": used["precision"], "n_images": int(len(golden.images)),
             "n_id": int(golden.is_id.sum()), "n_ood": int((~golden.is_id).sum()),
-            "tolerances": golden.tolerances, "score": "norm (higher = normal)", **row}
+            "tolerances": golden.tolerances, "score": f"{art.score_name} (higher = normal)", **row}
 
 
 def verify_files(directory: str | os.PathLike, images: np.ndarray, is_id: np.ndarray,
@@ -243,7 +243,7 @@ def verify_files(directory: str | os.PathLike, images: np.ndarray, is_id: np.nda
     return {
         "n_images": int(len(images)), "n_id": int(is_id.sum()), "n_ood": int((~is_id).sum()),
         "reference": {"AUROC": auroc(reference, is_id)},
-        "tolerances": dict(tolerances), "score": "norm (higher = normal)",
+        "tolerances": dict(tolerances), "score": f"{art.score_name} (higher = normal)",
         "files": rows, "pass": all(r["pass"] for r in rows),
     }
 

@@ -182,7 +182,7 @@ def create_app(scorer: Scorer, config: ServerConfig | None = None) -> Starlette:
             for r, name in zip(results, names, strict=True):
                 r["name"] = name
         metrics.latency.observe(time.perf_counter() - t0)
-        return JSONResponse({"score": "norm", "direction": "higher_is_normal",
+        return JSONResponse({"score": scorer.artifact.score_name, "direction": "higher_is_normal",
                              "threshold": threshold, "results": results})
 
     async def healthz(request: Request) -> Response:

@@ -17,7 +17,16 @@ from typing import Any
 import numpy as np
 
 from oecl_train.metrics import ood_metrics, rates_at_threshold, threshold_at_tpr
-from oecl_train.scores import DESCRIPTIONS, DIRECTION, SCORES, compute_scores, parse_scores
+from oecl_train.scores import (
+    DESCRIPTIONS,
+    DIRECTION,
+    RANDOM_VIEW_SCORES,
+    SCORES,
+    VIEW_SCORE,
+    compute_scores,
+    parse_scores,
+)
+from oecl_train.views import DEFAULT_VIEWS, views_for, views_to_json
 
 REPORT_SCHEMA = "oecl-eval-report/1"
 THRESHOLD_TPR = 0.95
@@ -87,14 +96,18 @@ def score_model(
     device="cpu",
     batch_size: int = 1024,
     progress: bool = False,
+    views: int = DEFAULT_VIEWS,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Test-set scores (each requested score) and ID-validation norms (for the threshold)."""
+    """Test-set scores (each requested score) and ID-validation norms (for the threshold).
+    mean-view-norm uses the run's `views`-view set, the one `oecl export --views` bakes in."""
     import torch
     from tqdm import tqdm
 
     device = torch.device(device)
     scores = parse_scores(scores)
-    augment = augment_for(cfg, splits.spec, device) if any(s != "norm" for s in scores) else None
+    need_aug = any(s in RANDOM_VIEW_SCORES for s in scores)
+    augment = augment_for(cfg, splits.spec, device) if need_aug else None
+    view_set = views_for(cfg, splits.spec.height, splits.spec.width, views)
     precision = eval_precision(cfg, device)
     total = len(splits.test_images) + len(splits.id_val)
     with tqdm(total=total, disable=not progress, unit="img", desc="scoring") as bar:
@@ -104,6 +117,7 @@ def score_model(
             scores=scores,
             augment=augment,
             k=k,
+            views=view_set,
             device=device,
             precision=precision,
             batch=batch_size,
@@ -195,6 +209,7 @@ def build_report(
     device: str,
     batch_size: int,
     seconds: float,
+    views: int = DEFAULT_VIEWS,
 ) -> dict[str, Any]:
     """The report as a JSON-ready dict (schema: REPORT_SCHEMA)."""
     is_id = splits.test_is_id
@@ -246,6 +261,8 @@ def build_report(
             "scores": list(test_scores),
             "k": k,
             "seed": EVAL_SEED,
+            **({"views": views_to_json(views_for(cfg, splits.spec.height, splits.spec.width,
+                                                 views))} if VIEW_SCORE in test_scores else {}),
             "device": device,
             "precision": cfg.precision,
             "batch_size": batch_size,
@@ -267,6 +284,7 @@ def evaluate_run(
     batch_size: int = 1024,
     progress: bool = False,
     plots: bool = True,
+    views: int = DEFAULT_VIEWS,
 ) -> dict[str, Any]:
     """Score a run's test split, write RUN/eval/report.{json,md} (+ plots, + scores.csv), and
     return the report dict. Raises EvalError (one line) on bad input."""
@@ -275,8 +293,10 @@ def evaluate_run(
     from oecl_train.trainer import load_trained, resolve_device
 
     scores = parse_scores(scores)
-    if k < 1 and any(s != "norm" for s in scores):
+    if k < 1 and any(s in RANDOM_VIEW_SCORES for s in scores):
         raise EvalError("--k must be at least 1")
+    if views < 1:
+        raise EvalError("--views must be at least 1")
     if batch_size < 1:
         raise EvalError("--batch-size must be positive")
     run_dir = check_run_dir(run_dir)
@@ -290,7 +310,8 @@ def evaluate_run(
         )
     t0 = time.perf_counter()
     test, val = score_model(
-        net, cfg, splits, scores=scores, k=k, device=dev, batch_size=batch_size, progress=progress
+        net, cfg, splits, scores=scores, k=k, device=dev, batch_size=batch_size,
+        progress=progress, views=views,
     )
     seconds = time.perf_counter() - t0
     for name, s in test.items():
@@ -309,6 +330,7 @@ def evaluate_run(
         device=str(dev),
         batch_size=batch_size,
         seconds=seconds,
+        views=views,
     )
     write_run_report(
         run_dir / "eval",

@@ -21,6 +21,11 @@ from oecl_train.scores import SCORES
 @click.option(
     "--k", "k", default=32, show_default=True, type=int, help="Augmented views per test image."
 )
+@click.option(
+    "--views", "views", default=None, type=click.IntRange(min=1),
+    help="Fixed views of mean-view-norm (the --views K export serves); default: "
+    "oecl_train.views.DEFAULT_VIEWS.",
+)
 @click.option("--save-scores", is_flag=True, help="Also write RUN/eval/scores.csv (per image).")
 @click.option(
     "--batch-size",
@@ -32,14 +37,16 @@ from oecl_train.scores import SCORES
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
 def eval_cmd(
-    run: Path, scores: str, k: int, save_scores: bool, batch_size: int, device: str, progress: bool
+    run: Path, scores: str, k: int, views: int | None, save_scores: bool, batch_size: int,
+    device: str, progress: bool,
 ) -> None:
     """Evaluate RUN (a run directory, or a sweep directory of class-* runs).
 
-    Scores the run's test split (rebuilt from its config.json) with norm, mean-aug-norm and
-    mean-sq-norm (higher = normal, ID positive), and writes RUN/eval/report.json, report.md,
-    ROC curves and ID-vs-OOD histograms. On a sweep directory, evaluates each class run and
-    writes the per-class table with the mean to sweep.json and sweep.md.
+    Scores the run's test split (rebuilt from its config.json) with norm, mean-aug-norm,
+    mean-sq-norm and mean-view-norm (higher = normal, ID positive), and writes
+    RUN/eval/report.json, report.md, ROC curves and ID-vs-OOD histograms. On a sweep
+    directory, evaluates each class run and writes the per-class table with the mean to
+    sweep.json and sweep.md.
     """
     from oecl_train.cli import user_errors
     from oecl_train.report import format_run_table
@@ -49,15 +56,19 @@ def eval_cmd(
     try:
         names = parse_scores(scores)
         if is_sweep_dir(run):
+            if views is not None:
+                raise click.ClickException("--views applies to one run; a sweep uses the default")
             sweep = evaluate_sweep(
                 run, names, k, save_scores, device, batch_size=batch_size, progress=progress
             )
             print_sweep(sweep)
             return
         from oecl_train.evaluate import evaluate_run
+        from oecl_train.views import DEFAULT_VIEWS
 
         report = evaluate_run(
-            run, names, k, save_scores, device, batch_size=batch_size, progress=progress
+            run, names, k, save_scores, device, batch_size=batch_size, progress=progress,
+            views=DEFAULT_VIEWS if views is None else views,
         )
     except user_errors() as e:
         raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None

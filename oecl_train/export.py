@@ -58,6 +58,8 @@ OE_STATS_MAX = 2000  # at most this many OE images make `score.oe_norm`
 CALIB_BATCH = 32
 # Ops that only make sense in training; none may survive into a served graph.
 TRAINING_OPS = frozenset({"BatchNormalization", "Dropout"})
+# Initializer names of the K-view graph's resampling maps (`ViewStack.rows` / `.cols`).
+VIEW_MAP_NAMES = ("stack.rows", "stack.cols")
 
 ONNX_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 INT8_SYMMETRIC_FILE = "model.int8.symmetric.onnx"
@@ -149,26 +151,47 @@ def fold_batchnorm(net: nn.Module) -> nn.Module:
 class _Served(nn.Module):
     """uint8 NCHW in; `norm` (float32) and optionally `embedding` (float32) out.
 
-    fp32 is `ScoreModel` itself. fp16 casts the images to half before the network (weights
-    are half too) and the projection back to float32 before the norm, so clients see the same
-    dtypes whatever the precision.
+    With the plain view alone (K = 1), fp32 is `ScoreModel` itself. fp16 casts the images to
+    half before the network (weights are half too) and the projection back to float32 before
+    the norm, so clients see the same dtypes whatever the precision.
+
+    With K views, the N images become K·N views inside the graph (`ViewStack`, resampled in
+    float32 at every precision), the network runs once on all of them, and `norm` is the norm
+    of the mean projection over each image's K views; `embedding` is that mean projection.
     """
 
-    def __init__(self, net: nn.Module, half: bool, embedding: bool) -> None:
+    def __init__(self, net: nn.Module, half: bool, embedding: bool,
+                 views: Sequence[Any] | None = None, hw: tuple[int, int] | None = None) -> None:
         super().__init__()
         from oecl_train.model import ScoreModel
+        from oecl_train.views import ViewScoreModel, is_plain
 
         self.half_precision = half
         self.embedding = embedding
-        self.score = ScoreModel(net.half() if half else net)
+        net = net.half() if half else net
+        self.views = None
+        if views is not None and hw is not None and not is_plain(views, *hw):
+            self.views = ViewScoreModel(net, views, *hw, half=half)
+        self.score = ScoreModel(net)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if self.half_precision:
+        if self.views is not None:
+            norm, z = self.views(images)
+        elif self.half_precision:
             z = self.score.net(images.half() / 255.0).float()
             norm = torch.linalg.vector_norm(z, dim=1)
         else:
             norm, z = self.score(images)
         return (norm, z) if self.embedding else norm
+
+
+def _score_views(views: Sequence[Any]) -> dict[str, Any]:
+    """`score.name`, `score.views` and `score.resample` of oecl.json for a view set."""
+    from oecl_train.views import RESAMPLE, SCORE_NAME, views_to_json
+
+    if len(views) == 1:
+        return {"name": "norm", "views": views_to_json(views)}
+    return {"name": SCORE_NAME, "views": views_to_json(views), "resample": RESAMPLE}
 
 
 def _export_onnx(model: nn.Module, path: Path, chw: tuple[int, int, int], embedding: bool) -> None:
@@ -228,6 +251,15 @@ def check_onnx(path: Path, chw: tuple[int, int, int], embedding: bool) -> dict[s
     return {"opset": opset, "nodes": len(model.graph.node)}
 
 
+def _view_nodes(path: Path) -> list[str]:
+    """Names of the nodes that apply the view maps (read a `ViewStack` buffer)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    maps = {i.name for i in model.graph.initializer if i.name.endswith(VIEW_MAP_NAMES)}
+    return [n.name for n in model.graph.node if maps & set(n.input)]
+
+
 def _quantize_int8(src: Path, dst: Path, calib: np.ndarray, scratch: Path,
                    for_tensorrt: bool = False) -> None:
     """Static QDQ int8 with per-channel symmetric int8 weights and MinMax ranges from `calib`.
@@ -263,6 +295,10 @@ def _quantize_int8(src: Path, dst: Path, calib: np.ndarray, scratch: Path,
     if not pre.exists():
         quant_pre_process(str(src), str(pre))
     kwargs: dict[str, Any] = {}
+    # The view maps resample the image (weights in [0, 1]); int8 weights would blur every
+    # view. They are cheap next to the network, so they stay float.
+    if view_nodes := _view_nodes(pre):
+        kwargs["nodes_to_exclude"] = view_nodes
     if for_tensorrt:
         kwargs["op_types_to_quantize"] = ["Conv", "Gemm", "MatMul"]
     quantize_static(
@@ -286,17 +322,26 @@ def _quantize_int8(src: Path, dst: Path, calib: np.ndarray, scratch: Path,
 
 @torch.inference_mode()
 def torch_norms(net: nn.Module, images: np.ndarray, device: torch.device,
-                batch: int = 256) -> np.ndarray:
-    """fp32 eval-mode norms of uint8 NCHW images: the reference every file is checked against."""
+                batch: int = 256, views: Sequence[Any] | None = None) -> np.ndarray:
+    """fp32 eval-mode scores of uint8 NCHW images: the reference every file is checked against.
+    With `views` (more than the plain one), the K-view score `oecl eval` reports as
+    mean-view-norm, from the same `oecl_train.views` code the graph is built with."""
     from oecl_train.model import ScoreModel
+    from oecl_train.scores import view_scores
+    from oecl_train.views import is_plain
 
     model = ScoreModel(net).to(device).eval()
+    ensemble = views is not None and not is_plain(views, images.shape[2], images.shape[3])
     # TF32 would put GPU reference norms ~1e-3 off the fp32 graph; keep true fp32.
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        out = [model(torch.from_numpy(np.ascontiguousarray(images[i:i + batch])).to(device))[0]
-               .float().cpu().numpy() for i in range(0, len(images), batch)]
+        if ensemble:
+            out = [view_scores(net, images, views, device=device, precision="fp32", batch=batch)]
+        else:
+            out = [model(torch.from_numpy(np.ascontiguousarray(images[i:i + batch]))
+                         .to(device))[0].float().cpu().numpy()
+                   for i in range(0, len(images), batch)]
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     return np.concatenate(out) if out else np.empty(0, np.float32)
@@ -403,10 +448,15 @@ def export_run(
     verify: bool = True,
     device: str = "cpu",
     *,
+    views: int = 1,
     splits: Any = None,
     log: Log = _stderr,
 ) -> dict[str, Any]:
     """Export the run's latest checkpoint to an artifact directory `out_dir`; returns a summary.
+
+    `views` = K bakes the run's K deterministic views (`oecl_train.views`) into every file:
+    the served score is then ‖mean of z over the K views‖ (mean-view-norm); K = 1 is the
+    single-pass norm. Threshold, norm statistics and verification use the same score.
 
     `splits` may pass the run's already-built data splits (saves reading the data again); by
     default they are rebuilt from the run's config. Raises ExportError (one line) for bad
@@ -419,6 +469,8 @@ def export_run(
         raise ExportError(f"--threshold-tpr must be in (0, 1], got {threshold_tpr}")
     if calib_images < 1:
         raise ExportError(f"--calib-images must be positive, got {calib_images}")
+    if not isinstance(views, int) or views < 1:
+        raise ExportError(f"--views must be a positive integer, got {views!r}")
     if "tensorrt" in fmts:
         from oecl_runtime import engine
 
@@ -450,6 +502,9 @@ def export_run(
     if len(splits.id_val) == 0:
         raise ExportError("the run has no held-out ID validation images to set a threshold on")
     net_cpu = copy.deepcopy(net).cpu().float().eval()
+    from oecl_train.views import views_for
+
+    view_set = views_for(cfg, spec.height, spec.width, views)
 
     with atomic_dir(out) as tmp, _scratch() as scratch:
         files: list[dict[str, Any]] = []
@@ -469,7 +524,8 @@ def export_run(
             # Shipped even when made only as TensorRT 11's source: the edge box builds from it.
             path = tmp / ONNX_FILES[precision]
             with _stage(log, f"export: {path.name} ({precision})", timings, f"export_{precision}"):
-                model = _Served(copy.deepcopy(folded), precision == "fp16", embedding)
+                model = _Served(copy.deepcopy(folded), precision == "fp16", embedding,
+                                view_set, (spec.height, spec.width))
                 _export_onnx(model, path, chw, embedding)
                 graph_info[path.name] = check_onnx(path, chw, embedding)
             onnx_paths[precision] = path
@@ -505,15 +561,15 @@ def export_run(
                     "golden"):
             g_images, g_is_id = golden.select(*_held_out(splits), cfg.seed)
             g_entries, g_section = golden.write(
-                tmp, g_images, g_is_id, torch_norms(net, g_images, dev),
+                tmp, g_images, g_is_id, torch_norms(net, g_images, dev, views=view_set),
                 {"fp32_max_rel_diff": FP32_REL_TOL, "AUROC_diff": AUROC_TOL})
             files += g_entries
 
         with _stage(log, "metadata: threshold and norm statistics (PyTorch fp32)", timings,
                     "metadata"):
-            id_norms = torch_norms(net, splits.id_val, dev)
+            id_norms = torch_norms(net, splits.id_val, dev, views=view_set)
             oe = _oe_images(splits, cfg.seed)
-            oe_norms = None if oe is None else torch_norms(net, oe, dev)
+            oe_norms = None if oe is None else torch_norms(net, oe, dev, views=view_set)
             threshold = threshold_at_tpr(id_norms, threshold_tpr)
             meta_out = _metadata(
                 spec=spec, arch=arch, embedding=embedding, threshold=threshold,
@@ -524,6 +580,7 @@ def export_run(
                         "oe": cfg.oe, "oe_mode": splits.oe_mode},
             )
             meta_out["golden"] = g_section
+            meta_out["score"].update(_score_views(view_set))
             meta_out["verification"] = {"passed": None, "skipped": True}
             write_metadata(tmp, meta_out)
 
@@ -543,7 +600,7 @@ def export_run(
             images, is_id = _verification_images(splits, cfg.seed)
             with _stage(log, f"verify: {len(images)} held-out images through oecl_runtime",
                         timings, "verify"):
-                ref = torch_norms(net, images, dev)
+                ref = torch_norms(net, images, dev, views=view_set)
                 report = verify_artifact(tmp, ref, images, is_id, log)
                 write_json(tmp / VERIFY_FILE, report)
             if not report["pass"]:
@@ -566,7 +623,8 @@ def export_run(
                    "bytes": f["bytes"], "sha256": f["sha256"]} for f in files],
         "threshold": meta_out["score"]["threshold"],
         "threshold_rule": meta_out["score"]["threshold_rule"],
-        "score": "norm (higher = normal)",
+        "score": f"{meta_out['score']['name']} (higher = normal)",
+        "views": len(view_set),
         "id_norm": meta_out["score"]["id_norm"],
         "oe_norm": meta_out["score"]["oe_norm"],
         "graphs": graph_info,

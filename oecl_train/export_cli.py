@@ -31,19 +31,27 @@ _FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "tensorrt")
                    "fail the export outside the tolerances.")
 @click.option("--device", default="cpu", show_default=True,
               help="Device of the PyTorch reference (cpu, cuda, auto).")
+@click.option("--views", default=None, type=click.IntRange(min=1),
+              help="K fixed views per image inside the graph (the plain image and K - 1 crops "
+                   "of the training family); the score is the norm of the mean projection. "
+                   "1 = single pass. Default: oecl_train.views.DEFAULT_VIEWS.")
 def export_cmd(run: str, out_dir: str, formats: str, max_batch: int, threshold_tpr: float,
-               embedding: bool, calib_images: int, verify: bool, device: str) -> None:
+               embedding: bool, calib_images: int, verify: bool, device: str,
+               views: int | None) -> None:
     """Export the latest checkpoint of RUN to an artifact directory.
 
-    Score: norm, higher = normal; an image is anomalous when norm < threshold. Progress goes to
-    stderr; the table and a JSON summary (last line) go to stdout.
+    Score: the norm of the projection averaged over the --views fixed views (mean-view-norm;
+    norm with --views 1), higher = normal; an image is anomalous when the score < threshold.
+    Progress goes to stderr; the table and a JSON summary (last line) go to stdout.
     """
     from oecl_train.cli import user_errors
     from oecl_train.export import export_run
+    from oecl_train.views import DEFAULT_VIEWS
 
     try:
         summary = export_run(run, out_dir, formats, max_batch, threshold_tpr, embedding,
-                             calib_images, verify, device)
+                             calib_images, verify, device,
+                             views=DEFAULT_VIEWS if views is None else views)
     except user_errors() as e:
         raise click.ClickException(_one_line(e)) from None
     print_summary(summary)
@@ -82,6 +90,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     else:
         click.echo("not verified (--no-verify)")
     rule = summary["threshold_rule"]
-    click.echo(f"threshold {summary['threshold']:.4g} (norm keeping {rule['tpr']:.0%} of "
-               f"{rule['n_images']} held-out ID images; score: norm, higher = normal)")
+    score = summary["score"].split(" ")[0]
+    click.echo(f"threshold {summary['threshold']:.4g} ({score} keeping {rule['tpr']:.0%} of "
+               f"{rule['n_images']} held-out ID images over {summary['views']} view(s); score: "
+               f"{score}, higher = normal)")
     click.echo(json.dumps(summary))

@@ -3,6 +3,8 @@
 - norm:          ‖z‖ of the plain test view (what the exported runtime serves)
 - mean-aug-norm: ‖mean of z over the plain view and K SimCLR views‖
 - mean-sq-norm:  mean of ‖z‖² over those views
+- mean-view-norm: ‖mean of z over a fixed set of K deterministic views‖ (`oecl_train.views`;
+  what an artifact exported with `--views K` serves)
 """
 
 from __future__ import annotations
@@ -14,13 +16,17 @@ import torch
 
 from oecl_train.augment import SimCLRAugment
 from oecl_train.trainer import autocast
+from oecl_train.views import SCORE_NAME as VIEW_SCORE
+from oecl_train.views import View, ViewStack, mean_over_views
 
-SCORES = ("norm", "mean-aug-norm", "mean-sq-norm")
+SCORES = ("norm", "mean-aug-norm", "mean-sq-norm", VIEW_SCORE)
+RANDOM_VIEW_SCORES = ("mean-aug-norm", "mean-sq-norm")
 DIRECTION = "higher = normal"
 DESCRIPTIONS = {
     "norm": "‖z‖ of the plain view (the exported model's score)",
     "mean-aug-norm": "‖mean of z over the plain view and K SimCLR views‖",
     "mean-sq-norm": "mean of ‖z‖² over the plain view and K SimCLR views",
+    VIEW_SCORE: "‖mean of z over the plain view and fixed crops‖ (the --views K served score)",
 }
 
 
@@ -69,6 +75,7 @@ def compute_scores(
     scores: Sequence[str] = SCORES,
     augment: SimCLRAugment | None = None,
     k: int = 32,
+    views: Sequence[View] | None = None,
     device: torch.device | str = "cpu",
     precision: str = "bf16",
     batch: int = 512,
@@ -80,12 +87,17 @@ def compute_scores(
     The K augmented views are made on the device from the batch already there (no re-reading),
     drawn from `seed` inside a forked RNG so scores are repeatable and the caller's random
     state is left alone. The draws depend on the seed and on `batch` (images per forward).
-    `progress(n)` is called after every n images scored.
+    mean-view-norm uses the fixed `views` instead (no randomness). `progress(n)` is called
+    after every n images scored.
     """
     device = torch.device(device)
     net.eval()
     scores = parse_scores(scores)
-    need_aug = any(s != "norm" for s in scores)
+    want_views = VIEW_SCORE in scores
+    if want_views and not views:
+        raise ValueError(f"{VIEW_SCORE} needs the list of views")
+    scores = tuple(s for s in scores if s != VIEW_SCORE)
+    need_aug = any(s in RANDOM_VIEW_SCORES for s in scores)
     if need_aug and augment is None:
         raise ValueError("mean-aug-norm and mean-sq-norm need an augmentation")
     if need_aug and k < 1:
@@ -96,14 +108,15 @@ def compute_scores(
     fork_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
-        for x, raw in _batches(images, sub, device):
+        # With only mean-view-norm asked for there is nothing to do here.
+        for x, raw in _batches(images, sub, device) if scores else ():
             n = len(x)
-            views = [x]
+            stack = [x]
             if need_aug:
                 aug = augment(raw.repeat(k, 1, 1, 1))
-                views.append(aug.contiguous(memory_format=torch.channels_last))
+                stack.append(aug.contiguous(memory_format=torch.channels_last))
             with autocast(device, precision):
-                z = net(torch.cat(views)).float()
+                z = net(torch.cat(stack)).float()
             z_views = z.view(-1, n, z.shape[1])  # (1 + K, n, d): view-major like the repeat
             if "norm" in scores:
                 out["norm"].append(torch.linalg.vector_norm(z_views[0], dim=1).cpu().numpy())
@@ -114,4 +127,35 @@ def compute_scores(
                 out["mean-sq-norm"].append(z_views.square().sum(2).mean(0).cpu().numpy())
             if progress is not None:
                 progress(n)
-    return {s: np.concatenate(v) if v else np.empty(0, np.float32) for s, v in out.items()}
+    result = {s: np.concatenate(v) if v else np.empty(0, np.float32) for s, v in out.items()}
+    if want_views:
+        result[VIEW_SCORE] = view_scores(net, images, views, device=device, precision=precision,
+                                         batch=batch)
+    return result
+
+
+@torch.inference_mode()
+def view_scores(
+    net: torch.nn.Module,
+    images,
+    views: Sequence[View],
+    *,
+    device: torch.device | str = "cpu",
+    precision: str = "bf16",
+    batch: int = 512,
+) -> np.ndarray:
+    """‖mean of z over `views`‖ of uint8 NCHW images (float32): the exported K-view graph's
+    score, built from the same `ViewStack`. The views are resampled in float32 outside
+    autocast (as the graph does); only the network runs at `precision`."""
+    device = torch.device(device)
+    net.eval()
+    h, w = images.shape[2], images.shape[3]
+    stack = ViewStack(views, h, w).to(device)
+    sub = max(1, batch // stack.k)  # K views of a sub-batch fill one forward of `batch`
+    out = []
+    for x, _ in _batches(images, sub, device):
+        stacked = stack(x.contiguous()).contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            z = net(stacked)
+        out.append(torch.linalg.vector_norm(mean_over_views(z, stack.k), dim=1).cpu().numpy())
+    return np.concatenate(out) if out else np.empty(0, np.float32)

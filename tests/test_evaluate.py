@@ -1,4 +1,4 @@
-"""Evaluation: metrics by hand, the three scores on a fixed model, report files, sweeps, errors."""
+"""Evaluation: metrics by hand, the scores on a fixed model, report files, sweeps, errors."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from oecl_train.metrics import METRICS, ood_metrics, rates_at_threshold, thresho
 from oecl_train.model import build_model
 from oecl_train.scores import SCORES, compute_scores
 from oecl_train.sweep import evaluate_sweep, run_sweep
+from oecl_train.views import make_views
 
 TINY = dict(
     data="digits",
@@ -111,7 +112,8 @@ def test_norm_is_the_norm_of_the_plain_view(fixed_model):
 def test_augmented_scores_by_hand(fixed_model):
     net, images, augment = fixed_model
     k, seed = 5, 123
-    kw = dict(augment=augment, k=k, precision="fp32", batch=(k + 1) * len(images), seed=seed)
+    kw = dict(augment=augment, k=k, precision="fp32", batch=(k + 1) * len(images), seed=seed,
+              views=make_views(3, 16, 16))
     before = torch.random.get_rng_state()
     got = compute_scores(net, images, **kw)
     # Scoring leaves the caller's random state alone and repeats exactly.
@@ -279,3 +281,28 @@ def test_sweep_reuses_only_runs_with_the_same_settings(tmp_path: Path) -> None:
     (run_dir / "config.json").write_text(json.dumps({**saved, "oe_overlay": 0.5}))
     with pytest.raises(EvalError, match="different settings"):
         train_or_reuse(cfg, progress=False)
+
+
+def test_view_score_in_eval_is_the_exported_score(tiny_run):
+    """eval's mean-view-norm and the exporter's reference come from one view set, so a served
+    K-view artifact and `oecl eval --views K` cannot drift."""
+    from oecl_train import export
+    from oecl_train.evaluate import splits_for
+    from oecl_train.trainer import load_trained
+    from oecl_train.views import views_for, views_to_json
+
+    res = CliRunner().invoke(eval_cmd, [str(tiny_run), "--scores", "norm,mean-view-norm",
+                                        "--views", "3", "--save-scores", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tiny_run / "eval" / "report.json").read_text())
+    cfg, net, _ = load_trained(tiny_run, "cpu")
+    splits = splits_for(cfg)
+    views = views_for(cfg, 16, 16, 3)
+    assert report["evaluation"]["views"] == views_to_json(views)
+    rows = list(csv.DictReader((tiny_run / "eval" / "scores.csv").open()))
+    got = np.array([float(r["mean-view-norm"]) for r in rows])
+    ref = export.torch_norms(net, splits.test_images, torch.device("cpu"), views=views)
+    tol = 1e-4 if cfg.precision == "fp32" else 0.05  # eval runs the run's own precision
+    np.testing.assert_allclose(got, ref, rtol=tol)
+    plain = np.array([float(r["norm"]) for r in rows])
+    assert np.abs(got - plain).max() > 1e-3

@@ -290,7 +290,7 @@ def test_cli_help():
     result = CliRunner().invoke(main, ["export", "--help"])
     assert result.exit_code == 0
     for opt in ("--out", "--format", "--max-batch", "--threshold-tpr", "--embedding",
-                "--calib-images", "--no-verify"):
+                "--calib-images", "--no-verify", "--views"):
         assert opt in result.output
 
 
@@ -309,6 +309,9 @@ def test_cli_export(trained, tmp_path, monkeypatch):
     assert summary["threshold_rule"]["tpr"] == 0.9
     meta = Artifact.open(out).meta
     assert meta["max_batch"] == 16 and "embedding" not in meta["outputs"]
+    from oecl_train.views import DEFAULT_VIEWS
+
+    assert len(meta["score"]["views"]) == summary["views"] == DEFAULT_VIEWS  # the CLI default
     with Scorer.open(out, backend="onnxruntime-cpu") as scorer:
         results = scorer.score(list(splits.test_images[:3]))
     assert len(results) == 3
@@ -404,3 +407,120 @@ def test_tensorrt_engines_build_and_verify(trained, tmp_path):
     with Scorer.open(out, backend="tensorrt", precision="fp16") as scorer:
         for n in (1, 7, 32):
             assert scorer.backend.run(np.ascontiguousarray(splits.test_images[:n])).shape == (n,)
+
+
+# ---------------------------------------------------------------- the K-view graph
+
+VIEWS = 4
+
+
+@pytest.fixture(scope="module")
+def artifact_views(trained, tmp_path_factory):
+    """(artifact dir, summary) of the same run exported with K = VIEWS fixed views."""
+    run_dir, splits = trained
+    out = tmp_path_factory.mktemp("export-views") / "model"
+    summary = export_run(
+        run_dir, out, "onnx,onnx-fp16,onnx-int8", max_batch=MAX_BATCH, embedding=True,
+        calib_images=64, device="cpu", views=VIEWS, splits=splits, log=lambda msg: None,
+    )
+    return out, summary
+
+
+def _view_set(run_dir):
+    from oecl_train.config import TrainConfig
+    from oecl_train.views import views_for
+
+    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    return views_for(cfg, 16, 16, VIEWS)
+
+
+def test_view_graph_matches_torch_view_score(artifact_views, trained):
+    from oecl_train.scores import view_scores
+    from oecl_train.trainer import load_trained
+
+    out, summary = artifact_views
+    run_dir, splits = trained
+    _, net, _ = load_trained(run_dir, "cpu")
+    images = np.ascontiguousarray(splits.test_images[:50])
+    want = view_scores(net, images, _view_set(run_dir), precision="fp32")
+    single = export.torch_norms(net, images, torch.device("cpu"))
+    assert np.abs(want - single).max() > 1e-3  # the views change the score
+    with Scorer.open(out, backend="onnxruntime-cpu", precision="fp32") as scorer:
+        got = scorer.score_array(images)
+        np.testing.assert_allclose(got, want, rtol=1e-4)
+        # N images in, N scores out, whatever the batch
+        np.testing.assert_allclose(scorer.backend.run(images[:1]), got[:1], rtol=1e-5)
+    with Scorer.open(out, backend="torch-cpu") as scorer:
+        np.testing.assert_allclose(scorer.score_array(images), want, rtol=1e-4)
+    with Scorer.open(out, backend="onnxruntime-cpu", precision="fp16") as scorer:
+        np.testing.assert_allclose(scorer.score_array(images), want, rtol=2e-2)
+    assert summary["score"] == "mean-view-norm (higher = normal)" and summary["views"] == VIEWS
+
+
+def test_view_graph_embedding_is_the_mean_projection(artifact_views, trained):
+    import onnxruntime as ort
+
+    from oecl_train.trainer import load_trained
+    from oecl_train.views import ViewStack
+
+    out, _ = artifact_views
+    run_dir, splits = trained
+    _, net, _ = load_trained(run_dir, "cpu")
+    images = splits.id_val[:20]
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    norm, z = sess.run(["norm", "embedding"], {"images": images})
+    assert z.shape == (len(images), 128)
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), norm, rtol=1e-5)
+    x = torch.from_numpy(images).float() / 255
+    with torch.no_grad():
+        want = torch.stack([net(ViewStack([v], 16, 16)(x)) for v in _view_set(run_dir)]).mean(0)
+    np.testing.assert_allclose(z, want.numpy(), rtol=1e-3, atol=1e-5)
+
+
+def test_view_metadata_lists_the_views_and_thresholds_the_view_score(artifact_views, trained):
+    from oecl_train.trainer import load_trained
+    from oecl_train.views import views_to_json
+
+    out, _ = artifact_views
+    run_dir, splits = trained
+    art = Artifact.open(out)
+    score = art.meta["score"]
+    views = _view_set(run_dir)
+    assert score["name"] == art.score_name == "mean-view-norm"
+    assert score["views"] == art.views == views_to_json(views) and len(views) == VIEWS
+    assert "bilinear" in score["resample"]
+    _, net, _ = load_trained(run_dir, "cpu")
+    ref = export.torch_norms(net, splits.id_val, torch.device("cpu"), views=views)
+    assert score["threshold"] == pytest.approx(threshold_at_tpr(ref, 0.95), rel=1e-6)
+    assert score["id_norm"]["mean"] == pytest.approx(float(ref.mean()), rel=1e-6)
+    report = json.loads((out / "verify.json").read_text())
+    assert report["pass"] is True and report["score"].startswith("mean-view-norm")
+    rows = {r["path"]: r for r in report["files"]}
+    assert rows["model.onnx"]["max_rel_diff"] <= 1e-4
+    assert rows["model.safetensors"]["max_rel_diff"] <= 1e-4
+    assert rows["model.int8.onnx"]["AUROC_diff"] <= 0.005
+
+
+def test_view_maps_stay_float_in_int8(artifact_views):
+    out, _ = artifact_views
+    model = onnx.load(str(out / "model.int8.onnx"))
+    maps = {i.name for i in model.graph.initializer if i.name.endswith(export.VIEW_MAP_NAMES)}
+    assert len(maps) == 2
+    users = [n for n in model.graph.node if maps & set(n.input)]
+    assert [n.op_type for n in users] == ["MatMul", "MatMul"]  # not quantised away
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    assert all(producers.get(n.input[0]) == "DequantizeLinear" for n in convs)  # int8 network
+
+
+def test_one_view_is_the_single_pass_graph(artifact, trained):
+    """K = 1 (the API default, as `artifact` was made) is today's graph: no resampling,
+    the plain view listed, the score named norm."""
+    out, _ = artifact
+    model = onnx.load(str(out / "model.onnx"))
+    assert "MatMul" not in {n.op_type for n in model.graph.node}
+    assert not {i.name for i in model.graph.initializer if i.name.endswith(
+        export.VIEW_MAP_NAMES)}
+    score = Artifact.open(out).meta["score"]
+    assert score["name"] == "norm"
+    assert score["views"] == [{"top": 0, "left": 0, "height": 16, "width": 16, "hflip": False}]

@@ -76,7 +76,7 @@ class TorchBackend(Backend):
             first = str(e).splitlines()[0]
             raise ArtifactError(f"{entry['path']} does not fit the architecture: {first}") from e
 
-        self.model = ScoreModel(net).eval().to(device)
+        self.model = _score_model(net, artifact, ScoreModel).eval().to(device)
         self.device = torch.device(device)
         self.name = f"torch-{self.device.type}"
         self.precision = precision
@@ -180,6 +180,17 @@ def graph_buckets(max_batch: int, sizes: Sequence[int] | None = None) -> tuple[i
     if bad:
         raise ValueError(f"CUDA graph batch sizes must be in 1..{max_batch}, got {bad}")
     return tuple(sorted({int(s) for s in sizes} | {max_batch}))
+
+
+def _score_model(net: Any, artifact: Artifact, single: Any) -> Any:
+    """The served score of the artifact: the plain-view `ScoreModel`, or the mean over the
+    listed views from the same `oecl_train.views` code the exported graph was built with."""
+    if artifact.score_name == "norm":
+        return single(net)
+    from oecl_train.views import ViewScoreModel, views_from_json
+
+    spec = artifact.spec
+    return ViewScoreModel(net, views_from_json(artifact.views), spec.height, spec.width)
 
 
 def _strip_prefix(state: dict[str, Any], want: Any) -> dict[str, Any]:

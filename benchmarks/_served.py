@@ -1,0 +1,139 @@
+"""The served side of the accuracy benchmark: export a trained run, score a split through
+`oecl_runtime` on the exported files, and time the served graph at each K.
+
+What is reported here is what `oecl serve` would answer: the runtime's own pre-processing-free
+array path (`Scorer.score_array`, the images are already the model's uint8 input), the
+exported threshold, and the onnxruntime CPU backend at each precision.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PRECISIONS = ("fp32", "int8")
+FORMATS = {"fp32": "onnx", "int8": "onnx-int8"}
+BACKEND = "onnxruntime-cpu"
+
+
+def export_views(run_dir: Path, out: Path, views: int, splits: Any, *, verify: bool = True,
+                 log: Callable[[str], None]) -> dict[str, Any]:
+    """`oecl export RUN --views K --format onnx,onnx-int8` (verified), replacing `out`."""
+    from oecl_train.export import export_run
+
+    if out.exists() and not (out / "oecl.json").is_file():
+        shutil.rmtree(out)  # a half-written directory from an interrupted benchmark
+    fmts = ",".join(FORMATS[p] for p in PRECISIONS)
+    return export_run(run_dir, out, fmts, views=views, verify=verify, device="cpu",
+                      splits=splits, log=lambda m: log(f"    export: {m}"))
+
+
+def served_metrics(artifact: Path, images: np.ndarray, is_id: np.ndarray,
+                   threads: int | None = None) -> dict[str, dict[str, Any]]:
+    """Per precision: the OOD metrics of the scores the runtime returns for `images`, and the
+    TPR / FPR that the artifact's own threshold gives on them."""
+    from oecl_runtime import Scorer
+    from oecl_train.metrics import ood_metrics, rates_at_threshold
+
+    out: dict[str, dict[str, Any]] = {}
+    for precision in PRECISIONS:
+        t0 = time.perf_counter()
+        with Scorer.open(artifact, backend=BACKEND, precision=precision,
+                         threads=threads) as scorer:
+            scores = scorer.score_array(np.ascontiguousarray(images))
+            threshold = scorer.threshold
+            name = scorer.artifact.score_name
+            k = len(scorer.artifact.views)
+        out[precision] = {
+            "score": name, "k": k, "backend": BACKEND,
+            "metrics": ood_metrics(scores, is_id),
+            "threshold": threshold,
+            "at_threshold": rates_at_threshold(scores, is_id, threshold),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+    return out
+
+
+def throughput(artifacts: dict[int, Path], batch: int, log: Callable[[str], None],
+               threads: int | None = None) -> dict[str, dict[str, float]]:
+    """Served images/s of each K's files at each precision (median of rotated rounds)."""
+    from _common import rotated_rounds
+
+    from oecl_runtime import Artifact, Scorer
+
+    scorers, runs = [], {}
+    try:
+        for k, path in artifacts.items():
+            for precision in PRECISIONS:
+                s = Scorer.open(path, backend=BACKEND, precision=precision, threads=threads)
+                scorers.append(s)
+                runs[f"{k}/{precision}"] = s.backend.run
+        spec = Artifact.open(next(iter(artifacts.values()))).spec
+        rows = rotated_rounds(runs, (spec.channels, spec.height, spec.width), batch, rounds=3,
+                              iterations=20, warmup=3, max_seconds=4.0, pause=0.2, log=log)
+    finally:
+        for s in scorers:
+            s.close()
+    out: dict[str, dict[str, float]] = {}
+    for label, r in rows.items():
+        k, precision = label.split("/")
+        out.setdefault(k, {})[precision] = round(
+            statistics.median(x["images_per_s"] for x in r), 1)
+    return out
+
+
+def mean_served(per_class: dict[str, dict[str, Any]], k: int) -> dict[str, dict[str, float]]:
+    """Mean over classes of each metric and threshold rate, per precision, at K = k."""
+    out: dict[str, dict[str, float]] = {}
+    for precision in PRECISIONS:
+        entries = [c[str(k)][precision] for c in per_class.values() if str(k) in c]
+        if not entries:
+            continue
+        keys = list(entries[0]["metrics"])
+        row = {m: float(np.mean([e["metrics"][m] for e in entries])) for m in keys}
+        for rate in ("TPR", "FPR"):
+            row[f"{rate}_at_threshold"] = float(np.mean([e["at_threshold"][rate]
+                                                         for e in entries]))
+        out[precision] = row
+    return out
+
+
+def parse_ks(text: str) -> list[int]:
+    """'1,4,8' → [1, 4, 8] (sorted, unique, positive)."""
+    ks = sorted({int(t) for t in text.split(",") if t.strip()})
+    if not ks or ks[0] < 1:
+        raise ValueError(f"view counts must be positive integers, got {text!r}")
+    return ks
+
+
+def view_study(net: Any, cfg: Any, images: np.ndarray, is_id: np.ndarray, ks: Sequence[int],
+               families: Sequence[tuple[float, float] | None]
+               ) -> dict[str, dict[str, float | None]]:
+    """Validation AUROC of mean-view-norm for each K and crop-scale family (None = the run's
+    own, the one `views_for` exports), scored in PyTorch by the code the graph is built from."""
+    from oecl_train.metrics import ood_metrics
+    from oecl_train.scores import view_scores
+    from oecl_train.views import make_views
+
+    h, w = images.shape[2], images.shape[3]
+    out: dict[str, dict[str, float]] = {}
+    for fam in families:
+        scale = tuple(cfg.crop_scale) if fam is None else fam
+        label = "train" if fam is None else f"{fam[0]:g}-{fam[1]:g}"
+        row = {}
+        for k in ks:
+            try:
+                views = make_views(k, h, w, scale, bool(cfg.hflip))
+            except ValueError:  # a narrow family on a small input has fewer distinct views
+                row[str(k)] = None
+                continue
+            s = view_scores(net, images, views, precision="fp32", batch=1024)
+            row[str(k)] = ood_metrics(s, is_id)["AUROC"]
+        out[label] = row
+    return out
