@@ -524,3 +524,17 @@ def test_one_view_is_the_single_pass_graph(artifact, trained):
     score = Artifact.open(out).meta["score"]
     assert score["name"] == "norm"
     assert score["views"] == [{"top": 0, "left": 0, "height": 16, "width": 16, "hflip": False}]
+
+
+def test_view_golden_set_holds_the_served_score(artifact_views):
+    """An edge box's `oecl verify` compares against the score the graph serves, not the plain
+    norm, so a K-view artifact verifies on its own golden set."""
+    from oecl_runtime import golden
+
+    out, _ = artifact_views
+    art = Artifact.open(out)
+    g = golden.load(art)
+    with Scorer.open(out, backend="onnxruntime-cpu", precision="fp32") as scorer:
+        np.testing.assert_allclose(scorer.score_array(g.images), g.reference, rtol=1e-4)
+    report = golden.verify(out, backend="onnxruntime-cpu", precision="fp32")
+    assert report["pass"] is True and report["score"].startswith("mean-view-norm")
