@@ -51,8 +51,45 @@ class LazyGroup(click.Group):
             formatter.write_dl([(name, VERBS[name][2]) for name in VERBS])
 
 
+def version_text() -> str:
+    """oecl's version and what decides where it runs: torch and its CUDA, onnxruntime."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("oecl")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        from oecl_runtime import __version__ as ours
+    lines = [f"oecl {ours}"]
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpus = f"{torch.cuda.device_count()} GPU(s), {torch.cuda.get_device_name(0)}"
+        else:
+            gpus = "no GPU visible"
+        lines.append(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}; {gpus})")
+    except ImportError:
+        lines.append("torch: not installed (oecl train/eval/export need it; scoring does not)")
+    try:
+        import onnxruntime
+
+        providers = ", ".join(onnxruntime.get_available_providers())
+        lines.append(f"onnxruntime {onnxruntime.__version__} ({providers})")
+    except ImportError:
+        lines.append("onnxruntime: not installed")
+    return "\n".join(lines)
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(version_text())
+        ctx.exit()
+
+
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="oecl")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=_print_version, help="Show oecl's, torch's (CUDA) and onnxruntime's "
+              "versions and exit.")
 def main() -> None:
     """oecl: out-of-distribution detection by the feature norm of contrastive networks (OECL).
 
@@ -92,7 +129,10 @@ def config_options(fn):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        help_text = f"{f.metadata['help']} [default: {shown}]"
+        help_text = f.metadata["help"]
+        if default not in (None, ""):
+            # None and "" mean "derived": the help text itself says what from.
+            help_text += f" [default: {shown}]"
         if is_flag:
             decl = f"{flag}/--no-{f.name.replace('_', '-')}"
             fn = click.option(decl, f.name, default=None, help=help_text)(fn)
@@ -160,7 +200,13 @@ def _run_training(cfg, *, resume: bool, progress: bool, quick_eval: bool) -> dic
         val_fraction=cfg.val_fraction,
         seed=cfg.seed,
         strict=cfg.strict,
+        progress=progress,
     )
+    from oecl_train.metrics import threshold_warning
+
+    warning = threshold_warning(len(splits.id_val), 0.95)
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
     run_dir = Path(cfg.out_dir) / cfg.run_name()
     with distributed_context(cfg.device, cfg.dist_timeout) as dist:
         trainer = Trainer(cfg, splits, run_dir, dist=dist, progress=progress)
@@ -178,7 +224,7 @@ def _run_training(cfg, *, resume: bool, progress: bool, quick_eval: bool) -> dic
         result["rank"] = dist.rank
         return result
     if quick_eval:
-        from oecl_train.metrics import ood_metrics
+        from oecl_train.metrics import ood_metrics, per_class_metrics
         from oecl_train.scores import compute_scores
 
         s = compute_scores(
@@ -188,7 +234,16 @@ def _run_training(cfg, *, resume: bool, progress: bool, quick_eval: bool) -> dic
             device=trainer.device,
             precision=cfg.precision,
         )["norm"]
-        result["test"] = {"score": "norm (higher = normal)", **ood_metrics(s, splits.test_is_id)}
+        result["test"] = {
+            "score": "norm (higher = normal)",
+            **ood_metrics(s, splits.test_is_id),
+            "per_ood_class": {
+                c: m["AUROC"]
+                for c, m in per_class_metrics(
+                    s, splits.test_is_id, splits.test_labels, splits.classes
+                ).items()
+            },
+        }
     return result
 
 
@@ -205,7 +260,11 @@ def _run_training(cfg, *, resume: bool, progress: bool, quick_eval: bool) -> dic
     type=click.Path(file_okay=False),
     help="Continue the run in this directory from its latest checkpoint.",
 )
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Show progress bars on stderr (default: only when stderr is a terminal).",
+)
 @click.option(
     "--classes",
     default=None,
@@ -217,11 +276,18 @@ def _run_training(cfg, *, resume: bool, progress: bool, quick_eval: bool) -> dic
 def train(
     config_file: str | None,
     resume_run: str | None,
-    progress: bool,
+    progress: bool | None,
     classes: str | None,
     **options,
 ) -> None:
-    """Train an OECL model. --oe none = SimCLR, self = self-OECL, photos/<source> = OECL."""
+    """Train an OECL model. --oe none = SimCLR, self = self-OECL, photos/<source> = OECL.
+
+    Ctrl-C or SIGTERM finishes the current step, writes a checkpoint and exits non-zero;
+    `--resume RUN` continues from it, and `--resume RUN --steps N` extends a finished run.
+    """
+    from oecl_train.data.readers import progress_enabled
+
+    progress = progress_enabled(progress)
     try:
         if classes is not None:
             if resume_run:
@@ -260,6 +326,11 @@ def print_result(result: dict) -> None:
             "test (score: norm, higher = normal): "
             + "  ".join(f"{k} {t[k]:.4f}" for k in ("AUROC", "AUPR-IN", "AUPR-OUT", "FPR@95TPR"))
         )
+        if len(t.get("per_ood_class", {})) > 1:
+            click.echo(
+                "AUROC per OOD class: "
+                + "  ".join(f"{c} {a:.4f}" for c, a in t["per_ood_class"].items())
+            )
     click.echo(json.dumps(result))
 
 

@@ -16,10 +16,18 @@ from typing import Any
 
 import numpy as np
 
-from oecl_train.metrics import ood_metrics, rates_at_threshold, threshold_at_tpr
-from oecl_train.scores import DESCRIPTIONS, DIRECTION, SCORES, compute_scores, parse_scores
+from oecl_train.metrics import (
+    ood_metrics,
+    per_class_metrics,
+    rates_at_threshold,
+    threshold_at_tpr,
+    threshold_warning,
+)
+from oecl_train.scores import DESCRIPTIONS, SCORES, compute_scores, parse_scores
 
 REPORT_SCHEMA = "oecl-eval-report/1"
+# The machine-readable direction: the same token as oecl.json's `score.direction`.
+DIRECTION_KEY = "higher_is_normal"
 THRESHOLD_TPR = 0.95
 EVAL_SEED = 0  # augmentation draws for the K views; fixed so reports are repeatable
 # Keys a trainer may log per epoch with that epoch's seconds (summed into the wall time).
@@ -88,7 +96,8 @@ def score_model(
     batch_size: int = 1024,
     progress: bool = False,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Test-set scores (each requested score) and ID-validation norms (for the threshold)."""
+    """Test-set scores (each requested score, at the run's precision) and fp32 ID-validation
+    norms (for the threshold)."""
     import torch
     from tqdm import tqdm
 
@@ -110,12 +119,14 @@ def score_model(
             seed=EVAL_SEED,
             progress=bar.update,
         )
+        # The threshold is taken in fp32, as the exporter takes it: one threshold per run, the
+        # one oecl.json ships, whatever precision the test scores were computed in.
         val = compute_scores(
             net,
             splits.id_val,
             scores=("norm",),
             device=device,
-            precision=precision,
+            precision="fp32",
             batch=batch_size,
             progress=bar.update,
         )["norm"]
@@ -198,14 +209,18 @@ def build_report(
 ) -> dict[str, Any]:
     """The report as a JSON-ready dict (schema: REPORT_SCHEMA)."""
     is_id = splits.test_is_id
+    classes = splits.classes
     per_score = {}
     for name, s in test_scores.items():
         per_score[name] = {
-            "direction": DIRECTION,
+            "direction": DIRECTION_KEY,
             "description": DESCRIPTIONS[name],
             "metrics": ood_metrics(s, is_id),
             "id": _summary(s[is_id]),
             "ood": _summary(s[~is_id]),
+            # ID test images against each OOD class alone: one defect type the model misses
+            # hides inside the overall AUROC.
+            "per_ood_class": per_class_metrics(s, is_id, splits.test_labels, classes),
         }
     threshold = None
     if len(val_norms):
@@ -213,20 +228,21 @@ def build_report(
         test_norm = test_scores.get("norm")
         threshold = {
             "score": "norm",
-            "direction": DIRECTION,
+            "direction": DIRECTION_KEY,
             "value": value,
             "rule": f"ID-validation norm at {THRESHOLD_TPR:.0%} TPR",
             "tpr_target": THRESHOLD_TPR,
+            "precision": "fp32",
             "n_val": int(len(val_norms)),
+            "warning": threshold_warning(len(val_norms), THRESHOLD_TPR),
             # How the validation threshold carries over to the test split.
             "test": None if test_norm is None else rates_at_threshold(test_norm, is_id, value),
         }
-    classes = splits.classes
     return {
         "schema": REPORT_SCHEMA,
         "run_dir": str(run_dir),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "direction": DIRECTION,
+        "direction": DIRECTION_KEY,
         "checkpoint": {
             "file": checkpoint_name,
             "epoch": int(meta.get("epoch", 0)),
@@ -241,6 +257,10 @@ def build_report(
             "n_test_id": int(is_id.sum()),
             "n_test_ood": int((~is_id).sum()),
             "n_val_id": int(len(val_norms)),
+            "ood_classes": {
+                classes[c]: int((splits.test_labels[~is_id] == c).sum())
+                for c in sorted(set(splits.test_labels[~is_id].tolist()))
+            },
         },
         "evaluation": {
             "scores": list(test_scores),

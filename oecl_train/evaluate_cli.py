@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from oecl_train.scores import SCORES
+from oecl_train.score_names import SCORES
 
 
 @click.command("eval")

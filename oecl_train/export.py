@@ -558,6 +558,11 @@ def export_run(
             oe = _oe_images(splits, cfg.seed)
             oe_norms = None if oe is None else torch_norms(net, oe, dev)
             threshold = threshold_at_tpr(id_norms, threshold_tpr)
+            from oecl_train.metrics import threshold_warning
+
+            few = threshold_warning(len(id_norms), threshold_tpr)
+            if few:
+                log(f"warning: {few}")
             meta_out = _metadata(
                 spec=spec, arch=arch, embedding=embedding, threshold=threshold,
                 tpr=threshold_tpr, id_norms=id_norms, oe_norms=oe_norms, max_batch=max_batch,
@@ -566,6 +571,8 @@ def export_run(
                         "data": cfg.data, "id_class": cfg.id_class, "protocol": cfg.protocol,
                         "oe": cfg.oe, "oe_mode": splits.oe_mode},
             )
+            if few:
+                meta_out["score"]["threshold_rule"]["warning"] = few
             meta_out["verification"] = {"passed": None, "skipped": True}
             write_metadata(tmp, meta_out)
 

@@ -13,15 +13,10 @@ import numpy as np
 import torch
 
 from oecl_train.augment import SimCLRAugment
+from oecl_train.score_names import DESCRIPTIONS, DIRECTION, SCORES
 from oecl_train.trainer import autocast
 
-SCORES = ("norm", "mean-aug-norm", "mean-sq-norm")
-DIRECTION = "higher = normal"
-DESCRIPTIONS = {
-    "norm": "‖z‖ of the plain view (the exported model's score)",
-    "mean-aug-norm": "‖mean of z over the plain view and K SimCLR views‖",
-    "mean-sq-norm": "mean of ‖z‖² over the plain view and K SimCLR views",
-}
+__all__ = ["DESCRIPTIONS", "DIRECTION", "SCORES", "compute_scores", "embed", "parse_scores"]
 
 
 def parse_scores(text: str | Sequence[str]) -> tuple[str, ...]:

@@ -157,14 +157,14 @@ def test_report_files_and_schema(tiny_run):
     eval_dir = tiny_run / "eval"
     on_disk = json.loads((eval_dir / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
-    assert on_disk["schema"] == REPORT_SCHEMA and on_disk["direction"] == "higher = normal"
+    assert on_disk["schema"] == REPORT_SCHEMA and on_disk["direction"] == "higher_is_normal"
     assert set(on_disk) >= {
         "run_dir", "created", "checkpoint", "data", "evaluation", "scores", "threshold", "budget",
         "files",
     }
     assert list(on_disk["scores"]) == list(SCORES)
     for s in on_disk["scores"].values():
-        assert s["direction"] == "higher = normal"
+        assert s["direction"] == "higher_is_normal"
         assert set(s["metrics"]) == set(METRICS)
         for v in s["metrics"].values():
             assert isinstance(v, float) and 0.0 <= v <= 1.0

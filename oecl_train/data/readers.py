@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from oecl_runtime.preprocess import ImageError, InputSpec, decode, to_model_input
+from oecl_train.config import DATA_SOURCES
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp"}
 
@@ -359,7 +360,7 @@ class PhotosReader(Reader):
         return ImageSet(out, np.zeros(self.count, np.int64), ["photo"])
 
 
-READERS = ("digits", "mnist", "cifar10", "cifar100", "folder", "npy", "photos")
+READERS = DATA_SOURCES
 
 
 def make_reader(
