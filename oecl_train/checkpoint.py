@@ -1,7 +1,9 @@
 """Checkpoints: tensors in safetensors, everything else in JSON; no pickle anywhere.
 
 A checkpoint is `epoch-NNNNN.safetensors` (model + optimizer tensors) and `epoch-NNNNN.json`
-(progress, optimizer scalars, architecture). Each file is written atomically and the JSON last,
+(progress, optimizer scalars, architecture), after NNNNN complete epochs; one written inside
+the next epoch (on a signal or a time interval) is `epoch-NNNNN_step-SSSSSSSS`, which sorts
+between the two epochs' names. Each file is written atomically and the JSON last,
 so a checkpoint exists only once both of its files are complete.
 """
 
@@ -54,10 +56,13 @@ def save(
     optimizer: torch.optim.Optimizer | None,
     info: dict,
     keep: int = 2,
+    step_in_epoch: int = 0,
 ) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    stem = directory / f"epoch-{epoch:05d}"
+    # "_" sorts after ".", so a mid-epoch name follows its epoch's own and precedes the next.
+    name = f"epoch-{epoch:05d}" + (f"_step-{step_in_epoch:08d}" if step_in_epoch else "")
+    stem = directory / name
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta: dict[str, Any] = {"epoch": epoch, **info}
     if optimizer is not None:

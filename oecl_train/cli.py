@@ -164,15 +164,24 @@ def build_config(options: dict[str, Any], config_file: str | None):
 
 
 def run_training(
-    cfg, *, resume: bool = False, progress: bool = True, quick_eval: bool = True
+    cfg,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    quick_eval: bool = True,
+    extend: bool = False,
 ) -> dict[str, Any]:
     """Build the splits, train (or resume), and report the plain-norm AUROC on the test set.
+
+    `extend` (with `resume`): cfg's --steps / --epochs are the run's new length. A resumed run
+    that is already that long is not trained or evaluated again: the result says it is
+    complete.
 
     Under torchrun every rank runs this; it trains data-parallel and only rank 0 evaluates.
     """
     from oecl_train.distributed import torchrun_environment
 
-    kw = dict(resume=resume, progress=progress, quick_eval=quick_eval)
+    kw = dict(resume=resume, progress=progress, quick_eval=quick_eval, extend=extend)
     if torchrun_environment() is None:
         return _run_training(cfg, **kw)
     # torchrun's error handling: an exception here is written to the error file its agent
@@ -183,7 +192,9 @@ def run_training(
     return record(_run_training)(cfg, **kw)
 
 
-def _run_training(cfg, *, resume: bool, progress: bool, quick_eval: bool) -> dict[str, Any]:
+def _run_training(
+    cfg, *, resume: bool, progress: bool, quick_eval: bool, extend: bool = False
+) -> dict[str, Any]:
     from oecl_train.data import build_splits
     from oecl_train.distributed import distributed_context
     from oecl_train.trainer import Trainer
@@ -211,9 +222,24 @@ def _run_training(cfg, *, resume: bool, progress: bool, quick_eval: bool) -> dic
     with distributed_context(cfg.device, cfg.dist_timeout) as dist:
         trainer = Trainer(cfg, splits, run_dir, dist=dist, progress=progress)
         if resume:
-            epoch = trainer.resume()
+            epoch = trainer.resume(extend=extend)
+            if trainer.start_step >= trainer.total_steps:
+                return {
+                    "run_dir": str(run_dir),
+                    "complete": True,
+                    "steps": trainer.start_step,
+                    "note": f"{run_dir} is complete ({trainer.start_step} steps"
+                    + (f", more than --steps {cfg.steps}" if extend and cfg.steps else "")
+                    + f"); extend it with: oecl train --resume {run_dir} --steps N "
+                    f"(N > {trainer.start_step}), or evaluate it with: oecl eval {run_dir}",
+                    **({"rank": dist.rank} if dist.rank else {}),
+                }
             if dist.rank == 0:
-                click.echo(f"resuming {run_dir} at epoch {epoch} of {trainer.epochs}", err=True)
+                click.echo(
+                    f"resuming {run_dir} at step {trainer.start_step} of {trainer.total_steps} "
+                    f"(epoch {epoch} of {trainer.epochs})",
+                    err=True,
+                )
         last = trainer.fit()
     result = {"run_dir": str(run_dir), "final": last, "skipped_images": splits.skipped}
     if dist.world > 1:
@@ -286,6 +312,7 @@ def train(
     `--resume RUN` continues from it, and `--resume RUN --steps N` extends a finished run.
     """
     from oecl_train.data.readers import progress_enabled
+    from oecl_train.trainer import TrainingInterrupted
 
     progress = progress_enabled(progress)
     try:
@@ -296,27 +323,62 @@ def train(
 
             print_sweep(run_sweep(build_config(options, config_file), classes, progress=progress))
             return
+        extend = False
         if resume_run:
-            from oecl_train.config import TrainConfig
-
-            cfg_path = Path(resume_run) / "config.json"
-            if not cfg_path.exists():
-                raise ValueError(f"{resume_run}: not a run directory (no config.json)")
-            cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
-            cfg.out_dir, cfg.name = str(Path(resume_run).parent), Path(resume_run).name
-            if options.get("device"):
-                cfg.device = options["device"]
+            cfg, extend = resume_config(resume_run, options, config_file)
         else:
             cfg = build_config(options, config_file)
-        result = run_training(cfg, resume=bool(resume_run), progress=progress)
+        result = run_training(cfg, resume=bool(resume_run), progress=progress, extend=extend)
+    except TrainingInterrupted as e:
+        click.echo(str(e), err=True)
+        raise SystemExit(e.exit_code) from None
     except user_errors() as e:
         raise click.ClickException(str(e)) from None
     print_result(result)
 
 
+# Options `--resume` may change: where and how it runs, and how long (--steps / --epochs).
+RESUME_OPTIONS = (
+    "device", "steps", "epochs", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints",
+    "dist_timeout",
+)
+
+
+def resume_config(run: str, options: dict[str, Any], config_file: str | None):
+    """The run's own config for `--resume RUN`, with the options a resume may change; and
+    whether --steps / --epochs give the run a new length."""
+    from oecl_train.config import TrainConfig
+    from oecl_train.rundir import require_run_dir
+
+    require_run_dir(run, checkpoint_needed=False)
+    given = sorted(k for k, v in options.items() if v is not None and k not in RESUME_OPTIONS)
+    if given or config_file:
+        flags = [f"--{k.replace('_', '-')}" for k in given] + (["--config"] if config_file else [])
+        raise ValueError(
+            f"--resume continues {run} with its own settings; {', '.join(flags)} cannot change "
+            "them (start a new run, or give only --steps/--epochs to extend it)"
+        )
+    cfg = TrainConfig.from_dict(json.loads((Path(run) / "config.json").read_text()))
+    cfg.out_dir, cfg.name = str(Path(run).parent), Path(run).name
+    if options.get("steps") is not None and options.get("epochs") is not None:
+        raise ValueError("give --epochs or --steps, not both")
+    extend = False
+    if options.get("steps") is not None:
+        cfg.steps, cfg.epochs, extend = options["steps"], None, True
+    elif options.get("epochs") is not None:
+        cfg.epochs, cfg.steps, extend = options["epochs"], None, True
+    for k in RESUME_OPTIONS:
+        if k not in ("steps", "epochs") and options.get(k) is not None:
+            setattr(cfg, k, options[k])
+    cfg.validate()
+    return cfg, extend
+
+
 def print_result(result: dict) -> None:
     if result.get("rank", 0) != 0:
         return  # under torchrun, rank 0 reports for the job
+    if result.get("note"):
+        click.echo(result["note"], err=True)
     click.echo(f"run directory: {result['run_dir']}")
     if result.get("skipped_images"):
         click.echo(f"unreadable images skipped: {result['skipped_images']}")

@@ -40,16 +40,12 @@ class EvalError(ValueError):
 
 def check_run_dir(run_dir: str | Path) -> Path:
     """The run directory, if it holds a config and at least one complete checkpoint."""
-    from oecl_train import checkpoint
+    from oecl_train.rundir import RunDirError, require_run_dir
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise EvalError(f"{run_dir}: no such directory")
-    if not (run_dir / "config.json").is_file():
-        raise EvalError(f"{run_dir}: not a run directory (no config.json)")
-    if not checkpoint.list_checkpoints(run_dir / "checkpoints"):
-        raise EvalError(f"{run_dir}: no checkpoint yet (train the run first, or resume it)")
-    return run_dir
+    try:
+        return require_run_dir(run_dir)
+    except RunDirError as e:
+        raise EvalError(str(e)) from None
 
 
 def splits_for(cfg):
