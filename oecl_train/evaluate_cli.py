@@ -30,9 +30,19 @@ from oecl_train.score_names import SCORES
     help="Images (views) per forward pass.",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Show a progress bar on stderr (default: only when stderr is a terminal).",
+)
 def eval_cmd(
-    run: Path, scores: str, k: int, save_scores: bool, batch_size: int, device: str, progress: bool
+    run: Path,
+    scores: str,
+    k: int,
+    save_scores: bool,
+    batch_size: int,
+    device: str,
+    progress: bool | None,
 ) -> None:
     """Evaluate RUN (a run directory, or a sweep directory of class-* runs).
 
@@ -42,10 +52,12 @@ def eval_cmd(
     writes the per-class table with the mean to sweep.json and sweep.md.
     """
     from oecl_train.cli import user_errors
+    from oecl_train.data.readers import progress_enabled
     from oecl_train.report import format_run_table
     from oecl_train.scores import parse_scores
     from oecl_train.sweep import evaluate_sweep, is_sweep_dir, print_sweep
 
+    progress = progress_enabled(progress)
     try:
         names = parse_scores(scores)
         if is_sweep_dir(run):
