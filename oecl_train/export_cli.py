@@ -83,7 +83,7 @@ def print_summary(summary: dict[str, Any]) -> None:
         click.echo(line)
     if report:
         # A parity check between the files and PyTorch, on its own image sample: not the test
-        # AUROC `oecl train` / `oecl eval` report (docs/ARTIFACT.md, "Numbers and their images").
+        # AUROC `oecl train` / `oecl eval` report (docs/ARTIFACT.md, `verify.json`).
         click.echo(f"parity check: PyTorch fp32 AUROC {report['reference']['AUROC']:.4f} on "
                    f"{report['n_id']} ID (validation + test) + {report['n_ood']} OOD test images "
                    "(compare the files with it; the test AUROC is oecl eval's)")

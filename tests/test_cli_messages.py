@@ -114,3 +114,9 @@ def test_bench_plot_axes_start_at_zero(tmp_path, monkeypatch):
     bench._plot(rows, {"backend": "backend"}, tmp_path / "bench.png")
     fig = seen[0][1]
     assert all(ax.get_ylim()[0] == pytest.approx(0.0) for ax in fig.axes)
+
+
+def test_export_help_says_safetensors_and_verify_json_are_written():
+    r = CliRunner().invoke(main, ["export", "--help"], terminal_width=200)
+    text = " ".join(r.output.split())
+    assert "and so is model.safetensors" in text and "verify.json" in text
