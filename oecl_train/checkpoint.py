@@ -77,14 +77,27 @@ def save(
     return stem.with_suffix(".json")
 
 
+def _position(path: Path) -> tuple[int, str]:
+    try:
+        step = int(json.loads(path.read_text()).get("step", -1))
+    except (OSError, ValueError, TypeError):
+        step = -1
+    return step, path.name
+
+
 def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Complete checkpoints (JSON present and its tensors present), oldest first."""
+    """Complete checkpoints (JSON present and its tensors present), oldest first.
+
+    Ordered by training step, then name: a run extended from inside its last epoch writes
+    `epoch-NNNNN_step-*` checkpoints that are newer than that epoch's `epoch-(NNNNN+1)` one.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return [
-        p for p in sorted(directory.glob("epoch-*.json")) if p.with_suffix(".safetensors").exists()
+    found = [
+        p for p in directory.glob("epoch-*.json") if p.with_suffix(".safetensors").exists()
     ]
+    return sorted(found, key=_position)
 
 
 def latest(directory: str | Path) -> Path:

@@ -490,3 +490,37 @@ def test_sigterm_on_the_command_line_then_extend_the_finished_run(tmp_path):
     assert f"--resume {run} --steps N" in r.output and '"final"' not in r.output
     r = runner.invoke(main, ["train", "--resume", str(run), "--lr", "0.5"])
     assert r.exit_code != 0 and "--lr cannot change them" in r.output
+
+
+def test_extending_a_run_cut_inside_an_epoch_resumes_from_the_newest_checkpoint(
+    tmp_path, monkeypatch
+):
+    import os
+    import signal
+
+    from oecl_train.trainer import TrainingInterrupted
+
+    cfg = tiny_config(tmp_path, oe="none", steps=3)
+    Trainer(cfg, splits_for(cfg), tmp_path / "run", progress=False).fit()  # ends inside epoch 0
+    longer = tiny_config(tmp_path, oe="none", steps=6)
+    tr = Trainer(longer, splits_for(longer), tmp_path / "run", progress=False)
+    tr.resume(extend=True)
+    assert (tr.start_step, tr.total_steps) == (3, 6)
+    original = Trainer._step
+
+    def stop_at_4(self, step, x_id, x_oe):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, step, x_id, x_oe)
+
+    monkeypatch.setattr(Trainer, "_step", stop_at_4)
+    with pytest.raises(TrainingInterrupted, match="after step 5 of 6"):
+        tr.fit()
+    monkeypatch.setattr(Trainer, "_step", original)
+    # epoch-00000_step-00000005 (step 5) is newer than the short run's epoch-00001 (step 3).
+    latest = checkpoint.latest(tmp_path / "run" / "checkpoints")
+    assert latest.name == "epoch-00000_step-00000005.json"
+    again = Trainer(longer, splits_for(longer), tmp_path / "run", progress=False)
+    again.resume()
+    assert (again.start_step, again.total_steps) == (5, 6)
+    assert again.fit()["step"] == 6
