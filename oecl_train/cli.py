@@ -236,8 +236,8 @@ def _run_training(
                 }
             if dist.rank == 0:
                 click.echo(
-                    f"resuming {run_dir} at step {trainer.start_step} of {trainer.total_steps} "
-                    f"(epoch {epoch} of {trainer.epochs})",
+                    f"resuming {run_dir} at epoch {epoch} of {trainer.epochs} "
+                    f"(step {trainer.start_step} of {trainer.total_steps})",
                     err=True,
                 )
         last = trainer.fit()

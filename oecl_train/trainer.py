@@ -384,6 +384,10 @@ class Trainer:
         """Train to the run's length. On SIGINT/SIGTERM: finish the step, checkpoint, and raise
         TrainingInterrupted. Checkpoints also every `checkpoint_every` epochs and, inside an
         epoch, once `checkpoint_minutes` have passed since the last one."""
+        with StopSignals() as stop:
+            return self._fit(stop)
+
+    def _fit(self, stop: StopSignals) -> dict:
         from tqdm import tqdm
 
         cfg = self.cfg
@@ -402,73 +406,72 @@ class Trainer:
         self.net.train()
         self._last_save = time.monotonic()
         interval = cfg.checkpoint_minutes * 60.0
-        with StopSignals() as stop:
-            for epoch in range(self.start_epoch, self.epochs):
-                id_order, oe_order = self._orders(epoch)
-                first = self.start_step_in_epoch if epoch == self.start_epoch else 0
-                partial = self._partial if epoch == self.start_epoch else None
-                sums: dict[str, torch.Tensor | float] = dict(partial["sums"]) if partial else {}
-                n_steps = partial["n_steps"] if partial else 0
-                n_images = partial["n_images"] if partial else 0
-                t0 = time.perf_counter() - (partial["seconds"] if partial else 0.0)
-                m: dict = dict(partial["last"]) if partial else {}
-                for s in range(first, self.steps_per_epoch):
-                    step = epoch * self.steps_per_epoch + s
-                    if step >= self.total_steps:
-                        break
-                    self._seed_augmentation(step)
-                    x_id, x_oe = self._batch(s, id_order, oe_order)
-                    m = self._step(step, x_id, x_oe)
-                    for k, v in m.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    n_steps += 1
-                    n_images += (len(x_id) + (0 if x_oe is None else len(x_oe))) * self.dist.world
-                    bar.update(1)
-                    if step % 10 == 0 or self.device.type == "cpu":
-                        loss = float(m["loss"])
-                        self._check_finite(loss, step)
-                        bar.set_postfix(
-                            loss=f"{loss:.3f}",
-                            id=f"{float(m['id_norm']):.2f}",
-                            oe=f"{float(m['oe_norm']):.2f}",
-                            img_s=f"{n_images / (time.perf_counter() - t0):.0f}",
-                        )
-                    stopping = self._agree_to_stop(stop.signum, step)
-                    due = (
-                        self.dist.rank == 0
-                        and interval > 0
-                        and time.monotonic() - self._last_save >= interval
+        for epoch in range(self.start_epoch, self.epochs):
+            id_order, oe_order = self._orders(epoch)
+            first = self.start_step_in_epoch if epoch == self.start_epoch else 0
+            partial = self._partial if epoch == self.start_epoch else None
+            sums: dict[str, torch.Tensor | float] = dict(partial["sums"]) if partial else {}
+            n_steps = partial["n_steps"] if partial else 0
+            n_images = partial["n_images"] if partial else 0
+            t0 = time.perf_counter() - (partial["seconds"] if partial else 0.0)
+            m: dict = dict(partial["last"]) if partial else {}
+            for s in range(first, self.steps_per_epoch):
+                step = epoch * self.steps_per_epoch + s
+                if step >= self.total_steps:
+                    break
+                self._seed_augmentation(step)
+                x_id, x_oe = self._batch(s, id_order, oe_order)
+                m = self._step(step, x_id, x_oe)
+                for k, v in m.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_steps += 1
+                n_images += (len(x_id) + (0 if x_oe is None else len(x_oe))) * self.dist.world
+                bar.update(1)
+                if step % 10 == 0 or self.device.type == "cpu":
+                    loss = float(m["loss"])
+                    self._check_finite(loss, step)
+                    bar.set_postfix(
+                        loss=f"{loss:.3f}",
+                        id=f"{float(m['id_norm']):.2f}",
+                        oe=f"{float(m['oe_norm']):.2f}",
+                        img_s=f"{n_images / (time.perf_counter() - t0):.0f}",
                     )
-                    if stopping or (due and s + 1 < self.steps_per_epoch):
-                        self._check_finite(float(m["loss"]), step)
-                        state = {
-                            "sums": {k: float(v) for k, v in sums.items()},
-                            "n_steps": n_steps,
-                            "n_images": n_images,
-                            "seconds": time.perf_counter() - t0,
-                            "last": {"lr": m["lr"], "alpha": m["alpha"]},
-                        }
-                        path = self._save(epoch, last, step_in_epoch=s + 1, partial=state)
-                    if stopping:
-                        bar.close()
-                        raise self._interrupted(stop.signum or signal.SIGTERM, step + 1, path)
-                if n_steps == 0:
-                    continue  # resumed at the end of a complete run: nothing left to do
-                elapsed = time.perf_counter() - t0
-                last = {k: float(v) / n_steps for k, v in sums.items()}
-                self._check_finite(last["loss"], epoch * self.steps_per_epoch + n_steps - 1)
-                last.update(
-                    epoch=epoch + 1,
-                    step=min((epoch + 1) * self.steps_per_epoch, self.total_steps),
-                    lr=m["lr"],
-                    alpha=m["alpha"],
-                    images_per_s=n_images / elapsed,
-                    epoch_s=elapsed,
+                stopping = self._agree_to_stop(stop.signum, step)
+                due = (
+                    self.dist.rank == 0
+                    and interval > 0
+                    and time.monotonic() - self._last_save >= interval
                 )
-                if self.dist.rank == 0:
-                    self._log(last)
-                if (epoch + 1) % self.ckpt_every == 0 or epoch + 1 == self.epochs:
-                    self._save(epoch + 1, last)
+                if stopping or (due and s + 1 < self.steps_per_epoch):
+                    self._check_finite(float(m["loss"]), step)
+                    state = {
+                        "sums": {k: float(v) for k, v in sums.items()},
+                        "n_steps": n_steps,
+                        "n_images": n_images,
+                        "seconds": time.perf_counter() - t0,
+                        "last": {"lr": m["lr"], "alpha": m["alpha"]},
+                    }
+                    path = self._save(epoch, last, step_in_epoch=s + 1, partial=state)
+                if stopping:
+                    bar.close()
+                    raise self._interrupted(stop.signum or signal.SIGTERM, step + 1, path)
+            if n_steps == 0:
+                continue  # resumed at the end of a complete run: nothing left to do
+            elapsed = time.perf_counter() - t0
+            last = {k: float(v) / n_steps for k, v in sums.items()}
+            self._check_finite(last["loss"], epoch * self.steps_per_epoch + n_steps - 1)
+            last.update(
+                epoch=epoch + 1,
+                step=min((epoch + 1) * self.steps_per_epoch, self.total_steps),
+                lr=m["lr"],
+                alpha=m["alpha"],
+                images_per_s=n_images / elapsed,
+                epoch_s=elapsed,
+            )
+            if self.dist.rank == 0:
+                self._log(last)
+            if (epoch + 1) % self.ckpt_every == 0 or epoch + 1 == self.epochs:
+                self._save(epoch + 1, last)
         bar.close()
         if self.dist.rank == 0:
             from oecl_train.plots import plot_training
