@@ -14,7 +14,12 @@ import numpy as np
 
 from oecl_runtime.atomic import with_file, write_json, write_text
 from oecl_train.metrics import METRICS, roc_points
-from oecl_train.scores import DIRECTION
+from oecl_train.score_names import DIRECTION
+
+# Beyond these many OOD classes (CIFAR-100: 99) the per-class table stays in report.md and the
+# histogram shows one merged OOD series: that many overlaid series would be unreadable.
+CONSOLE_CLASSES = 20
+HIST_CLASSES = 10
 
 
 def _fmt_seconds(s: float | None) -> str:
@@ -99,8 +104,10 @@ def format_run_table(report: dict[str, Any]) -> str:
         _table(["score", *METRICS], _score_rows(report)),
     ]
     header, rows = per_class_rows(report)
-    if len(rows) > 2:  # more than one OOD class: each one against the ID test images
+    if 2 < len(rows) <= CONSOLE_CLASSES + 1:  # several OOD classes, each against the ID
         lines.append(_table(header, rows))
+    elif len(rows) > 2:
+        lines.append(f"AUROC of each of the {len(rows) - 1} OOD classes: see report.md")
     lines += [threshold_line(report["threshold"]), "budget: " + budget_line(report["budget"])]
     return "\n".join(lines)
 
@@ -203,6 +210,8 @@ def plot_hist(
     fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.8), squeeze=False)
     thr = report["threshold"]["value"] if report["threshold"] else None
     ood_labels = np.asarray(labels if labels is not None else ["OOD"] * len(is_id))[~is_id]
+    if len(set(ood_labels.tolist())) > HIST_CLASSES:
+        ood_labels = np.full(len(ood_labels), "OOD")
     ood_classes = sorted(set(ood_labels.tolist()))
     for ax, name in zip(axes[0], names, strict=True):
         s = test_scores[name]

@@ -120,3 +120,24 @@ def test_export_help_says_safetensors_and_verify_json_are_written():
     r = CliRunner().invoke(main, ["export", "--help"], terminal_width=200)
     text = " ".join(r.output.split())
     assert "and so is model.safetensors" in text and "verify.json" in text
+
+
+@pytest.mark.parametrize("n_classes, series", [(3, 3), (12, 1)])
+def test_hist_has_one_series_per_ood_class_up_to_a_readable_number(
+    tmp_path, monkeypatch, n_classes, series
+):
+    import numpy as np
+
+    from oecl_train import report
+
+    rng = np.random.default_rng(0)
+    labels = ["good"] * 10 + [f"d{i % n_classes}" for i in range(5 * n_classes)]
+    is_id = np.array([lb == "good" for lb in labels])
+    scores = {"norm": rng.normal(size=len(labels))}
+    seen = []
+    monkeypatch.setattr(report, "_savefig", lambda fig, path: seen.append(fig))
+    report.plot_hist(tmp_path / "h.png", {"threshold": None}, scores, is_id, labels)
+    texts = [t.get_text() for t in seen[0].axes[0].get_legend().get_texts()]
+    assert texts[0] == "ID (10)" and len(texts) == 1 + series
+    if series == 1:
+        assert texts[1] == f"OOD ({5 * n_classes})"
