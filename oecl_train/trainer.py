@@ -303,7 +303,7 @@ class Trainer:
         """Restore the latest checkpoint of this run; returns the epoch training continues at.
 
         A checkpoint written inside an epoch (on a signal or the time interval) resumes at the
-        step after it, with that epoch's metric sums; since augmentation is seeded per step, the
+        step after it, with that epoch's metric sums and (one process) its RNG state, so the
         run continues as if it had never stopped.
 
         Checkpoints hold no per-rank state, so any number of ranks can resume one. With a
@@ -407,9 +407,13 @@ class Trainer:
         self._last_save = time.monotonic()
         interval = cfg.checkpoint_minutes * 60.0
         for epoch in range(self.start_epoch, self.epochs):
-            id_order, oe_order = self._orders(epoch)
             first = self.start_step_in_epoch if epoch == self.start_epoch else 0
             partial = self._partial if epoch == self.start_epoch else None
+            if partial and partial.get("rng") and self.dist.world == 1:
+                self._set_rng(partial["rng"])  # the draws continue where they stopped
+            else:
+                self._seed_augmentation(epoch, first)
+            id_order, oe_order = self._orders(epoch)
             sums: dict[str, torch.Tensor | float] = dict(partial["sums"]) if partial else {}
             n_steps = partial["n_steps"] if partial else 0
             n_images = partial["n_images"] if partial else 0
@@ -419,7 +423,6 @@ class Trainer:
                 step = epoch * self.steps_per_epoch + s
                 if step >= self.total_steps:
                     break
-                self._seed_augmentation(step)
                 x_id, x_oe = self._batch(s, id_order, oe_order)
                 m = self._step(step, x_id, x_oe)
                 for k, v in m.items():
@@ -450,6 +453,9 @@ class Trainer:
                         "n_images": n_images,
                         "seconds": time.perf_counter() - t0,
                         "last": {"lr": m["lr"], "alpha": m["alpha"]},
+                        # One process: its RNG, so a resumed run draws exactly the views this
+                        # one would have (ranks of a job re-seed, see _seed_augmentation).
+                        "rng": self._get_rng() if self.dist.world == 1 else None,
                     }
                     path = self._save(epoch, last, step_in_epoch=s + 1, partial=state)
                 if stopping:
@@ -502,11 +508,31 @@ class Trainer:
             signum,
         )
 
-    def _seed_augmentation(self, step: int) -> None:
-        """Augmentation randomness: distinct per rank and step, reproducible from the seed, so
-        a run resumed at any step (with the same world size) draws exactly the views an
-        uninterrupted one would."""
-        torch.manual_seed(self.cfg.seed * 7919 + step * 104_729 + self.dist.rank)
+    def _seed_augmentation(self, epoch: int, step_in_epoch: int = 0) -> None:
+        """Augmentation randomness: distinct per rank and epoch, reproducible from the seed,
+        so a resumed run (with the same world size) draws exactly the views an uninterrupted
+        one would. A job of several ranks resumed inside an epoch re-seeds from that position
+        (its ranks' RNG states are not in the checkpoint): repeatable, not identical."""
+        offset = step_in_epoch * 15_485_863 if step_in_epoch else 0
+        torch.manual_seed(self.cfg.seed * 7919 + epoch * 104_729 + self.dist.rank + offset)
+
+    def _get_rng(self) -> dict[str, str]:
+        import base64
+
+        states = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {k: base64.b64encode(v.numpy().tobytes()).decode() for k, v in states.items()}
+
+    def _set_rng(self, rng: dict[str, str]) -> None:
+        import base64
+
+        def state(text: str) -> torch.Tensor:
+            return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+        torch.set_rng_state(state(rng["cpu"]))
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state(rng["cuda"]), self.device)
 
     def _check_finite(self, loss: float, step: int) -> None:
         if not math.isfinite(loss):
