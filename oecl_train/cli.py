@@ -229,7 +229,7 @@ def _run_training(
                     "complete": True,
                     "steps": trainer.start_step,
                     "note": f"{run_dir} is complete ({trainer.start_step} steps"
-                    + (f", more than --steps {cfg.steps}" if extend and cfg.steps else "")
+                    + (f"; --steps {cfg.steps} asks for no more" if extend and cfg.steps else "")
                     + f"); extend it with: oecl train --resume {run_dir} --steps N "
                     f"(N > {trainer.start_step}), or evaluate it with: oecl eval {run_dir}",
                     **({"rank": dist.rank} if dist.rank else {}),
@@ -344,7 +344,9 @@ RESUME_OPTIONS = (
 )
 
 
-def resume_config(run: str, options: dict[str, Any], config_file: str | None):
+def resume_config(
+    run: str, options: dict[str, Any], config_file: str | None
+) -> tuple[Any, bool]:
     """The run's own config for `--resume RUN`, with the options a resume may change; and
     whether --steps / --epochs give the run a new length."""
     from oecl_train.config import TrainConfig

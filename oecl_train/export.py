@@ -572,7 +572,7 @@ def export_run(
                         "oe": cfg.oe, "oe_mode": splits.oe_mode},
             )
             if few:
-                meta_out["score"]["threshold_rule"]["warning"] = few
+                meta_out["score"]["threshold_warning"] = few
             meta_out["verification"] = {"passed": None, "skipped": True}
             write_metadata(tmp, meta_out)
 
@@ -604,6 +604,7 @@ def export_run(
                    "bytes": f["bytes"], "sha256": f["sha256"]} for f in files],
         "threshold": meta_out["score"]["threshold"],
         "threshold_rule": meta_out["score"]["threshold_rule"],
+        "threshold_warning": few,
         "score": "norm (higher = normal)",
         "id_norm": meta_out["score"]["id_norm"],
         "oe_norm": meta_out["score"]["oe_norm"],

@@ -92,6 +92,6 @@ def print_summary(summary: dict[str, Any]) -> None:
     rule = summary["threshold_rule"]
     click.echo(f"threshold {summary['threshold']:.4g} (norm keeping {rule['tpr']:.0%} of "
                f"{rule['n_images']} ID-validation images, fp32; score: norm, higher = normal)")
-    if rule.get("warning"):
-        click.echo(f"warning: {rule['warning']}")
+    if summary.get("threshold_warning"):
+        click.echo(f"warning: {summary['threshold_warning']}")
     click.echo(json.dumps(summary))

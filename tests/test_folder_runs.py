@@ -100,6 +100,6 @@ def test_export_threshold_and_direction_match_eval(run, tmp_path):
     # although the run scores its test split in bf16.
     assert meta["score"]["threshold"] == pytest.approx(rep["threshold"]["value"], rel=1e-6)
     assert meta["score"]["threshold_rule"]["n_images"] == rep["threshold"]["n_val"]
-    assert "rests on only 1" in meta["score"]["threshold_rule"]["warning"]
+    assert "rests on only 1" in meta["score"]["threshold_warning"]
     assert rep["direction"] == meta["score"]["direction"] == "higher_is_normal"
-    assert summary["threshold_rule"]["warning"]
+    assert summary["threshold_warning"] == meta["score"]["threshold_warning"]

@@ -488,6 +488,8 @@ def test_sigterm_on_the_command_line_then_extend_the_finished_run(tmp_path):
     r = runner.invoke(main, ["train", "--resume", str(run), "--no-progress"])
     assert r.exit_code == 0 and f"is complete ({done + 2} steps)" in r.output
     assert f"--resume {run} --steps N" in r.output and '"final"' not in r.output
+    r = runner.invoke(main, ["train", "--resume", str(run), "--steps", str(done + 1)])
+    assert r.exit_code == 0 and f"--steps {done + 1} asks for no more" in r.output
     r = runner.invoke(main, ["train", "--resume", str(run), "--lr", "0.5"])
     assert r.exit_code != 0 and "--lr cannot change them" in r.output
 
