@@ -326,9 +326,12 @@ def _plot(rows: Sequence[dict[str, Any]], titles: dict[str, str], path: Path) ->
         ax.minorticks_off()
         ax.set_xlabel("batch size" if key == "batch_size" else "concurrent requests")
         ax.set_ylabel("throughput (images/s)", color="tab:blue")
+        # Both axes from 0: an axis cut at the data's minimum turns a 5% change into a cliff.
+        ax.set_ylim(bottom=0)
         ax2 = ax.twinx()
         ax2.plot(xs, [r["latency_ms"]["p99"] for r in rs], "s--", color="tab:red")
         ax2.set_ylabel("p99 latency (ms)", color="tab:red")
+        ax2.set_ylim(bottom=0)
         ax.set_title(titles[mode], fontsize=9)
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -43,10 +43,17 @@ def _backend_options(f: Any) -> Any:
 
 def _open_scorer(model_dir: Path, backend: str, precision: str | None, threshold: float | None,
                  batch_size: int | None = None, threads: int | None = None) -> Any:
-    from .artifact import ArtifactError
+    from .artifact import METADATA_NAME, ArtifactError
     from .backends import BackendUnavailable
     from .scorer import Scorer
 
+    if not (model_dir / METADATA_NAME).is_file() and (model_dir / "config.json").is_file():
+        # A training run (what `oecl train` writes) is not servable until it is exported.
+        raise click.ClickException(
+            f"{model_dir} is a training run directory, not a model artifact (no "
+            f"{METADATA_NAME}); make one with: oecl export {model_dir} --out DIR, then pass "
+            "--model DIR"
+        )
     try:
         return Scorer.open(model_dir, backend=backend, precision=precision, threshold=threshold,
                            batch_size=batch_size, threads=threads)

@@ -1,7 +1,9 @@
 """Checkpoints: tensors in safetensors, everything else in JSON; no pickle anywhere.
 
 A checkpoint is `epoch-NNNNN.safetensors` (model + optimizer tensors) and `epoch-NNNNN.json`
-(progress, optimizer scalars, architecture). Each file is written atomically and the JSON last,
+(progress, optimizer scalars, architecture), after NNNNN complete epochs; one written inside
+the next epoch (on a signal or a time interval) is `epoch-NNNNN_step-SSSSSSSS`, which sorts
+between the two epochs' names. Each file is written atomically and the JSON last,
 so a checkpoint exists only once both of its files are complete.
 """
 
@@ -54,10 +56,13 @@ def save(
     optimizer: torch.optim.Optimizer | None,
     info: dict,
     keep: int = 2,
+    step_in_epoch: int = 0,
 ) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    stem = directory / f"epoch-{epoch:05d}"
+    # "_" sorts after ".", so a mid-epoch name follows its epoch's own and precedes the next.
+    name = f"epoch-{epoch:05d}" + (f"_step-{step_in_epoch:08d}" if step_in_epoch else "")
+    stem = directory / name
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta: dict[str, Any] = {"epoch": epoch, **info}
     if optimizer is not None:
@@ -72,14 +77,27 @@ def save(
     return stem.with_suffix(".json")
 
 
+def _position(path: Path) -> tuple[int, str]:
+    try:
+        step = int(json.loads(path.read_text()).get("step", -1))
+    except (OSError, ValueError, TypeError):
+        step = -1
+    return step, path.name
+
+
 def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Complete checkpoints (JSON present and its tensors present), oldest first."""
+    """Complete checkpoints (JSON present and its tensors present), oldest first.
+
+    Ordered by training step, then name: a run extended from inside its last epoch writes
+    `epoch-NNNNN_step-*` checkpoints that are newer than that epoch's `epoch-(NNNNN+1)` one.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return [
-        p for p in sorted(directory.glob("epoch-*.json")) if p.with_suffix(".safetensors").exists()
+    found = [
+        p for p in directory.glob("epoch-*.json") if p.with_suffix(".safetensors").exists()
     ]
+    return sorted(found, key=_position)
 
 
 def latest(directory: str | Path) -> Path:

@@ -55,8 +55,45 @@ class LazyGroup(click.Group):
             formatter.write_dl([(name, VERBS[name][2]) for name in VERBS])
 
 
+def version_text() -> str:
+    """oecl's version and what decides where it runs: torch and its CUDA, onnxruntime."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ours = version("oecl")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        from oecl_runtime import __version__ as ours
+    lines = [f"oecl {ours}"]
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpus = f"{torch.cuda.device_count()} GPU(s), {torch.cuda.get_device_name(0)}"
+        else:
+            gpus = "no GPU visible"
+        lines.append(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}; {gpus})")
+    except ImportError:
+        lines.append("torch: not installed (oecl train/eval/export need it; scoring does not)")
+    try:
+        import onnxruntime
+
+        providers = ", ".join(onnxruntime.get_available_providers())
+        lines.append(f"onnxruntime {onnxruntime.__version__} ({providers})")
+    except ImportError:
+        lines.append("onnxruntime: not installed")
+    return "\n".join(lines)
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(version_text())
+        ctx.exit()
+
+
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="oecl")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=_print_version, help="Show oecl's, torch's (CUDA) and onnxruntime's "
+              "versions and exit.")
 def main() -> None:
     """oecl: out-of-distribution detection by the feature norm of contrastive networks (OECL).
 
@@ -96,7 +133,10 @@ def config_options(fn):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        help_text = f"{f.metadata['help']} [default: {shown}]"
+        help_text = f.metadata["help"]
+        if default not in (None, ""):
+            # None and "" mean "derived": the help text itself says what from.
+            help_text += f" [default: {shown}]"
         if is_flag:
             decl = f"{flag}/--no-{f.name.replace('_', '-')}"
             fn = click.option(decl, f.name, default=None, help=help_text)(fn)
@@ -128,15 +168,24 @@ def build_config(options: dict[str, Any], config_file: str | None):
 
 
 def run_training(
-    cfg, *, resume: bool = False, progress: bool = True, quick_eval: bool = True
+    cfg,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    quick_eval: bool = True,
+    extend: bool = False,
 ) -> dict[str, Any]:
     """Build the splits, train (or resume), and report the plain-norm AUROC on the test set.
+
+    `extend` (with `resume`): cfg's --steps / --epochs are the run's new length. A resumed run
+    that is already that long is not trained or evaluated again: the result says it is
+    complete.
 
     Under torchrun every rank runs this; it trains data-parallel and only rank 0 evaluates.
     """
     from oecl_train.distributed import torchrun_environment
 
-    kw = dict(resume=resume, progress=progress, quick_eval=quick_eval)
+    kw = dict(resume=resume, progress=progress, quick_eval=quick_eval, extend=extend)
     if torchrun_environment() is None:
         return _run_training(cfg, **kw)
     # torchrun's error handling: an exception here is written to the error file its agent
@@ -147,7 +196,9 @@ def run_training(
     return record(_run_training)(cfg, **kw)
 
 
-def _run_training(cfg, *, resume: bool, progress: bool, quick_eval: bool) -> dict[str, Any]:
+def _run_training(
+    cfg, *, resume: bool, progress: bool, quick_eval: bool, extend: bool = False
+) -> dict[str, Any]:
     from oecl_train.data import build_splits
     from oecl_train.distributed import distributed_context
     from oecl_train.trainer import Trainer
@@ -164,14 +215,35 @@ def _run_training(cfg, *, resume: bool, progress: bool, quick_eval: bool) -> dic
         val_fraction=cfg.val_fraction,
         seed=cfg.seed,
         strict=cfg.strict,
+        progress=progress,
     )
+    from oecl_train.metrics import threshold_warning
+
+    warning = threshold_warning(len(splits.id_val), 0.95)
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
     run_dir = Path(cfg.out_dir) / cfg.run_name()
     with distributed_context(cfg.device, cfg.dist_timeout) as dist:
         trainer = Trainer(cfg, splits, run_dir, dist=dist, progress=progress)
         if resume:
-            epoch = trainer.resume()
+            epoch = trainer.resume(extend=extend)
+            if trainer.start_step >= trainer.total_steps:
+                return {
+                    "run_dir": str(run_dir),
+                    "complete": True,
+                    "steps": trainer.start_step,
+                    "note": f"{run_dir} is complete ({trainer.start_step} steps"
+                    + (f"; --steps {cfg.steps} asks for no more" if extend and cfg.steps else "")
+                    + f"); extend it with: oecl train --resume {run_dir} --steps N "
+                    f"(N > {trainer.start_step}), or evaluate it with: oecl eval {run_dir}",
+                    **({"rank": dist.rank} if dist.rank else {}),
+                }
             if dist.rank == 0:
-                click.echo(f"resuming {run_dir} at epoch {epoch} of {trainer.epochs}", err=True)
+                click.echo(
+                    f"resuming {run_dir} at epoch {epoch} of {trainer.epochs} "
+                    f"(step {trainer.start_step} of {trainer.total_steps})",
+                    err=True,
+                )
         last = trainer.fit()
     result = {"run_dir": str(run_dir), "final": last, "skipped_images": splits.skipped}
     if dist.world > 1:
@@ -182,7 +254,7 @@ def _run_training(cfg, *, resume: bool, progress: bool, quick_eval: bool) -> dic
         result["rank"] = dist.rank
         return result
     if quick_eval:
-        from oecl_train.metrics import ood_metrics
+        from oecl_train.metrics import ood_metrics, per_class_metrics
         from oecl_train.scores import compute_scores
 
         s = compute_scores(
@@ -192,7 +264,16 @@ def _run_training(cfg, *, resume: bool, progress: bool, quick_eval: bool) -> dic
             device=trainer.device,
             precision=cfg.precision,
         )["norm"]
-        result["test"] = {"score": "norm (higher = normal)", **ood_metrics(s, splits.test_is_id)}
+        result["test"] = {
+            "score": "norm (higher = normal)",
+            **ood_metrics(s, splits.test_is_id),
+            "per_ood_class": {
+                c: m["AUROC"]
+                for c, m in per_class_metrics(
+                    s, splits.test_is_id, splits.test_labels, splits.classes
+                ).items()
+            },
+        }
     return result
 
 
@@ -209,7 +290,11 @@ def _run_training(cfg, *, resume: bool, progress: bool, quick_eval: bool) -> dic
     type=click.Path(file_okay=False),
     help="Continue the run in this directory from its latest checkpoint.",
 )
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Show progress bars on stderr (default: only when stderr is a terminal).",
+)
 @click.option(
     "--classes",
     default=None,
@@ -221,11 +306,19 @@ def _run_training(cfg, *, resume: bool, progress: bool, quick_eval: bool) -> dic
 def train(
     config_file: str | None,
     resume_run: str | None,
-    progress: bool,
+    progress: bool | None,
     classes: str | None,
     **options,
 ) -> None:
-    """Train an OECL model. --oe none = SimCLR, self = self-OECL, photos/<source> = OECL."""
+    """Train an OECL model. --oe none = SimCLR, self = self-OECL, photos/<source> = OECL.
+
+    Ctrl-C or SIGTERM finishes the current step, writes a checkpoint and exits non-zero;
+    `--resume RUN` continues from it, and `--resume RUN --steps N` extends a finished run.
+    """
+    from oecl_train.data.readers import progress_enabled
+    from oecl_train.trainer import TrainingInterrupted
+
+    progress = progress_enabled(progress)
     try:
         if classes is not None:
             if resume_run:
@@ -234,27 +327,64 @@ def train(
 
             print_sweep(run_sweep(build_config(options, config_file), classes, progress=progress))
             return
+        extend = False
         if resume_run:
-            from oecl_train.config import TrainConfig
-
-            cfg_path = Path(resume_run) / "config.json"
-            if not cfg_path.exists():
-                raise ValueError(f"{resume_run}: not a run directory (no config.json)")
-            cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
-            cfg.out_dir, cfg.name = str(Path(resume_run).parent), Path(resume_run).name
-            if options.get("device"):
-                cfg.device = options["device"]
+            cfg, extend = resume_config(resume_run, options, config_file)
         else:
             cfg = build_config(options, config_file)
-        result = run_training(cfg, resume=bool(resume_run), progress=progress)
+        result = run_training(cfg, resume=bool(resume_run), progress=progress, extend=extend)
+    except TrainingInterrupted as e:
+        click.echo(str(e), err=True)
+        raise SystemExit(e.exit_code) from None
     except user_errors() as e:
         raise click.ClickException(str(e)) from None
     print_result(result)
 
 
+# Options `--resume` may change: where and how it runs, and how long (--steps / --epochs).
+RESUME_OPTIONS = (
+    "device", "steps", "epochs", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints",
+    "dist_timeout",
+)
+
+
+def resume_config(
+    run: str, options: dict[str, Any], config_file: str | None
+) -> tuple[Any, bool]:
+    """The run's own config for `--resume RUN`, with the options a resume may change; and
+    whether --steps / --epochs give the run a new length."""
+    from oecl_train.config import TrainConfig
+    from oecl_train.rundir import require_run_dir
+
+    require_run_dir(run, checkpoint_needed=False)
+    given = sorted(k for k, v in options.items() if v is not None and k not in RESUME_OPTIONS)
+    if given or config_file:
+        flags = [f"--{k.replace('_', '-')}" for k in given] + (["--config"] if config_file else [])
+        raise ValueError(
+            f"--resume continues {run} with its own settings; {', '.join(flags)} cannot change "
+            "them (start a new run, or give only --steps/--epochs to extend it)"
+        )
+    cfg = TrainConfig.from_dict(json.loads((Path(run) / "config.json").read_text()))
+    cfg.out_dir, cfg.name = str(Path(run).parent), Path(run).name
+    if options.get("steps") is not None and options.get("epochs") is not None:
+        raise ValueError("give --epochs or --steps, not both")
+    extend = False
+    if options.get("steps") is not None:
+        cfg.steps, cfg.epochs, extend = options["steps"], None, True
+    elif options.get("epochs") is not None:
+        cfg.epochs, cfg.steps, extend = options["epochs"], None, True
+    for k in RESUME_OPTIONS:
+        if k not in ("steps", "epochs") and options.get(k) is not None:
+            setattr(cfg, k, options[k])
+    cfg.validate()
+    return cfg, extend
+
+
 def print_result(result: dict) -> None:
     if result.get("rank", 0) != 0:
         return  # under torchrun, rank 0 reports for the job
+    if result.get("note"):
+        click.echo(result["note"], err=True)
     click.echo(f"run directory: {result['run_dir']}")
     if result.get("skipped_images"):
         click.echo(f"unreadable images skipped: {result['skipped_images']}")
@@ -264,6 +394,11 @@ def print_result(result: dict) -> None:
             "test (score: norm, higher = normal): "
             + "  ".join(f"{k} {t[k]:.4f}" for k in ("AUROC", "AUPR-IN", "AUPR-OUT", "FPR@95TPR"))
         )
+        if len(t.get("per_ood_class", {})) > 1:
+            click.echo(
+                "AUROC per OOD class: "
+                + "  ".join(f"{c} {a:.4f}" for c, a in t["per_ood_class"].items())
+            )
     click.echo(json.dumps(result))
 
 

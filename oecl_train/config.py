@@ -13,6 +13,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+# Every ID / OE data source by name (the readers in oecl_train.data.readers); kept here, free of
+# heavy imports, so `--help` lists exactly the sources the readers accept.
+DATA_SOURCES = ("digits", "mnist", "cifar10", "cifar100", "folder", "npy", "photos")
+
 
 def _opt(default: Any, help: str, **kw) -> Any:
     if isinstance(default, (list, tuple)):
@@ -27,9 +31,16 @@ class TrainConfig:
     out_dir: str = _opt("runs", "Directory that holds run directories.")
     seed: int = _opt(0, "Seed for splits, sampling, augmentation and initialisation.")
     # data
-    data: str = _opt("digits", "ID source: digits, mnist, cifar10, cifar100, folder, npy.")
-    data_root: str | None = _opt(None, "Directory of the ID data (all sources but digits).")
-    id_class: str = _opt("0", "The class that is ID (one-vs-rest) or held out (leave-one-out).")
+    data: str = _opt("digits", f"ID source: {', '.join(DATA_SOURCES)}.")
+    data_root: str | None = _opt(
+        None, "Directory of the ID data (all sources but digits and photos)."
+    )
+    id_class: str = _opt(
+        "0",
+        "The class that is ID (one-vs-rest) or held out (leave-one-out), by name (a folder "
+        "name for --data folder, e.g. good). A number is an index into the sorted training "
+        "classes only when no class name is itself a number.",
+    )
     protocol: str = _opt("one-vs-rest", "one-vs-rest or leave-one-out.")
     oe: str = _opt("photos", "OE: none (SimCLR), self (rotations), photos, or any source name.")
     oe_root: str | None = _opt(None, "Directory of the OE data, for an on-disk OE source.")
@@ -39,7 +50,7 @@ class TrainConfig:
         "self-made near-OE for light-on-dark images); the rest come from --oe.",
     )
     image_size: int | None = _opt(
-        None, "Resize shorter side to this and centre-crop (default: native)."
+        None, "Resize the shorter side to this and centre-crop (default: the native size)."
     )
     channels: int | None = _opt(None, "Model input channels, 1 or 3 (default: the data's).")
     val_fraction: float = _opt(0.1, "Share of ID training images held out for validation.")
@@ -57,8 +68,10 @@ class TrainConfig:
     # optimisation
     batch_size: int = _opt(64, "ID images per step (each gives two views).")
     oe_batch_size: int | None = _opt(None, "OE images per step (default: batch size).")
-    epochs: int | None = _opt(None, "Passes over the ID training images.")
-    steps: int | None = _opt(None, "Optimizer steps (alternative to --epochs; default 2000).")
+    epochs: int | None = _opt(None, "Passes over the ID training images (default: --steps).")
+    steps: int | None = _opt(
+        None, "Optimizer steps, the alternative to --epochs (default: 2000 without --epochs)."
+    )
     optimizer: str = _opt("sgd", "sgd or lars.")
     lr: float = _opt(0.1, "Base learning rate (cosine-annealed to 0).")
     lr_warmup: float = _opt(0.0, "Share of training with a linear learning-rate warm-up.")
@@ -78,6 +91,9 @@ class TrainConfig:
     precision: str = _opt("bf16", "bf16, fp16 (CUDA, with a grad scaler) or fp32.")
     compile: bool = _opt(False, "torch.compile the network.")
     checkpoint_every: int | None = _opt(None, "Epochs between checkpoints (default: ~10 per run).")
+    checkpoint_minutes: float = _opt(
+        10.0, "Also checkpoint when this many minutes passed since the last one (0: off)."
+    )
     keep_checkpoints: int = _opt(2, "How many interval checkpoints to keep.")
     # distributed (torchrun)
     sync_bn: bool = _opt(False, "SyncBatchNorm across ranks under torchrun (CUDA only).")
@@ -112,6 +128,8 @@ class TrainConfig:
             raise ValueError("--oe-overlay must be in [0, 1)")
         if self.oe_overlay > 0 and self.oe in ("none", "self"):
             raise ValueError("--oe-overlay mixes into an external OE source, not --oe none/self")
+        if not self.checkpoint_minutes >= 0:
+            raise ValueError("--checkpoint-minutes must be 0 (off) or positive")
         if not self.dist_timeout > 0:
             raise ValueError("--dist-timeout must be positive")
 

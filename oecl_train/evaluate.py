@@ -16,10 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from oecl_train.metrics import ood_metrics, rates_at_threshold, threshold_at_tpr
+from oecl_train.metrics import (
+    ood_metrics,
+    per_class_metrics,
+    rates_at_threshold,
+    threshold_at_tpr,
+    threshold_warning,
+)
 from oecl_train.scores import (
     DESCRIPTIONS,
-    DIRECTION,
     RANDOM_VIEW_SCORES,
     SCORES,
     VIEW_SCORE,
@@ -29,6 +34,8 @@ from oecl_train.scores import (
 from oecl_train.views import DEFAULT_VIEWS, views_for, views_to_json
 
 REPORT_SCHEMA = "oecl-eval-report/1"
+# The machine-readable direction: the same token as oecl.json's `score.direction`.
+DIRECTION_KEY = "higher_is_normal"
 THRESHOLD_TPR = 0.95
 EVAL_SEED = 0  # augmentation draws for the K views; fixed so reports are repeatable
 # Keys a trainer may log per epoch with that epoch's seconds (summed into the wall time).
@@ -41,16 +48,12 @@ class EvalError(ValueError):
 
 def check_run_dir(run_dir: str | Path) -> Path:
     """The run directory, if it holds a config and at least one complete checkpoint."""
-    from oecl_train import checkpoint
+    from oecl_train.rundir import RunDirError, require_run_dir
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise EvalError(f"{run_dir}: no such directory")
-    if not (run_dir / "config.json").is_file():
-        raise EvalError(f"{run_dir}: not a run directory (no config.json)")
-    if not checkpoint.list_checkpoints(run_dir / "checkpoints"):
-        raise EvalError(f"{run_dir}: no checkpoint yet (train the run first, or resume it)")
-    return run_dir
+    try:
+        return require_run_dir(run_dir)
+    except RunDirError as e:
+        raise EvalError(str(e)) from None
 
 
 def splits_for(cfg):
@@ -86,6 +89,11 @@ def eval_precision(cfg, device) -> str:
     return "bf16" if cfg.precision == "fp16" and device.type != "cuda" else cfg.precision
 
 
+def served_score(views: int) -> str:
+    """The score an artifact exported with `--views views` serves."""
+    return VIEW_SCORE if views > 1 else "norm"
+
+
 def score_model(
     net,
     cfg,
@@ -98,8 +106,9 @@ def score_model(
     progress: bool = False,
     views: int = DEFAULT_VIEWS,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Test-set scores (each requested score) and ID-validation norms (for the threshold).
-    mean-view-norm uses the run's `views`-view set, the one `oecl export --views` bakes in."""
+    """Test-set scores (each requested score, at the run's precision) and the fp32
+    ID-validation values of the served score (for the threshold). mean-view-norm uses the
+    run's `views`-view set, the one `oecl export --views` bakes in."""
     import torch
     from tqdm import tqdm
 
@@ -124,15 +133,20 @@ def score_model(
             seed=EVAL_SEED,
             progress=bar.update,
         )
+        # The threshold is taken on the served score in fp32, as the exporter takes it: one
+        # threshold per run, the one oecl.json ships, whatever precision the test scores were
+        # computed in.
+        served = served_score(views)
         val = compute_scores(
             net,
             splits.id_val,
-            scores=("norm",),
+            scores=(served,),
+            views=view_set,
             device=device,
-            precision=precision,
+            precision="fp32",
             batch=batch_size,
             progress=bar.update,
-        )["norm"]
+        )[served]
     return test, val
 
 
@@ -213,35 +227,41 @@ def build_report(
 ) -> dict[str, Any]:
     """The report as a JSON-ready dict (schema: REPORT_SCHEMA)."""
     is_id = splits.test_is_id
+    classes = splits.classes
     per_score = {}
     for name, s in test_scores.items():
         per_score[name] = {
-            "direction": DIRECTION,
+            "direction": DIRECTION_KEY,
             "description": DESCRIPTIONS[name],
             "metrics": ood_metrics(s, is_id),
             "id": _summary(s[is_id]),
             "ood": _summary(s[~is_id]),
+            # ID test images against each OOD class alone: one defect type the model misses
+            # hides inside the overall AUROC.
+            "per_ood_class": per_class_metrics(s, is_id, splits.test_labels, classes),
         }
     threshold = None
     if len(val_norms):
         value = threshold_at_tpr(val_norms, THRESHOLD_TPR)
-        test_norm = test_scores.get("norm")
+        served = served_score(views)
+        test_norm = test_scores.get(served)
         threshold = {
-            "score": "norm",
-            "direction": DIRECTION,
+            "score": served,
+            "direction": DIRECTION_KEY,
             "value": value,
-            "rule": f"ID-validation norm at {THRESHOLD_TPR:.0%} TPR",
+            "rule": f"ID-validation {served} at {THRESHOLD_TPR:.0%} TPR",
             "tpr_target": THRESHOLD_TPR,
+            "precision": "fp32",
             "n_val": int(len(val_norms)),
+            "warning": threshold_warning(len(val_norms), THRESHOLD_TPR),
             # How the validation threshold carries over to the test split.
             "test": None if test_norm is None else rates_at_threshold(test_norm, is_id, value),
         }
-    classes = splits.classes
     return {
         "schema": REPORT_SCHEMA,
         "run_dir": str(run_dir),
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "direction": DIRECTION,
+        "direction": DIRECTION_KEY,
         "checkpoint": {
             "file": checkpoint_name,
             "epoch": int(meta.get("epoch", 0)),
@@ -256,6 +276,10 @@ def build_report(
             "n_test_id": int(is_id.sum()),
             "n_test_ood": int((~is_id).sum()),
             "n_val_id": int(len(val_norms)),
+            "ood_classes": {
+                classes[c]: int((splits.test_labels[~is_id] == c).sum())
+                for c in sorted(set(splits.test_labels[~is_id].tolist()))
+            },
         },
         "evaluation": {
             "scores": list(test_scores),

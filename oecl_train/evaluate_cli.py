@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from oecl_train.scores import SCORES
+from oecl_train.score_names import SCORES
 
 
 @click.command("eval")
@@ -35,10 +35,20 @@ from oecl_train.scores import SCORES
     help="Images (views) per forward pass.",
 )
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Show a progress bar on stderr (default: only when stderr is a terminal).",
+)
 def eval_cmd(
-    run: Path, scores: str, k: int, views: int | None, save_scores: bool, batch_size: int,
-    device: str, progress: bool,
+    run: Path,
+    scores: str,
+    k: int,
+    views: int | None,
+    save_scores: bool,
+    batch_size: int,
+    device: str,
+    progress: bool | None,
 ) -> None:
     """Evaluate RUN (a run directory, or a sweep directory of class-* runs).
 
@@ -49,10 +59,12 @@ def eval_cmd(
     sweep.json and sweep.md.
     """
     from oecl_train.cli import user_errors
+    from oecl_train.data.readers import progress_enabled
     from oecl_train.report import format_run_table
     from oecl_train.scores import parse_scores
     from oecl_train.sweep import evaluate_sweep, is_sweep_dir, print_sweep
 
+    progress = progress_enabled(progress)
     try:
         names = parse_scores(scores)
         if is_sweep_dir(run):

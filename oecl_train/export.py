@@ -46,6 +46,7 @@ from oecl_runtime.artifact import (
 )
 from oecl_runtime.atomic import atomic_dir, with_file, write_json
 from oecl_runtime.preprocess import InputSpec
+from oecl_train.views import DEFAULT_VIEWS
 
 FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "tensorrt")
 INPUT_NAME = "images"
@@ -448,7 +449,7 @@ def export_run(
     verify: bool = True,
     device: str = "cpu",
     *,
-    views: int = 1,
+    views: int = DEFAULT_VIEWS,
     splits: Any = None,
     log: Log = _stderr,
 ) -> dict[str, Any]:
@@ -571,6 +572,11 @@ def export_run(
             oe = _oe_images(splits, cfg.seed)
             oe_norms = None if oe is None else torch_norms(net, oe, dev, views=view_set)
             threshold = threshold_at_tpr(id_norms, threshold_tpr)
+            from oecl_train.metrics import threshold_warning
+
+            few = threshold_warning(len(id_norms), threshold_tpr)
+            if few:
+                log(f"warning: {few}")
             meta_out = _metadata(
                 spec=spec, arch=arch, embedding=embedding, threshold=threshold,
                 tpr=threshold_tpr, id_norms=id_norms, oe_norms=oe_norms, max_batch=max_batch,
@@ -581,6 +587,8 @@ def export_run(
             )
             meta_out["golden"] = g_section
             meta_out["score"].update(_score_views(view_set))
+            if few:
+                meta_out["score"]["threshold_warning"] = few
             meta_out["verification"] = {"passed": None, "skipped": True}
             write_metadata(tmp, meta_out)
 
@@ -623,6 +631,7 @@ def export_run(
                    "bytes": f["bytes"], "sha256": f["sha256"]} for f in files],
         "threshold": meta_out["score"]["threshold"],
         "threshold_rule": meta_out["score"]["threshold_rule"],
+        "threshold_warning": few,
         "score": f"{meta_out['score']['name']} (higher = normal)",
         "views": len(view_set),
         "id_norm": meta_out["score"]["id_norm"],

@@ -16,7 +16,8 @@ _FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "tensorrt")
               help="Artifact directory to write (replaced only if it already holds an artifact).")
 @click.option("--format", "formats", default="onnx", show_default=True,
               help=f"Comma-separated files to make: {', '.join(_FORMATS)}. The fp32 ONNX file "
-                   "is always made; tensorrt needs TensorRT and a GPU.")
+                   "is always made, and so is model.safetensors (the fp32 weights, for the "
+                   "runtime's torch backend); tensorrt needs TensorRT and a GPU.")
 @click.option("--max-batch", default=64, show_default=True, type=click.IntRange(min=1),
               help="Largest batch the files are built and checked for.")
 @click.option("--threshold-tpr", default=0.95, show_default=True,
@@ -40,18 +41,21 @@ def export_cmd(run: str, out_dir: str, formats: str, max_batch: int, threshold_t
                views: int | None) -> None:
     """Export the latest checkpoint of RUN to an artifact directory.
 
+    The directory gets oecl.json, model.onnx, the --format variants, model.safetensors
+    (always: the fp32 weights the torch backend serves), the golden set and verify.json (the
+    parity check, unless --no-verify).
+
     Score: the norm of the projection averaged over the --views fixed views (mean-view-norm;
     norm with --views 1), higher = normal; an image is anomalous when the score < threshold.
     Progress goes to stderr; the table and a JSON summary (last line) go to stdout.
     """
     from oecl_train.cli import user_errors
     from oecl_train.export import export_run
-    from oecl_train.views import DEFAULT_VIEWS
 
     try:
         summary = export_run(run, out_dir, formats, max_batch, threshold_tpr, embedding,
                              calib_images, verify, device,
-                             views=DEFAULT_VIEWS if views is None else views)
+                             **({} if views is None else {"views": views}))
     except user_errors() as e:
         raise click.ClickException(_one_line(e)) from None
     print_summary(summary)
@@ -85,13 +89,18 @@ def print_summary(summary: dict[str, Any]) -> None:
                      f"  {'pass' if r['pass'] else 'FAIL'}")
         click.echo(line)
     if report:
-        click.echo(f"PyTorch fp32 reference AUROC {report['reference']['AUROC']:.4f} on "
-                   f"{report['n_id']} ID + {report['n_ood']} OOD held-out images")
+        # A parity check between the files and PyTorch, on its own image sample: not the test
+        # AUROC `oecl train` / `oecl eval` report (docs/ARTIFACT.md, `verify.json`).
+        click.echo(f"parity check: PyTorch fp32 AUROC {report['reference']['AUROC']:.4f} on "
+                   f"{report['n_id']} ID (validation + test) + {report['n_ood']} OOD test images "
+                   "(compare the files with it; the test AUROC is oecl eval's)")
     else:
         click.echo("not verified (--no-verify)")
     rule = summary["threshold_rule"]
     score = summary["score"].split(" ")[0]
     click.echo(f"threshold {summary['threshold']:.4g} ({score} keeping {rule['tpr']:.0%} of "
-               f"{rule['n_images']} held-out ID images over {summary['views']} view(s); score: "
-               f"{score}, higher = normal)")
+               f"{rule['n_images']} ID-validation images over {summary['views']} view(s), fp32; "
+               f"score: {score}, higher = normal)")
+    if summary.get("threshold_warning"):
+        click.echo(f"warning: {summary['threshold_warning']}")
     click.echo(json.dumps(summary))

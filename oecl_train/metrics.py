@@ -60,3 +60,36 @@ def rates_at_threshold(scores: np.ndarray, is_id: np.ndarray, threshold: float) 
     scores, is_id = _check(scores, is_id)
     accept = scores >= threshold
     return {"TPR": float(accept[is_id].mean()), "FPR": float(accept[~is_id].mean())}
+
+
+# Below this many ID-validation images the threshold is noisy: the 95%-TPR norm is set by the
+# lowest 5% of them, i.e. by fewer than 5 images, and moves a lot with which images were drawn.
+FEW_THRESHOLD_IMAGES = 100
+
+
+def threshold_warning(n_images: int, tpr: float) -> str | None:
+    """A one-line warning when a threshold at `tpr` rests on too few ID-validation images."""
+    if n_images >= FEW_THRESHOLD_IMAGES:
+        return None
+    below = (1.0 - tpr) * n_images
+    return (
+        f"the {tpr:.0%}-TPR threshold rests on only {n_images} ID-validation images (about "
+        f"{below:.1f} fall below it; {FEW_THRESHOLD_IMAGES}+ give a stable one): expect the "
+        "test TPR to differ; add ID training images or raise --val-fraction"
+    )
+
+
+def per_class_metrics(
+    scores: np.ndarray, is_id: np.ndarray, labels: np.ndarray, classes: list[str]
+) -> dict[str, dict[str, float]]:
+    """For each OOD class of the test split: all ID test images against that class alone
+    (the way anomaly-detection benchmarks report each defect type), with its count and mean."""
+    scores, is_id = np.asarray(scores), np.asarray(is_id, bool)
+    labels = np.asarray(labels)
+    out = {}
+    for c in sorted(set(labels[~is_id].tolist()), key=lambda c: classes[c]):
+        pick = is_id | (labels == c)
+        m = ood_metrics(scores[pick], is_id[pick])
+        sel = scores[labels == c]
+        out[classes[c]] = {"n": int(len(sel)), "mean": float(sel.mean()), **m}
+    return out

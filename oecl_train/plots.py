@@ -36,17 +36,22 @@ def plot_training(run_dir: str | Path) -> list[Path]:
     plt.close(fig)
     out.append(run_dir / "loss.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    # Constrained layout with the legend outside, below the axes: inside, it hid the α line.
+    fig, ax = plt.subplots(figsize=(6, 4.4), layout="constrained")
     ax.plot(epochs, [r["id_norm"] for r in rows], label="ID ‖z‖")
     ax.plot(epochs, [r["oe_norm"] for r in rows], label="OE ‖z‖")
     ax2 = ax.twinx()
-    ax2.step(epochs, [r["alpha"] for r in rows], color="gray", alpha=0.4, where="post")
+    ax2.step(
+        epochs, [r["alpha"] for r in rows], color="gray", alpha=0.6, where="post",
+        label="α (OE norm weight, right axis)",
+    )
     ax2.set_ylabel("α", color="gray")
+    ax2.set_ylim(bottom=0)
     ax.set_xlabel("epoch")
     ax.set_ylabel("mean feature norm (higher = normal)")
-    ax.legend(loc="upper left")
+    handles = ax.get_lines() + ax2.get_lines()
+    fig.legend(handles, [h.get_label() for h in handles], loc="outside lower center", ncol=3)
     ax.set_title("ID vs OE norm during training")
-    fig.tight_layout()
     with_file(run_dir / "norms.png", lambda p: fig.savefig(p, format="png", dpi=110))
     plt.close(fig)
     out.append(run_dir / "norms.png")

@@ -28,12 +28,18 @@ QUICKSTART = dict(
 @click.option("--id-class", default="0", show_default=True, help="Digit used as the ID class.")
 @click.option("--steps", default=QUICKSTART["steps"], show_default=True, help="Training steps.")
 @click.option("--out-dir", default="runs", show_default=True, help="Where the run is written.")
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def quickstart(id_class: str, steps: int, out_dir: str, progress: bool) -> None:
+@click.option(
+    "--progress/--no-progress",
+    default=None,
+    help="Show a progress bar on stderr (default: only when stderr is a terminal).",
+)
+def quickstart(id_class: str, steps: int, out_dir: str, progress: bool | None) -> None:
     """Train OECL on scikit-learn's bundled digits (one class ID, natural-photo crops as OE),
     then score the held-out images of all classes by feature norm and print the AUROC."""
     from oecl_train.config import TrainConfig
+    from oecl_train.data.readers import progress_enabled
 
+    progress = progress_enabled(progress)
     try:
         cfg = TrainConfig.from_dict(
             {

@@ -14,7 +14,12 @@ import numpy as np
 
 from oecl_runtime.atomic import with_file, write_json, write_text
 from oecl_train.metrics import METRICS, roc_points
-from oecl_train.scores import DIRECTION
+from oecl_train.score_names import DIRECTION
+
+# Beyond these many OOD classes (CIFAR-100: 99) the per-class table stays in report.md and the
+# histogram shows one merged OOD series: that many overlaid series would be unreadable.
+CONSOLE_CLASSES = 20
+HIST_CLASSES = 10
 
 
 def _fmt_seconds(s: float | None) -> str:
@@ -37,13 +42,38 @@ def budget_line(b: dict[str, Any]) -> str:
 def threshold_line(t: dict[str, Any] | None) -> str:
     if t is None:
         return "threshold: none (no ID-validation images)"
-    line = f"threshold (norm, {t['rule']}, {DIRECTION}): {t['value']:.6g}"
+    line = (
+        f"threshold ({t.get('score', 'norm')}, {t['rule']}, {t.get('n_val', '?')} images, fp32, "
+        f"{DIRECTION}): "
+        f"{t['value']:.6g}"
+    )
     if t.get("test"):
         line += (
             f"; on the test split it accepts {t['test']['TPR']:.1%} of ID "
             f"and {t['test']['FPR']:.1%} of OOD"
         )
+    if t.get("warning"):
+        line += f"\nwarning: {t['warning']}"
     return line
+
+
+def per_class_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per OOD class: its image count, and each score's AUROC and mean against ID."""
+    names = [n for n, s in report["scores"].items() if s.get("per_ood_class")]
+    if not names:
+        return [], []
+    classes = list(report["scores"][names[0]]["per_ood_class"])
+    header = ["OOD class", "n", *(f"{n} AUROC" for n in names), *(f"{n} mean" for n in names)]
+    rows = []
+    for c in classes:
+        per = [report["scores"][n]["per_ood_class"][c] for n in names]
+        rows.append(
+            [c, str(per[0]["n"]), *(f"{p['AUROC']:.4f}" for p in per),
+             *(f"{p['mean']:.4g}" for p in per)]
+        )
+    id_means = [f"{report['scores'][n]['id']['mean']:.4g}" for n in names]
+    rows.append(["(ID)", str(report["data"]["n_test_id"]), *(["-"] * len(names)), *id_means])
+    return header, rows
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -73,9 +103,13 @@ def format_run_table(report: dict[str, Any]) -> str:
         f"{d['n_test_id']} ID / {d['n_test_ood']} OOD test images)",
         f"scores: {DIRECTION}; K = {report['evaluation']['k']} augmented views",
         _table(["score", *METRICS], _score_rows(report)),
-        threshold_line(report["threshold"]),
-        "budget: " + budget_line(report["budget"]),
     ]
+    header, rows = per_class_rows(report)
+    if 2 < len(rows) <= CONSOLE_CLASSES + 1:  # several OOD classes, each against the ID
+        lines.append(_table(header, rows))
+    elif len(rows) > 2:
+        lines.append(f"AUROC of each of the {len(rows) - 1} OOD classes: see report.md")
+    lines += [threshold_line(report["threshold"]), "budget: " + budget_line(report["budget"])]
     return "\n".join(lines)
 
 
@@ -105,9 +139,17 @@ def run_markdown(report: dict[str, Any], files: dict[str, Any]) -> str:
             f"| {name} | {s['description']} | {s['id']['mean']:.4g} ± {s['id']['std']:.3g} | "
             f"{s['ood']['mean']:.4g} ± {s['ood']['std']:.3g} |"
         )
+    header, rows = per_class_rows(report)
+    if rows:
+        lines += [
+            "",
+            "Per OOD class (all ID test images against that class alone):",
+            "",
+            _md_table(header, rows),
+        ]
     lines += [
         "",
-        "- " + threshold_line(report["threshold"]),
+        "- " + threshold_line(report["threshold"]).replace("\n", "\n- "),
         "- budget: " + budget_line(report["budget"]),
         "",
     ]
@@ -155,19 +197,34 @@ def plot_roc(
 
 
 def plot_hist(
-    path: Path, report: dict[str, Any], test_scores: dict[str, np.ndarray], is_id: np.ndarray
+    path: Path,
+    report: dict[str, Any],
+    test_scores: dict[str, np.ndarray],
+    is_id: np.ndarray,
+    labels: Sequence[str] | None = None,
 ) -> None:
-    """ID vs OOD histogram of each score, one panel per score; the threshold on the norm."""
+    """ID vs OOD histogram of each score, one panel per score and one series per OOD class
+    (two defect types on opposite sides of the ID would cancel out in one merged OOD series);
+    the threshold on the score it was taken on (the served one)."""
     plt = _pyplot()
     names = list(test_scores)
     fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.8), squeeze=False)
     thr = report["threshold"]["value"] if report["threshold"] else None
+    thr_score = report["threshold"].get("score", "norm") if report["threshold"] else None
+    ood_labels = np.asarray(labels if labels is not None else ["OOD"] * len(is_id))[~is_id]
+    if len(set(ood_labels.tolist())) > HIST_CLASSES:
+        ood_labels = np.full(len(ood_labels), "OOD")
+    ood_classes = sorted(set(ood_labels.tolist()))
     for ax, name in zip(axes[0], names, strict=True):
         s = test_scores[name]
         bins = np.histogram_bin_edges(s, bins=50)
         ax.hist(s[is_id], bins=bins, alpha=0.6, density=True, label=f"ID ({is_id.sum()})")
-        ax.hist(s[~is_id], bins=bins, alpha=0.6, density=True, label=f"OOD ({(~is_id).sum()})")
-        if name == "norm" and thr is not None:
+        for c in ood_classes:
+            sel = s[~is_id][ood_labels == c]
+            tag = "OOD" if c == "OOD" else f"OOD {c}"
+            ax.hist(sel, bins=bins, alpha=0.5, density=True, histtype="stepfilled",
+                    label=f"{tag} ({len(sel)})")
+        if name == thr_score and thr is not None:
             ax.axvline(thr, color="black", lw=1, ls="--", label="threshold (ID-val, 95% TPR)")
         ax.set_xlabel(f"{name} ({DIRECTION})")
         ax.set_ylabel("density")
@@ -221,7 +278,7 @@ def write_run_report(
     if plots:
         files["roc"], files["hist"] = "roc.png", "hist.png"
         plot_roc(eval_dir / files["roc"], report, test_scores, is_id)
-        plot_hist(eval_dir / files["hist"], report, test_scores, is_id)
+        plot_hist(eval_dir / files["hist"], report, test_scores, is_id, labels)
     if save_scores:
         files["scores_csv"] = "scores.csv"
         write_text(eval_dir / "scores.csv", scores_csv(test_scores, is_id, labels, paths))

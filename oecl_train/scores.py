@@ -15,19 +15,12 @@ import numpy as np
 import torch
 
 from oecl_train.augment import SimCLRAugment
+from oecl_train.score_names import DESCRIPTIONS, DIRECTION, RANDOM_VIEW_SCORES, SCORES, VIEW_SCORE
 from oecl_train.trainer import autocast
-from oecl_train.views import SCORE_NAME as VIEW_SCORE
 from oecl_train.views import View, ViewStack, mean_over_views
 
-SCORES = ("norm", "mean-aug-norm", "mean-sq-norm", VIEW_SCORE)
-RANDOM_VIEW_SCORES = ("mean-aug-norm", "mean-sq-norm")
-DIRECTION = "higher = normal"
-DESCRIPTIONS = {
-    "norm": "‖z‖ of the plain view (the exported model's score)",
-    "mean-aug-norm": "‖mean of z over the plain view and K SimCLR views‖",
-    "mean-sq-norm": "mean of ‖z‖² over the plain view and K SimCLR views",
-    VIEW_SCORE: "‖mean of z over the plain view and fixed crops‖ (the --views K served score)",
-}
+__all__ = ["DESCRIPTIONS", "DIRECTION", "RANDOM_VIEW_SCORES", "SCORES", "VIEW_SCORE",
+           "compute_scores", "embed", "parse_scores", "view_scores"]
 
 
 def parse_scores(text: str | Sequence[str]) -> tuple[str, ...]:

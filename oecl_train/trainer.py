@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -31,6 +34,54 @@ from oecl_train.optim import build_optimizer, cosine_lr
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM stopped training after a step and a checkpoint; exit with `exit_code`."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class StopSignals:
+    """While active, SIGINT and SIGTERM only set `signum`; the loop stops after the step in
+    flight, so the checkpoint it writes is consistent. A second signal stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._saved: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        # Handlers can only be installed from the main thread (a caller in another thread
+        # keeps the default behaviour).
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame) -> None:
+        if self.signum is not None:
+            self._restore()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        print(
+            f"\n{signal.Signals(signum).name}: finishing this step and writing a checkpoint "
+            "(send it again to stop at once, losing the steps since the last checkpoint)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _restore(self) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+        self._saved = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -132,6 +183,14 @@ class Trainer:
             total_steps = 2000
         self._set_schedule(total_steps)
         self.start_epoch = 0
+        # A checkpoint written inside an epoch: its position there and the epoch's metric sums.
+        self.start_step_in_epoch = 0
+        self._partial: dict | None = None
+
+    @property
+    def start_step(self) -> int:
+        """The global step training (re)starts at."""
+        return self.start_epoch * self.steps_per_epoch + self.start_step_in_epoch
 
     def _set_schedule(self, total_steps: int) -> None:
         """Derive everything counted in steps or epochs from the run's length in steps."""
@@ -240,13 +299,19 @@ class Trainer:
         return ntxent_oe(z_id, z_oe, cfg.temperature, alpha, backend=cfg.loss_backend)
 
     # -- run ----------------------------------------------------------------------------------
-    def resume(self) -> int:
+    def resume(self, extend: bool = False) -> int:
         """Restore the latest checkpoint of this run; returns the epoch training continues at.
+
+        A checkpoint written inside an epoch (on a signal or the time interval) resumes at the
+        step after it, with that epoch's metric sums and (one process) its RNG state, so the
+        run continues as if it had never stopped.
 
         Checkpoints hold no per-rank state, so any number of ranks can resume one. With a
         different world size the global batch, and so steps_per_epoch, changes: training
-        continues at the saved epoch and the run keeps its length in epochs, with the step
-        schedule (cosine learning rate, α and learning-rate warm-ups) recomputed in steps.
+        continues at the start of the saved epoch and the run keeps its length in epochs, with
+        the step schedule (cosine learning rate, α and learning-rate warm-ups) recomputed in
+        steps. `extend`: the configured --steps / --epochs are a new length for the run, so the
+        schedule follows them instead of the checkpoint's.
         """
         path = checkpoint.latest(self.run_dir / "checkpoints")
         meta = checkpoint.load(path, self.net, self.optimizer, self.device)
@@ -259,9 +324,16 @@ class Trainer:
         if saved_spe and saved_spe != self.steps_per_epoch:
             # --epochs runs already have their epochs; a --steps run keeps its share of
             # passes over the data rather than its count of (now differently sized) steps.
-            self._set_schedule(
-                max(1, round(int(meta["total_steps"]) * self.steps_per_epoch / saved_spe))
-            )
+            if not extend:
+                self._set_schedule(
+                    max(1, round(int(meta["total_steps"]) * self.steps_per_epoch / saved_spe))
+                )
+        else:
+            # Same step size: continue at the exact step, also where the last epoch was cut
+            # short by the run's length (an extended run picks up inside that epoch).
+            step = int(meta.get("step", self.start_epoch * self.steps_per_epoch))
+            self.start_epoch, self.start_step_in_epoch = divmod(step, self.steps_per_epoch)
+            self._partial = meta.get("partial") if self.start_step_in_epoch else None
         if self.dist.rank == 0:
             self._truncate_metrics(self.start_epoch)
         return self.start_epoch
@@ -272,17 +344,25 @@ class Trainer:
             keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["epoch"] <= epoch]
             write_text(path, "".join(ln + "\n" for ln in keep))
 
-    def _save(self, epoch: int, last: dict) -> Path | None:
+    def _save(
+        self, epoch: int, last: dict, step_in_epoch: int = 0, partial: dict | None = None
+    ) -> Path | None:
+        """Checkpoint after `epoch` complete epochs and `step_in_epoch` steps of the next one
+        (with that epoch's metric sums so far in `partial`)."""
         if self.dist.rank != 0:
             return None
+        self._last_save = time.monotonic()
+        step = epoch * self.steps_per_epoch + step_in_epoch
         info = {
-            "step": min(epoch * self.steps_per_epoch, self.total_steps),
+            "step": min(step, self.total_steps),
+            "step_in_epoch": step_in_epoch,
+            "partial": partial,
             "total_steps": self.total_steps,
             "epochs": self.epochs,
             # Job facts, not per-rank state: resume() rescales the schedule when they change.
             "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.dist.world,
-            "complete": epoch >= self.epochs,
+            "complete": step >= self.total_steps,
             "architecture": self.arch.to_json(),
             "device": str(self.device),
             "input": self.splits.spec.to_json(),
@@ -297,19 +377,26 @@ class Trainer:
             self.optimizer,
             info,
             keep=self.cfg.keep_checkpoints,
+            step_in_epoch=step_in_epoch,
         )
 
     def fit(self) -> dict:
+        """Train to the run's length. On SIGINT/SIGTERM: finish the step, checkpoint, and raise
+        TrainingInterrupted. Checkpoints also every `checkpoint_every` epochs and, inside an
+        epoch, once `checkpoint_minutes` have passed since the last one."""
+        with StopSignals() as stop:
+            return self._fit(stop)
+
+    def _fit(self, stop: StopSignals) -> dict:
         from tqdm import tqdm
 
         cfg = self.cfg
         if self.dist.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.run_dir / "config.json", cfg.to_json())
-        start_step = self.start_epoch * self.steps_per_epoch
         bar = tqdm(
             total=self.total_steps,
-            initial=start_step,
+            initial=self.start_step,
             disable=not self.progress,
             unit="step",
             dynamic_ncols=True,
@@ -317,12 +404,22 @@ class Trainer:
         )
         last: dict = {}
         self.net.train()
+        self._last_save = time.monotonic()
+        interval = cfg.checkpoint_minutes * 60.0
         for epoch in range(self.start_epoch, self.epochs):
-            self._seed_augmentation(epoch)
+            first = self.start_step_in_epoch if epoch == self.start_epoch else 0
+            partial = self._partial if epoch == self.start_epoch else None
+            if partial and partial.get("rng") and self.dist.world == 1:
+                self._set_rng(partial["rng"])  # the draws continue where they stopped
+            else:
+                self._seed_augmentation(epoch, first)
             id_order, oe_order = self._orders(epoch)
-            sums: dict[str, torch.Tensor | float] = {}
-            t0, n_steps, n_images = time.perf_counter(), 0, 0
-            for s in range(self.steps_per_epoch):
+            sums: dict[str, torch.Tensor | float] = dict(partial["sums"]) if partial else {}
+            n_steps = partial["n_steps"] if partial else 0
+            n_images = partial["n_images"] if partial else 0
+            t0 = time.perf_counter() - (partial["seconds"] if partial else 0.0)
+            m: dict = dict(partial["last"]) if partial else {}
+            for s in range(first, self.steps_per_epoch):
                 step = epoch * self.steps_per_epoch + s
                 if step >= self.total_steps:
                     break
@@ -342,12 +439,36 @@ class Trainer:
                         oe=f"{float(m['oe_norm']):.2f}",
                         img_s=f"{n_images / (time.perf_counter() - t0):.0f}",
                     )
+                stopping = self._agree_to_stop(stop.signum, step)
+                due = (
+                    self.dist.rank == 0
+                    and interval > 0
+                    and time.monotonic() - self._last_save >= interval
+                )
+                if stopping or (due and s + 1 < self.steps_per_epoch):
+                    self._check_finite(float(m["loss"]), step)
+                    state = {
+                        "sums": {k: float(v) for k, v in sums.items()},
+                        "n_steps": n_steps,
+                        "n_images": n_images,
+                        "seconds": time.perf_counter() - t0,
+                        "last": {"lr": m["lr"], "alpha": m["alpha"]},
+                        # One process: its RNG, so a resumed run draws exactly the views this
+                        # one would have (ranks of a job re-seed, see _seed_augmentation).
+                        "rng": self._get_rng() if self.dist.world == 1 else None,
+                    }
+                    path = self._save(epoch, last, step_in_epoch=s + 1, partial=state)
+                if stopping:
+                    bar.close()
+                    raise self._interrupted(stop.signum or signal.SIGTERM, step + 1, path)
+            if n_steps == 0:
+                continue  # resumed at the end of a complete run: nothing left to do
             elapsed = time.perf_counter() - t0
             last = {k: float(v) / n_steps for k, v in sums.items()}
             self._check_finite(last["loss"], epoch * self.steps_per_epoch + n_steps - 1)
             last.update(
                 epoch=epoch + 1,
-                step=epoch * self.steps_per_epoch + n_steps,
+                step=min((epoch + 1) * self.steps_per_epoch, self.total_steps),
                 lr=m["lr"],
                 alpha=m["alpha"],
                 images_per_s=n_images / elapsed,
@@ -364,11 +485,54 @@ class Trainer:
             plot_training(self.run_dir)
         return last
 
-    def _seed_augmentation(self, epoch: int) -> None:
+    def _agree_to_stop(self, signum: int | None, step: int) -> bool:
+        """Whether to stop after this step. Every rank must stop at the same step (a rank
+        that stops alone leaves the others waiting in their next collective), so with several
+        ranks the flag is combined every 10 steps, where the loss is read anyway."""
+        if self.dist.world == 1:
+            return signum is not None
+        if step % 10:
+            return False
+        import torch.distributed as tdist
+
+        flag = torch.tensor([0 if signum is None else 1], device=self.device)
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _interrupted(self, signum: int, step: int, path: Path | None) -> TrainingInterrupted:
+        where = f"checkpoint {path}" if path else "a checkpoint (written by rank 0)"
+        name = signal.Signals(signum).name
+        return TrainingInterrupted(
+            f"{name}: stopped after step {step} of {self.total_steps} and wrote {where}; "
+            f"continue with: oecl train --resume {self.run_dir}",
+            signum,
+        )
+
+    def _seed_augmentation(self, epoch: int, step_in_epoch: int = 0) -> None:
         """Augmentation randomness: distinct per rank and epoch, reproducible from the seed,
         so a resumed run (with the same world size) draws exactly the views an uninterrupted
-        one would."""
-        torch.manual_seed(self.cfg.seed * 7919 + epoch * 104_729 + self.dist.rank)
+        one would. A job of several ranks resumed inside an epoch re-seeds from that position
+        (its ranks' RNG states are not in the checkpoint): repeatable, not identical."""
+        offset = step_in_epoch * 15_485_863 if step_in_epoch else 0
+        torch.manual_seed(self.cfg.seed * 7919 + epoch * 104_729 + self.dist.rank + offset)
+
+    def _get_rng(self) -> dict[str, str]:
+        import base64
+
+        states = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {k: base64.b64encode(v.numpy().tobytes()).decode() for k, v in states.items()}
+
+    def _set_rng(self, rng: dict[str, str]) -> None:
+        import base64
+
+        def state(text: str) -> torch.Tensor:
+            return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+        torch.set_rng_state(state(rng["cpu"]))
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state(rng["cuda"]), self.device)
 
     def _check_finite(self, loss: float, step: int) -> None:
         if not math.isfinite(loss):
@@ -390,10 +554,10 @@ def load_trained(
     run_dir: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[TrainConfig, OECLNet, dict]:
     """The config, network (eval mode) and checkpoint metadata of a run's latest checkpoint."""
-    run_dir = Path(run_dir)
+    from oecl_train.rundir import require_run_dir
+
+    run_dir = require_run_dir(run_dir)
     cfg_path = run_dir / "config.json"
-    if not cfg_path.exists():
-        raise checkpoint.CheckpointError(f"{run_dir}: not a run directory (no config.json)")
     cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
     path = checkpoint.latest(run_dir / "checkpoints")
     meta = json.loads(path.read_text())

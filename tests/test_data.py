@@ -121,7 +121,8 @@ def test_folder_errors_at_start(tmp_path):
     with pytest.raises(DataError, match="no images"):
         make_reader("folder", str(tmp_path / "empty")).load("train")
     _write_folder(tmp_path / "mixed", sizes=((12, 12), (20, 16)))
-    with pytest.raises(DataError, match="different sizes"):
+    # The message names two files of different sizes and the option that fixes it.
+    with pytest.raises(DataError, match=r"0\.png is 12x12, .*1\.jpg is 20x16.*--image-size"):
         make_reader("folder", str(tmp_path / "mixed")).load("train")
     # With a resize rule the same folder is fine.
     spec = InputSpec(8, 8, 3, resize=8)
@@ -197,3 +198,131 @@ def test_conform_resizes_and_replicates_channels():
     assert conform(x, InputSpec(16, 16, 1, resize=16)).shape == (3, 1, 16, 16)
     with pytest.raises(DataError, match="resize"):
         conform(x, InputSpec(16, 16, 1))
+
+
+# -- folder layouts: classes matched by name, MVTec AD, colour modes -------------------------------
+def _images(folder, n, shape=(10, 10), value=None, seed=0, mode="L"):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        full = (*shape, 3) if mode == "RGB" else shape
+        if value is None:
+            arr = rng.integers(0, 256, full, dtype=np.uint8)
+        else:
+            arr = np.full(full, value, np.uint8)
+        Image.fromarray(arr, mode).save(folder / f"{i:03d}.png")
+
+
+def write_mvtec(root, n_train=12, n_good=3, defects=(("crack", 4), ("scratch", 2))):
+    """A tiny MVTec AD category: train/good, test/good, test/<defect>, ground_truth/<defect>."""
+    _images(root / "train" / "good", n_train, value=200)
+    _images(root / "test" / "good", n_good, value=200)
+    for i, (name, n) in enumerate(defects):
+        _images(root / "test" / name, n, value=10 + i)
+        _images(root / "ground_truth" / name, n, value=255)  # masks: never read
+    (root / "license.txt").write_text("CC BY-NC-SA 4.0")
+    return root
+
+
+def test_mvtec_layout_matches_classes_by_name(tmp_path):
+    root = write_mvtec(tmp_path / "bottle")
+    s = build_splits(data="folder", data_root=str(root), id_class="good",
+                     protocol="one-vs-rest", oe="none")
+    # Sorted per split, test class 0 would be "crack": the ID must be the good folder.
+    good = np.array(["/good/" in p for p in s.test_paths])
+    np.testing.assert_array_equal(s.test_is_id, good)
+    assert s.test_is_id.sum() == 3 and (~s.test_is_id).sum() == 6
+    assert s.classes == ["good", "crack", "scratch"] and s.id_classes == [0]
+    assert [s.classes[c] for c in s.test_labels] == [p.split("/")[-2] for p in s.test_paths]
+    assert not any("ground_truth" in p for p in s.test_paths)
+    assert len(s.id_train) + len(s.id_val) == 12
+    # The one training class may also be given by index (no class name is a number).
+    by_index = build_splits(data="folder", data_root=str(root), id_class="0",
+                            protocol="one-vs-rest", oe="none")
+    np.testing.assert_array_equal(by_index.test_is_id, s.test_is_id)
+    # Leave-one-out is about training classes: every test-only class is OOD.
+    loo_root = tmp_path / "loo"
+    for c in ("a", "b"):
+        _images(loo_root / "train" / c, 6, value=50)
+        _images(loo_root / "test" / c, 2, value=50)
+    _images(loo_root / "test" / "novel", 2, value=1)
+    loo = build_splits(data="folder", data_root=str(loo_root), id_class="a",
+                       protocol="leave-one-out", oe="none")
+    assert [loo.classes[c] for c in loo.id_classes] == ["b"]
+    assert sorted(loo.classes[c] for c in loo.test_labels[~loo.test_is_id]) == ["a"] * 2 + [
+        "novel"
+    ] * 2
+
+
+def test_id_class_by_name_and_index_only_when_unambiguous(tmp_path):
+    root = tmp_path / "numbered"
+    for c in ("1", "2", "7"):
+        _images(root / "train" / c, 4, value=int(c) * 20)
+        _images(root / "test" / c, 2, value=int(c) * 20)
+    kw = dict(data="folder", data_root=str(root), protocol="one-vs-rest", oe="none")
+    s = build_splits(id_class="2", **kw)
+    assert s.classes[s.id_classes[0]] == "2"  # the name, not index 2 ("7")
+    with pytest.raises(DataError, match="takes a name: 1, 2, 7"):
+        build_splits(id_class="0", **kw)
+    with pytest.raises(DataError, match=r"test images only, so it is OOD"):
+        build_splits(data="folder", data_root=str(write_mvtec(tmp_path / "mv")),
+                     id_class="crack", protocol="one-vs-rest", oe="none")
+    with pytest.raises(DataError, match=r"no class 'cat'; classes are 0=good"):
+        build_splits(data="folder", data_root=str(tmp_path / "mv"), id_class="cat",
+                     protocol="one-vs-rest", oe="none")
+
+
+def test_splits_are_checked_before_training(tmp_path):
+    only_good = write_mvtec(tmp_path / "nodefects", defects=())
+    with pytest.raises(DataError, match="test split has no OOD images"):
+        build_splits(data="folder", data_root=str(only_good), id_class="good",
+                     protocol="one-vs-rest", oe="none")
+    one = write_mvtec(tmp_path / "one", n_train=1)
+    with pytest.raises(DataError, match="no ID-validation images"):
+        build_splits(data="folder", data_root=str(one), id_class="good",
+                     protocol="one-vs-rest", oe="none")
+    _images(tmp_path / "half" / "train" / "good", 3)
+    with pytest.raises(DataError, match="has train/ but no test/"):
+        make_reader("folder", str(tmp_path / "half"))
+
+
+def test_image_size_keeps_the_datas_channels(tmp_path):
+    root = write_mvtec(tmp_path / "gray")
+    kw = dict(data="folder", data_root=str(root), id_class="good", protocol="one-vs-rest",
+              oe="none", image_size=8)
+    s = build_splits(**kw)
+    assert s.spec.channels == 1 and s.spec.color_mode == "L" and s.id_train.shape[1:] == (1, 8, 8)
+    assert build_splits(**kw, channels=3).spec.channels == 3
+    # digits (1-channel) through --image-size as well
+    d = build_splits(data="digits", data_root=None, id_class="0", protocol="one-vs-rest",
+                     oe="none", image_size=16)
+    assert d.spec.channels == 1
+
+
+def test_mixed_gray_and_rgb_are_converted_per_image(tmp_path):
+    root = tmp_path / "mixed"
+    _images(root / "a", 3, seed=1)
+    _images(root / "b", 3, seed=2)
+    rgb = np.random.default_rng(3).integers(0, 256, (10, 10, 3), dtype=np.uint8)
+    Image.fromarray(rgb, "RGB").save(root / "a" / "rgb.png")
+
+    def both_splits(reader):
+        tr, te = reader.load("train"), reader.load("test")
+        return np.concatenate([tr.images, te.images]), tr.paths + te.paths
+
+    imgs, paths = both_splits(make_reader("folder", str(root)))
+    assert imgs.shape[1] == 3  # colour wins; each gray image is replicated as Pillow does
+    gray = root / "a" / "000.png"
+    np.testing.assert_array_equal(imgs[paths.index(str(gray))],
+                                  np.asarray(Image.open(gray).convert("RGB")).transpose(2, 0, 1))
+    imgs, paths = both_splits(make_reader("folder", str(root), channels=1))
+    assert imgs.shape[1] == 1
+    np.testing.assert_array_equal(imgs[paths.index(str(root / "a" / "rgb.png"))][0],
+                                  np.asarray(Image.fromarray(rgb).convert("L")))
+
+
+def test_folder_reading_says_how_many_images(tmp_path, capsys):
+    root = write_mvtec(tmp_path / "m")
+    make_reader("folder", str(root), progress=False).load("test")
+    err = capsys.readouterr().err
+    assert f"reading 9 images from {root / 'test'}" in err and "\r" not in err

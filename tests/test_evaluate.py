@@ -159,20 +159,20 @@ def test_report_files_and_schema(tiny_run):
     eval_dir = tiny_run / "eval"
     on_disk = json.loads((eval_dir / "report.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
-    assert on_disk["schema"] == REPORT_SCHEMA and on_disk["direction"] == "higher = normal"
+    assert on_disk["schema"] == REPORT_SCHEMA and on_disk["direction"] == "higher_is_normal"
     assert set(on_disk) >= {
         "run_dir", "created", "checkpoint", "data", "evaluation", "scores", "threshold", "budget",
         "files",
     }
     assert list(on_disk["scores"]) == list(SCORES)
     for s in on_disk["scores"].values():
-        assert s["direction"] == "higher = normal"
+        assert s["direction"] == "higher_is_normal"
         assert set(s["metrics"]) == set(METRICS)
         for v in s["metrics"].values():
             assert isinstance(v, float) and 0.0 <= v <= 1.0
         assert s["id"]["n"] + s["ood"]["n"] == on_disk["data"]["n_test"]
     thr = on_disk["threshold"]
-    assert thr["score"] == "norm" and isinstance(thr["value"], float) and thr["n_val"] > 0
+    assert thr["score"] == "mean-view-norm" and isinstance(thr["value"], float) and thr["n_val"] > 0
     assert 0.0 <= thr["test"]["TPR"] <= 1.0
     b = on_disk["budget"]
     assert (b["steps"], b["epochs"], b["complete"]) == (15, b["planned_epochs"], True)
@@ -197,7 +197,7 @@ def test_eval_command_prints_table(tiny_run):
     res = CliRunner().invoke(eval_cmd, [str(tiny_run), "--scores", "norm", "--no-progress"])
     assert res.exit_code == 0, res.output
     assert "higher = normal" in res.output and "FPR@95TPR" in res.output
-    assert "threshold (norm" in res.output
+    assert "threshold (mean-view-norm" in res.output  # the served score at the default K
     assert list(json.loads((tiny_run / "eval" / "report.json").read_text())["scores"]) == ["norm"]
     assert not (tiny_run / "eval" / "scores.csv").exists()  # no stale per-image scores
 

@@ -69,7 +69,7 @@ def artifact(trained, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "model"
     summary = export_run(
         run_dir, out, "onnx,onnx-fp16,onnx-int8", max_batch=MAX_BATCH, threshold_tpr=0.95,
-        embedding=True, calib_images=64, verify=True, device="cpu", splits=splits,
+        embedding=True, calib_images=64, verify=True, device="cpu", views=1, splits=splits,
         log=lambda msg: None,
     )
     return out, summary
@@ -251,7 +251,7 @@ def test_out_dir_that_is_not_an_artifact_is_refused(trained, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     with pytest.raises(ExportError, match="not an OECL artifact"):
-        export_run(run_dir, out, "onnx", splits=splits, log=lambda m: None)
+        export_run(run_dir, out, "onnx", views=1, splits=splits, log=lambda m: None)
     assert (out / "notes.txt").read_text() == "keep me"
 
 
@@ -276,7 +276,7 @@ def test_failed_verification_leaves_nothing(trained, tmp_path, monkeypatch):
     monkeypatch.setattr(export, "AUROC_TOL", -1.0)  # no AUROC can be within a negative bound
     out = tmp_path / "model"
     with pytest.raises(VerificationFailed, match=r"model\.onnx.*AUROC"):
-        export_run(run_dir, out, "onnx", max_batch=16, splits=splits, log=lambda m: None)
+        export_run(run_dir, out, "onnx", max_batch=16, views=1, splits=splits, log=lambda m: None)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no temporary directory left behind either
 

@@ -376,3 +376,153 @@ def test_imagenet_stem_rgb_and_lars_run(tmp_path):
     )
     assert splits.id_train.shape[1:] == (3, 32, 32)
     assert np.isfinite(Trainer(cfg, splits, tmp_path / "run", progress=False).fit()["loss"])
+
+
+# -- no work lost: signals, time-interval checkpoints, extending a finished run ----------------
+def _weights(tr: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in tr.net.state_dict().items()}
+
+
+def test_sigint_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from oecl_train.trainer import TrainingInterrupted
+
+    kw = dict(oe="photos", steps=6, alpha_warmup=0.3)
+    full_cfg = tiny_config(tmp_path / "a", **kw)
+    full = Trainer(full_cfg, splits_for(full_cfg), tmp_path / "a" / "run", progress=False)
+    full.fit()
+
+    cfg = tiny_config(tmp_path / "b", **kw)
+    cut = Trainer(cfg, splits_for(cfg), tmp_path / "b" / "run", progress=False)
+    original = Trainer._step
+
+    def ctrl_c_during_step_2(self, step, x_id, x_oe):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-step; the step still completes
+        return original(self, step, x_id, x_oe)
+
+    monkeypatch.setattr(Trainer, "_step", ctrl_c_during_step_2)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        cut.fit()
+    monkeypatch.setattr(Trainer, "_step", original)
+    assert stopped.value.exit_code == 130
+    msg = str(stopped.value)
+    assert "stopped after step 3 of 6" in msg
+    assert f"oecl train --resume {tmp_path / 'b' / 'run'}" in msg
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    kept = checkpoint.list_checkpoints(tmp_path / "b" / "run" / "checkpoints")
+    assert [p.name for p in kept] == ["epoch-00000_step-00000003.json"]
+    assert not list((tmp_path / "b").rglob("*.tmp"))
+
+    resumed = Trainer(cfg, splits_for(cfg), tmp_path / "b" / "run", progress=False)
+    resumed.resume()
+    assert resumed.start_step == 3
+    last = resumed.fit()
+    a, b = _weights(full), _weights(resumed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    log = (tmp_path / "a" / "run" / "metrics.jsonl").read_text()
+    rows = [json.loads(x) for x in log.splitlines()]
+    assert last["loss"] == pytest.approx(rows[-1]["loss"], rel=1e-5)
+    assert last["step"] == 6
+
+
+def test_checkpoints_on_a_time_interval_inside_an_epoch(tmp_path):
+    cfg = tiny_config(tmp_path, oe="none", steps=3, checkpoint_minutes=1e-9, keep_checkpoints=10)
+    tr = Trainer(cfg, splits_for(cfg), tmp_path / "run", progress=False)
+    assert tr.steps_per_epoch > 3  # all three steps lie inside the first epoch
+    tr.fit()
+    names = [p.name for p in checkpoint.list_checkpoints(tmp_path / "run" / "checkpoints")]
+    assert names == [
+        "epoch-00000_step-00000001.json",
+        "epoch-00000_step-00000002.json",
+        "epoch-00000_step-00000003.json",
+        "epoch-00001.json",
+    ]
+    meta = json.loads((tmp_path / "run" / "checkpoints" / names[1]).read_text())
+    assert (meta["step"], meta["step_in_epoch"], meta["complete"]) == (2, 2, False)
+    assert meta["partial"]["n_steps"] == 2
+
+
+def test_sigterm_on_the_command_line_then_extend_the_finished_run(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "r"
+    args = ["train", "--data", "digits", "--id-class", "1", "--image-size", "16", "--depth",
+            "resnet10", "--width", "8", "--batch-size", "16", "--precision", "fp32",
+            "--oe", "none", "--steps", "100000", "--out-dir", str(tmp_path), "--name", "r"]
+    proc = subprocess.Popen([sys.executable, "-m", "oecl_train.cli", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 240
+    while not (run / "config.json").exists() and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, (out, err)
+    assert "SIGTERM: stopped after step" in err and f"oecl train --resume {run}" in err
+    assert "\r" not in err  # no progress bar when stderr is not a terminal
+    meta = json.loads(checkpoint.latest(run / "checkpoints").read_text())
+    done = meta["step"]
+    assert done >= 1 and not meta["complete"]
+
+    runner = CliRunner()
+    # Extend (here: shorten to just past where it stopped): the schedule follows the new length.
+    r = runner.invoke(main, ["train", "--resume", str(run), "--steps", str(done + 2),
+                             "--no-progress"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.output.strip().splitlines()[-1])
+    assert result["final"]["step"] == done + 2
+    meta = json.loads(checkpoint.latest(run / "checkpoints").read_text())
+    assert meta["complete"] and meta["total_steps"] == done + 2
+    assert json.loads((run / "config.json").read_text())["steps"] == done + 2
+    # A complete run is not trained or evaluated again: the command says so.
+    r = runner.invoke(main, ["train", "--resume", str(run), "--no-progress"])
+    assert r.exit_code == 0 and f"is complete ({done + 2} steps)" in r.output
+    assert f"--resume {run} --steps N" in r.output and '"final"' not in r.output
+    r = runner.invoke(main, ["train", "--resume", str(run), "--steps", str(done + 1)])
+    assert r.exit_code == 0 and f"--steps {done + 1} asks for no more" in r.output
+    r = runner.invoke(main, ["train", "--resume", str(run), "--lr", "0.5"])
+    assert r.exit_code != 0 and "--lr cannot change them" in r.output
+
+
+def test_extending_a_run_cut_inside_an_epoch_resumes_from_the_newest_checkpoint(
+    tmp_path, monkeypatch
+):
+    import os
+    import signal
+
+    from oecl_train.trainer import TrainingInterrupted
+
+    cfg = tiny_config(tmp_path, oe="none", steps=3)
+    Trainer(cfg, splits_for(cfg), tmp_path / "run", progress=False).fit()  # ends inside epoch 0
+    longer = tiny_config(tmp_path, oe="none", steps=6)
+    tr = Trainer(longer, splits_for(longer), tmp_path / "run", progress=False)
+    tr.resume(extend=True)
+    assert (tr.start_step, tr.total_steps) == (3, 6)
+    original = Trainer._step
+
+    def stop_at_4(self, step, x_id, x_oe):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, step, x_id, x_oe)
+
+    monkeypatch.setattr(Trainer, "_step", stop_at_4)
+    with pytest.raises(TrainingInterrupted, match="after step 5 of 6"):
+        tr.fit()
+    monkeypatch.setattr(Trainer, "_step", original)
+    # epoch-00000_step-00000005 (step 5) is newer than the short run's epoch-00001 (step 3).
+    latest = checkpoint.latest(tmp_path / "run" / "checkpoints")
+    assert latest.name == "epoch-00000_step-00000005.json"
+    again = Trainer(longer, splits_for(longer), tmp_path / "run", progress=False)
+    again.resume()
+    assert (again.start_step, again.total_steps) == (5, 6)
+    assert again.fit()["step"] == 6

@@ -10,12 +10,13 @@ import gzip
 import pickle
 import struct
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from oecl_runtime.preprocess import ImageError, InputSpec, decode, to_model_input
+from oecl_train.config import DATA_SOURCES
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp"}
 
@@ -45,17 +46,25 @@ class ImageSet:
         return ImageSet(self.images[idx], self.labels[idx], self.classes, paths)
 
     def class_index(self, name: str | int) -> int:
-        """Accept a class by name or by index; a class that does not exist is a DataError."""
-        if isinstance(name, str) and name in self.classes:
-            return self.classes.index(name)
-        try:
-            i = int(name)
-        except (TypeError, ValueError):
-            raise DataError(f"no class {name!r}; classes are {self.classes}") from None
-        if not 0 <= i < len(self.classes):
+        """A class by folder name, or by index only where that cannot be mistaken for a name.
+
+        Indices follow the sorted class names. When some class names are themselves numbers
+        (MNIST's "0".."9", or folders named "1", "2"), a number is only ever read as a name.
+        """
+        text = str(name)
+        if text in self.classes:
+            return self.classes.index(text)
+        listing = ", ".join(f"{i}={c}" for i, c in enumerate(self.classes))
+        if not text.lstrip("-").isdigit():
+            raise DataError(f"no class {text!r}; classes are {listing}")
+        if any(c.isdigit() for c in self.classes):
             raise DataError(
-                f"no class {i}; there are {len(self.classes)} classes (0..{len(self.classes) - 1})"
+                f"no class {text!r}; class names here are numbers, so --id-class takes a name: "
+                f"{', '.join(self.classes)}"
             )
+        i = int(text)
+        if not 0 <= i < len(self.classes):
+            raise DataError(f"no class {i}; classes are {listing}")
         return i
 
 
@@ -177,11 +186,28 @@ class CifarReader(Reader):
         return ImageSet(data.reshape(-1, 3, 32, 32), labels, classes)
 
 
+# Pillow modes that hold one gray level per pixel (with or without alpha).
+GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
+def progress_enabled(progress: bool | None) -> bool:
+    """A progress bar is drawn when asked, or by default only on a terminal: written to a
+    file, a bar's carriage-return redraws are just noise."""
+    return sys.stderr.isatty() if progress is None else progress
+
+
 class FolderReader(Reader):
     """One sub-directory per class of PNG/JPEG/BMP files (ImageNet-30, DIOR, WBC, HAM10000 layout).
 
-    With `root/train/<class>` and `root/test/<class>` those are the splits; otherwise the
-    class folders sit directly under root and a deterministic stratified split is made.
+    With `root/train/<class>` and `root/test/<class>` those are the splits (the MVTec AD layout
+    `train/good`, `test/good`, `test/<defect>` included; anything else under root, such as
+    MVTec's `ground_truth/` masks, is not read). Otherwise the class folders sit directly under
+    root and a deterministic stratified split is made. Classes are matched across splits by
+    folder name in `build_splits`.
+
+    Each image is converted to the model's colour mode on its own, as the runtime converts each
+    request: to `channels` when given, else to gray when every image of the split is gray and
+    to RGB (gray replicated) when any is colour.
     """
 
     name = "folder"
@@ -193,13 +219,32 @@ class FolderReader(Reader):
         strict: bool = False,
         test_fraction: float = 0.3,
         seed: int = 0,
+        channels: int | None = None,
+        progress: bool | None = None,
     ):
         self.root, self.spec, self.strict = Path(root), spec, strict
         self.test_fraction, self.seed = test_fraction, seed
+        self.channels, self.progress = channels, progress
         if not self.root.is_dir():
             raise DataError(f"{self.root}: no such directory")
+        has = [(self.root / d).is_dir() for d in ("train", "test")]
+        if any(has) and not all(has):
+            missing = "test" if has[0] else "train"
+            raise DataError(
+                f"{self.root}: has {'train' if has[0] else 'test'}/ but no {missing}/; give both "
+                "(train/<class>/, test/<class>/) or put the class folders directly under it"
+            )
+
+    def _to_array(self, img) -> np.ndarray:
+        channels = self.channels or (1 if img.mode in GRAY_MODES else 3)
+        if self.spec is not None:
+            return to_model_input(img, replace(self.spec, channels=channels))
+        arr = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+        return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
     def _read_dir(self, root: Path) -> ImageSet:
+        from tqdm import tqdm
+
         classes = sorted(p.name for p in root.iterdir() if p.is_dir())
         files = [
             (p, c)
@@ -209,33 +254,34 @@ class FolderReader(Reader):
         ]
         if not files:
             raise DataError(f"{root}: no images (expected <class>/<image>.png|jpg|bmp)")
-        arrays, labels, paths, skipped, shapes = [], [], [], 0, set()
-        for path, label in files:
+        print(f"reading {len(files)} images from {root}", file=sys.stderr, flush=True)
+        arrays, labels, paths, skipped = [], [], [], 0
+        bar = tqdm(files, disable=not progress_enabled(self.progress), unit="img", leave=False)
+        for path, label in bar:
             try:
-                img = decode(path)
-                if self.spec is None:
-                    img = img.convert("RGB" if img.mode not in ("L", "I", "1") else "L")
-                    arr = np.asarray(img, dtype=np.uint8)
-                    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-                else:
-                    arr = to_model_input(img, self.spec)
+                arr = self._to_array(decode(path))
             except ImageError as e:
                 if self.strict:
                     raise DataError(str(e)) from e
                 print(f"warning: skipped unreadable image {path}: {e}", file=sys.stderr)
                 skipped += 1
                 continue
-            shapes.add(arr.shape)
             arrays.append(arr)
             labels.append(label)
             paths.append(str(path))
         if not arrays:
             raise DataError(f"{root}: none of the {len(files)} image files could be read")
-        if len(shapes) > 1:
+        if len({a.shape[1:] for a in arrays}) > 1:
+            first = arrays[0].shape[1:]
+            other = next(i for i, a in enumerate(arrays) if a.shape[1:] != first)
             raise DataError(
-                f"{root}: images have different sizes {sorted(shapes)[:3]}...; "
-                "set an image size (resize rule) to train on them"
+                f"{root}: images differ in size ({paths[0]} is {first[1]}x{first[0]}, "
+                f"{paths[other]} is {arrays[other].shape[2]}x{arrays[other].shape[1]}); "
+                "pass --image-size N to resize the shorter side to N and centre-crop"
             )
+        if len({a.shape[0] for a in arrays}) > 1:
+            # Gray images among colour ones: replicate gray, exactly Pillow's L -> RGB.
+            arrays = [np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in arrays]
         if skipped:
             print(
                 f"warning: {skipped} of {len(files)} images in {root} were unreadable and skipped",
@@ -314,7 +360,7 @@ class PhotosReader(Reader):
         return ImageSet(out, np.zeros(self.count, np.int64), ["photo"])
 
 
-READERS = ("digits", "mnist", "cifar10", "cifar100", "folder", "npy", "photos")
+READERS = DATA_SOURCES
 
 
 def make_reader(
@@ -324,8 +370,13 @@ def make_reader(
     spec: InputSpec | None = None,
     strict: bool = False,
     seed: int = 0,
+    channels: int | None = None,
+    progress: bool | None = None,
 ) -> Reader:
-    """Build a reader by name; `root` is the directory for the on-disk formats."""
+    """Build a reader by name; `root` is the directory for the on-disk formats.
+
+    `spec` sets the size rule of the folder reader (and the crop size of photos); `channels`
+    its colour mode (None: the data's own)."""
     needs_root = {"mnist", "cifar10", "cifar100", "folder", "npy"}
     if name not in READERS:
         raise DataError(f"unknown data source {name!r}; choose from {', '.join(READERS)}")
@@ -341,7 +392,7 @@ def make_reader(
     if name in ("cifar10", "cifar100"):
         return CifarReader(root, name)
     if name == "folder":
-        return FolderReader(root, spec, strict, seed=seed)
+        return FolderReader(root, spec, strict, seed=seed, channels=channels, progress=progress)
     if name == "npy":
         return NpyReader(root)
     return PhotosReader(size=spec.height if spec else 32, seed=seed)
@@ -357,8 +408,8 @@ def conform(images: np.ndarray, spec: InputSpec) -> np.ndarray:
         return np.repeat(images, 3, axis=1)
     if (h, w) != (spec.height, spec.width) and spec.resize is None:
         raise DataError(
-            f"images are {h}x{w} but the model input is {spec.height}x{spec.width}; "
-            "set an image size (resize rule)"
+            f"images are {w}x{h} but the model input is {spec.width}x{spec.height}; "
+            "pass --image-size N to resize the shorter side to N and centre-crop"
         )
     from PIL import Image
 

@@ -48,6 +48,35 @@ def _val_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarr
     return np.sort(idx[k:]), np.sort(idx[:k])
 
 
+def align_classes(train: ImageSet, test: ImageSet) -> tuple[list[str], np.ndarray]:
+    """One class list for both splits, matched by name: the training classes in their order,
+    then the classes only the test split has (MVTec AD's defect folders). Returns that list
+    and the test labels as indices into it."""
+    classes = list(train.classes) + sorted(set(test.classes) - set(train.classes))
+    index = np.array([classes.index(c) for c in test.classes], np.int64)
+    return classes, index[test.labels] if len(test.labels) else test.labels
+
+
+def check_splits(splits: Splits, where: str) -> None:
+    """Everything evaluation and export will need, checked before the first training step."""
+    names = [splits.classes[c] for c in splits.id_classes]
+    if not splits.test_is_id.any():
+        raise DataError(
+            f"{where}: the test split has no ID images (no test images of {', '.join(names)}); "
+            "evaluation needs both ID and OOD test images"
+        )
+    if splits.test_is_id.all():
+        raise DataError(
+            f"{where}: the test split has no OOD images (every test image is of "
+            f"{', '.join(names)}); add test images of other classes, e.g. test/<defect>/"
+        )
+    if len(splits.id_val) == 0:
+        raise DataError(
+            f"{where}: no ID-validation images to set the threshold on ({len(splits.id_train)} "
+            f"ID training images of {', '.join(names)}); at least 2 are needed"
+        )
+
+
 def build_splits(
     *,
     data: str,
@@ -61,21 +90,38 @@ def build_splits(
     val_fraction: float = 0.1,
     seed: int = 0,
     strict: bool = False,
+    progress: bool | None = None,
 ) -> Splits:
-    """Read the sources once and cut them into the protocol's splits (deterministic by seed)."""
+    """Read the sources once and cut them into the protocol's splits (deterministic by seed).
+
+    Classes are matched across the train and test splits by name; a class found only in the
+    test split is OOD under either protocol. Raises DataError (one line) when the splits could
+    not be evaluated: no ID or no OOD test images, or no ID-validation images for a threshold.
+    """
     if protocol not in PROTOCOLS:
         raise DataError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOLS)}")
-    spec0 = (
-        InputSpec(image_size, image_size, channels or 3, resize=image_size) if image_size else None
+    # The size rule only: the colour mode stays the data's unless --channels sets it.
+    spec0 = InputSpec(image_size, image_size, 3, resize=image_size) if image_size else None
+    reader = make_reader(
+        data, data_root, spec=spec0, strict=strict, seed=seed, channels=channels,
+        progress=progress,
     )
-    reader = make_reader(data, data_root, spec=spec0, strict=strict, seed=seed)
     train, test = reader.load("train"), reader.load("test")
     spec = infer_spec(train, image_size, channels)
+    classes, test_labels = align_classes(train, test)
+    trained = sorted(set(train.classes[c] for c in np.unique(train.labels)))
+    if str(id_class) in classes and str(id_class) not in train.classes:
+        raise DataError(
+            f"class {str(id_class)!r} has test images only, so it is OOD; the ID class must "
+            f"have training images: {', '.join(train.classes)}"
+        )
     k = train.class_index(id_class)
-    n_classes = len(train.classes)
-    id_classes = [k] if protocol == "one-vs-rest" else [c for c in range(n_classes) if c != k]
+    if protocol == "one-vs-rest":
+        id_classes = [k]
+    else:
+        id_classes = [c for c, name in enumerate(train.classes) if c != k and name in trained]
     in_id = np.isin(train.labels, id_classes)
-    if not in_id.any():
+    if not (train.labels == k).any():
         raise DataError(f"class {train.classes[k]!r} has no training images")
     tr_idx, val_idx = _val_split(int(in_id.sum()), val_fraction, seed)
     id_images = conform(train.images[in_id], spec)
@@ -89,20 +135,25 @@ def build_splits(
             if len(oe_images) == 0:
                 raise DataError("OE from the ID source leaves no non-ID classes")
         else:
-            oe_reader = make_reader(oe, oe_root, spec=spec, strict=strict, seed=seed)
+            oe_reader = make_reader(
+                oe, oe_root, spec=spec, strict=strict, seed=seed, channels=spec.channels,
+                progress=progress,
+            )
             oe_images = conform(oe_reader.load("train").images, spec)
 
-    return Splits(
+    splits = Splits(
         spec=spec,
         id_train=id_images[tr_idx],
         id_val=id_images[val_idx],
         test_images=conform(test.images, spec),
-        test_is_id=np.isin(test.labels, id_classes),
-        test_labels=test.labels,
+        test_is_id=np.isin(test_labels, id_classes),
+        test_labels=test_labels,
         test_paths=test.paths,
         oe=oe_images,
         oe_mode=oe_mode,
-        classes=train.classes,
+        classes=classes,
         id_classes=id_classes,
         skipped=train.skipped + test.skipped,
     )
+    check_splits(splits, data_root or data)
+    return splits
