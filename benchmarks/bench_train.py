@@ -156,6 +156,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="mnist")
     p.add_argument("--data-root", default=str(ROOT.parent.parent / "shared" / "data" / "mnist"))
+    p.add_argument("--image-size", type=int, default=None,
+                   help="resize the images to this (default: native; 16 for digits)")
     p.add_argument("--depth", default="resnet10")
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64)
@@ -179,7 +181,9 @@ def main() -> None:
         hflip=True,
     )
     if args.data == "digits":
-        base.update(data_root=None, image_size=16)
+        base.update(data_root=None, image_size=args.image_size or 16)
+    elif args.image_size:
+        base["image_size"] = args.image_size
     splits = build_splits(
         data=base["data"],
         data_root=base["data_root"],
