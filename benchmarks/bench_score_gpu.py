@@ -45,7 +45,9 @@ class GraphScorer:
         self.graphs: dict[tuple[int, ...], tuple] = {}
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=self.dtype, enabled=self.dtype != torch.float32):
+        # No autocast weight cache: a graph must not capture casts made outside it.
+        with torch.autocast("cuda", dtype=self.dtype, enabled=self.dtype != torch.float32,
+                            cache_enabled=False):
             return self.model(x)[0]
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
