@@ -46,6 +46,8 @@ def autocast(device: torch.device, precision: str):
     """bf16 autocast on CPU and GPU, fp16 on GPU, or nothing for fp32."""
     if precision == "fp32":
         return nullcontext()
+    if precision not in ("bf16", "fp16"):  # "auto" is resolved per device before this
+        raise ValueError(f"precision must be fp32, bf16 or fp16 here, got {precision!r}")
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs a CUDA device; use bf16 on the CPU")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
