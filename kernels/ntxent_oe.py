@@ -17,9 +17,10 @@ from ._common import (
     MAX_FEATURE_DIM,
     NTXentOEOutput,
     check_inputs,
+    compute_dtype,
     empty_oe,
 )
-from .ntxent_oe_torch import DEFAULT_CHUNK, ntxent_oe_torch
+from .ntxent_oe_torch import DEFAULT_CHUNK
 
 Backend = Literal["auto", "triton", "torch"]
 
@@ -57,52 +58,125 @@ def _triton_blocker(z_id: torch.Tensor, z_oe: torch.Tensor) -> str | None:
             "triton is first imported")
 
 
-class _NTXentOETriton(torch.autograd.Function):
-    """Autograd wrapper around the fused kernels; saves O(N * d) for backward."""
+def resolve_backend(backend: str, z_id: torch.Tensor, z_oe: torch.Tensor) -> str:
+    """``"triton"`` or ``"torch"``: what ``backend`` means for these inputs.
 
-    @staticmethod
-    def forward(
-        ctx,
-        z_id: torch.Tensor,
-        z_oe: torch.Tensor,
-        temperature: float,
-        alpha: float,
-        block: int | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        mod = _triton_module()
-        z_id_c = z_id.contiguous()
-        z_oe_c = z_oe.contiguous()
-        u, id_norms, lse, row_loss, oe_norms = mod.forward(z_id_c, z_oe_c, temperature, block)
-        contrastive = row_loss.mean()
-        oe_norm = oe_norms.mean() if z_oe.shape[0] else oe_norms.new_zeros(())
-        loss = contrastive + alpha * oe_norm
-        ctx.save_for_backward(u, id_norms, lse, z_oe_c, oe_norms)
-        ctx.temperature = temperature
-        ctx.alpha = alpha
-        ctx.block = block
-        id_norm = id_norms.mean()
-        ctx.mark_non_differentiable(contrastive, id_norm, oe_norm)
-        return loss, contrastive, id_norm, oe_norm
+    Pure in the inputs' dtype, shape and device, so the op's fake implementation makes the
+    same choice as the real one while torch.compile traces.
+    """
+    if backend == "torch":
+        return "torch"
+    reason = _triton_blocker(z_id, z_oe)
+    if backend == "triton":
+        if reason is not None:
+            raise RuntimeError(f"backend='triton' unavailable: {reason}")
+        return "triton"
+    return "triton" if z_id.device.type == "cuda" and reason is None else "torch"
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(
-        ctx,
-        grad_loss: torch.Tensor | None,
-        *_unused: torch.Tensor | None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
-        if grad_loss is None:
-            return None, None, None, None, None
+
+def _impl(backend: str) -> ModuleType:
+    # Both modules offer forward / backward_id / backward_oe with one signature.
+    if backend == "triton":
+        return _triton_module()
+    # By module path: the package exports a function of the same name as the module.
+    return importlib.import_module(".ntxent_oe_torch", __package__)
+
+
+# The loss is one registered op, so torch.compile (fullgraph too) treats it as a single node
+# whose output shapes come from the fake implementation, whichever backend runs it; its
+# backward is a second op. Outputs: loss, contrastive, id_norm, oe_norm (the four of
+# NTXentOEOutput), then u, id_norms, lse, oe_norms, the O(N * d) state the backward needs.
+@torch.library.custom_op("oecl::ntxent_oe", mutates_args=())
+def _ntxent_oe_op(
+    z_id: torch.Tensor,
+    z_oe: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    backend: str,
+    chunk: int,
+    block: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor, torch.Tensor, torch.Tensor]:
+    chosen = resolve_backend(backend, z_id, z_oe)
+    if chosen == "triton":
+        u, id_norms, lse, row_loss, oe_norms = _triton_module().forward(
+            z_id.contiguous(), z_oe.contiguous(), temperature, block)
+    else:
+        u, id_norms, lse, row_loss, oe_norms = _impl("torch").forward(
+            z_id, z_oe, temperature, chunk)
+    contrastive = row_loss.mean()
+    oe_norm = oe_norms.mean() if z_oe.shape[0] else oe_norms.new_zeros(())
+    loss = contrastive + alpha * oe_norm
+    return loss, contrastive, id_norms.mean(), oe_norm, u, id_norms, lse, oe_norms
+
+
+@_ntxent_oe_op.register_fake
+def _ntxent_oe_fake(z_id, z_oe, temperature, alpha, backend, chunk, block):
+    chosen = resolve_backend(backend, z_id, z_oe)
+    n, m = z_id.shape[0], z_oe.shape[0]
+    cdt, oe_dt = compute_dtype(z_id), compute_dtype(z_oe)
+    u_dt = z_id.dtype if chosen == "triton" else cdt
+    oe_dt = torch.float32 if chosen == "triton" else oe_dt
+    loss_dt = torch.promote_types(cdt, oe_dt)
+
+    def scalar(dt):
+        return z_id.new_empty((), dtype=dt)
+
+    return (scalar(loss_dt), scalar(cdt), scalar(cdt), scalar(oe_dt),
+            z_id.new_empty(z_id.shape, dtype=u_dt), z_id.new_empty((n,), dtype=cdt),
+            z_id.new_empty((n,), dtype=cdt), z_id.new_empty((m,), dtype=oe_dt))
+
+
+@torch.library.custom_op("oecl::ntxent_oe_backward", mutates_args=())
+def _ntxent_oe_backward_op(
+    grad: torch.Tensor,
+    u: torch.Tensor,
+    id_norms: torch.Tensor,
+    lse: torch.Tensor,
+    z_oe: torch.Tensor,
+    oe_norms: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    backend: str,
+    chunk: int,
+    block: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients w.r.t. z_id (in u's dtype) and z_oe (in its dtype) of grad * loss."""
+    if backend == "triton":
         mod = _triton_module()
-        u, id_norms, lse, z_oe, oe_norms = ctx.saved_tensors
         # Passed by pointer so the kernels read it on the device: no host sync.
-        g = grad_loss.detach().to(torch.float32).reshape(1).contiguous()
-        dz_id = dz_oe = None
-        if ctx.needs_input_grad[0]:
-            dz_id = mod.backward_id(u, id_norms, lse, g, ctx.temperature, ctx.block)
-        if ctx.needs_input_grad[1]:
-            dz_oe = mod.backward_oe(z_oe, oe_norms, g, ctx.alpha, ctx.block)
-        return dz_id, dz_oe, None, None, None
+        g = grad.detach().to(torch.float32).reshape(1).contiguous()
+        z_oe = z_oe.contiguous()
+        return (mod.backward_id(u, id_norms, lse, g, temperature, block),
+                mod.backward_oe(z_oe, oe_norms, g, alpha, block))
+    mod = _impl("torch")
+    return (mod.backward_id(u, id_norms, lse, grad, temperature, chunk),
+            mod.backward_oe(z_oe, oe_norms, grad, alpha))
+
+
+@_ntxent_oe_backward_op.register_fake
+def _ntxent_oe_backward_fake(grad, u, id_norms, lse, z_oe, oe_norms, temperature, alpha,
+                             backend, chunk, block):
+    return u.new_empty(u.shape), z_oe.new_empty(z_oe.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    z_id, z_oe, temperature, alpha, backend, chunk, block = inputs
+    u, id_norms, lse, oe_norms = output[4:]
+    ctx.save_for_backward(u, id_norms, lse, z_oe, oe_norms)
+    ctx.args = (temperature, alpha, resolve_backend(backend, z_id, z_oe), chunk, block)
+    ctx.id_dtype = z_id.dtype
+
+
+def _backward(ctx, grad_loss, *_unused):
+    # Only the loss is differentiable: the wrapper hands out the other outputs detached.
+    u, id_norms, lse, z_oe, oe_norms = ctx.saved_tensors
+    dz_id, dz_oe = _ntxent_oe_backward_op(grad_loss, u, id_norms, lse, z_oe, oe_norms,
+                                          *ctx.args)
+    return dz_id.to(ctx.id_dtype), dz_oe, None, None, None, None, None
+
+
+_ntxent_oe_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def ntxent_oe(
@@ -153,19 +227,9 @@ def ntxent_oe(
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if block is not None and (block < 16 or block & (block - 1)):
         raise ValueError(f"block must be a power of two >= 16, got {block}")
-
-    use_triton = False
-    if backend == "triton":
-        reason = _triton_blocker(z_id, z_oe)
-        if reason is not None:
-            raise RuntimeError(f"backend='triton' unavailable: {reason}")
-        use_triton = True
-    elif backend == "auto" and z_id.device.type == "cuda":
-        use_triton = _triton_blocker(z_id, z_oe) is None
-
-    if not use_triton:
-        return ntxent_oe_torch(z_id, z_oe, temperature, alpha, chunk)
-    loss, contrastive, id_norm, oe_norm = _NTXentOETriton.apply(
-        z_id, z_oe, float(temperature), float(alpha), block
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    loss, contrastive, id_norm, oe_norm, *_ = _ntxent_oe_op(
+        z_id, z_oe, float(temperature), float(alpha), backend, int(chunk), block
     )
-    return NTXentOEOutput(loss, contrastive, id_norm, oe_norm)
+    return NTXentOEOutput(loss, contrastive.detach(), id_norm.detach(), oe_norm.detach())

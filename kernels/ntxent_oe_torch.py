@@ -1,9 +1,10 @@
 """Plain-torch versions of the OECL loss.
 
-``ntxent_oe_torch`` is the chunked twin of the Triton kernel: same algorithm (per-row
-log-sum-exp stored in forward, similarity tiles recomputed in backward), memory
-O(N * chunk). ``ntxent_oe_dense`` is the textbook formula with the full N x N matrix; it is
-the reference for the tests and the eager baseline of the benchmark.
+``forward`` / ``backward_id`` / ``backward_oe`` are the chunked twin of the Triton kernels,
+with the same signatures: same algorithm (per-row log-sum-exp stored in forward, similarity
+tiles recomputed in backward), memory O(N * chunk); the registered op ``oecl::ntxent_oe``
+runs them where Triton does not. ``ntxent_oe_dense`` is the textbook formula with the full
+N x N matrix; it is the reference for the tests and the eager baseline of the benchmark.
 """
 
 from __future__ import annotations
@@ -79,56 +80,91 @@ def ntxent_oe_dense(
     return _outputs(contrastive, id_norm, _oe_mean_norm(z_oe, compute_dtype(z_oe)), alpha)
 
 
-class _ChunkedNTXent(torch.autograd.Function):
-    """NT-Xent on unit rows ``u`` with forward and backward both chunked over rows.
+def forward(
+    z_id: torch.Tensor,
+    z_oe: torch.Tensor,
+    temperature: float,
+    chunk: int = DEFAULT_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The twin of the Triton forward: ``(u, id_norms, lse, row_loss, oe_norms)``.
 
-    Why an autograd.Function rather than torch.utils.checkpoint per chunk: the backward is
-    written with the same symmetric formula as the Triton kernel,
-        dL/du_i = 1/(N tau) [ sum_{j != i} (p_ij + p_ji) u_j - 2 u_pos(i) ],
-    with p_ij = exp(s_ij - lse_i) recomputed from the stored per-row log-sum-exp, so this
-    twin checks the kernel's derivation on any machine; it also needs one recompute of each
-    (chunk x N) tile instead of checkpoint's replay of the whole chunk forward plus its
-    autograd graph. Saved state is u (N x d) and lse (N): O(N * d) between the passes,
-    O(N * chunk) for the tiles inside each pass.
+    Everything is in the compute dtype (fp32, float64 for float64 inputs). The similarity
+    matrix is built ``chunk`` rows at a time, so memory is O(N * chunk) inside the pass and
+    O(N * d) between the passes (u and lse).
     """
+    cdt = compute_dtype(z_id)
+    z = z_id.to(cdt)
+    id_norms = torch.linalg.vector_norm(z, dim=1)
+    # F.normalize's formula, with the norms kept for the backward.
+    u = z / id_norms.clamp_min(NORM_EPS)[:, None]
+    n = u.shape[0]
+    inv_t = 1.0 / temperature
+    lse = torch.empty(n, dtype=cdt, device=u.device)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        sim = (u[start:stop] @ u.T).mul_(inv_t)
+        rows = torch.arange(stop - start, device=u.device)
+        sim[rows, rows + start] = float("-inf")
+        lse[start:stop] = torch.logsumexp(sim, dim=1)
+        del sim
+    pos_logit = (u * u[positive_index(n, u.device)]).sum(1) * inv_t
+    oe_norms = torch.linalg.vector_norm(z_oe.to(compute_dtype(z_oe)), dim=1)
+    return u, id_norms, lse, lse - pos_logit, oe_norms
 
-    @staticmethod
-    def forward(ctx, u: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
-        n = u.shape[0]
-        inv_t = 1.0 / temperature
-        lse = torch.empty(n, dtype=u.dtype, device=u.device)
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            sim = (u[start:stop] @ u.T).mul_(inv_t)
-            rows = torch.arange(stop - start, device=u.device)
-            sim[rows, rows + start] = float("-inf")
-            lse[start:stop] = torch.logsumexp(sim, dim=1)
-            del sim
-        pos_logit = (u * u[positive_index(n, u.device)]).sum(1) * inv_t
-        ctx.save_for_backward(u, lse)
-        ctx.temperature = temperature
-        ctx.chunk = chunk
-        return (lse - pos_logit).mean()
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
-        u, lse = ctx.saved_tensors
-        n = u.shape[0]
-        inv_t = 1.0 / ctx.temperature
-        du = torch.empty_like(u)
-        for start in range(0, n, ctx.chunk):
-            stop = min(start + ctx.chunk, n)
-            sim = (u[start:stop] @ u.T).mul_(inv_t)
-            w = (sim - lse[start:stop, None]).exp_()  # p_ij, row softmax of row i
-            w += sim.sub_(lse[None, :]).exp_()  # p_ji, row softmax of row j (s is symmetric)
-            rows = torch.arange(stop - start, device=u.device)
-            w[rows, rows + start] = 0.0
-            del sim
-            du[start:stop] = w @ u
-            del w
-        du -= 2.0 * u[positive_index(n, u.device)]
-        du *= grad * (inv_t / n)
-        return du, None, None
+def backward_id(
+    u: torch.Tensor,
+    id_norms: torch.Tensor,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
+    temperature: float,
+    chunk: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """Gradient of ``grad * contrastive`` w.r.t. z_id, in u's dtype.
+
+    The same symmetric formula as the Triton kernel,
+        dL/du_i = 1/(N tau) [ sum_{j != i} (p_ij + p_ji) u_j - 2 u_pos(i) ],
+    with p_ij = exp(s_ij - lse_i) recomputed tile by tile from the stored log-sum-exp, so the
+    twin checks the kernel's derivation on any machine. Then back through u = z / max(||z||,
+    eps): the tangent projection divided by the norm, or 1/eps where the clamp was active.
+    """
+    n = u.shape[0]
+    inv_t = 1.0 / temperature
+    du = torch.empty_like(u)
+    for start in range(0, n, chunk):
+        stop = min(start + chunk, n)
+        sim = (u[start:stop] @ u.T).mul_(inv_t)
+        w = (sim - lse[start:stop, None]).exp_()  # p_ij, row softmax of row i
+        w += sim.sub_(lse[None, :]).exp_()  # p_ji, row softmax of row j (s is symmetric)
+        rows = torch.arange(stop - start, device=u.device)
+        w[rows, rows + start] = 0.0
+        del sim
+        du[start:stop] = w @ u
+        del w
+    du -= 2.0 * u[positive_index(n, u.device)]
+    du *= grad.to(u.dtype) * (inv_t / n)
+    norm = id_norms[:, None]
+    radial = (u * du).sum(1, keepdim=True)
+    return torch.where(norm > NORM_EPS, (du - u * radial) / norm.clamp_min(NORM_EPS),
+                       du / NORM_EPS)
+
+
+def backward_oe(
+    z_oe: torch.Tensor,
+    oe_norms: torch.Tensor,
+    grad: torch.Tensor,
+    alpha: float,
+) -> torch.Tensor:
+    """Gradient of ``grad * alpha * mean_k ||z_oe,k||`` w.r.t. z_oe, in z_oe's dtype: z / ||z||
+    scaled, and 0 for an all-zero row (the subgradient torch's vector_norm picks)."""
+    m = z_oe.shape[0]
+    if m == 0:
+        return torch.zeros(z_oe.shape, dtype=z_oe.dtype, device=z_oe.device)
+    cdt = oe_norms.dtype
+    safe = torch.where(oe_norms > 0, oe_norms, torch.ones_like(oe_norms))
+    scale = torch.where(oe_norms > 0, grad.to(cdt) * (alpha / m) / safe,
+                        torch.zeros_like(oe_norms))
+    return (z_oe.to(cdt) * scale[:, None]).to(z_oe.dtype).contiguous()
 
 
 def ntxent_oe_torch(
@@ -138,15 +174,8 @@ def ntxent_oe_torch(
     alpha: float = 1.0,
     chunk: int = DEFAULT_CHUNK,
 ) -> NTXentOEOutput:
-    """Chunked plain-torch OECL loss; same contract as :func:`kernels.ntxent_oe`."""
-    if z_oe is None:
-        z_oe = empty_oe(z_id)
-    check_inputs(z_id, z_oe, temperature)
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    cdt = compute_dtype(z_id)
-    z = z_id.to(cdt)
-    u = F.normalize(z, dim=1, eps=NORM_EPS)
-    contrastive = _ChunkedNTXent.apply(u, float(temperature), int(chunk))
-    id_norm = torch.linalg.vector_norm(z.detach(), dim=1).mean()
-    return _outputs(contrastive, id_norm, _oe_mean_norm(z_oe, compute_dtype(z_oe)), alpha)
+    """Chunked plain-torch OECL loss; same contract as :func:`kernels.ntxent_oe`, which it
+    calls with ``backend="torch"`` (the one registered op, run by this twin)."""
+    from .ntxent_oe import ntxent_oe
+
+    return ntxent_oe(z_id, z_oe, temperature, alpha, backend="torch", chunk=chunk)

@@ -14,6 +14,10 @@ Offsets are int32: N * d must stay below 2**31 (65536 x 512 is 2**25).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -226,37 +230,139 @@ def _d_pad(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _launch_config(d_pad: int, dtype: torch.dtype, block: int | None) -> dict[str, int]:
-    """Tile sizes and warps for both passes.
+class LaunchConfig(NamedTuple):
+    """Tiles, warps and pipeline stages of the forward and backward NT-Xent kernels."""
 
-    Untuned starting points taken from flash-attention's tiles for head dims 64-128 and
-    shrunk so that the row tile (and, in backward, its fp32 accumulator) stays in registers
-    for wider features; num_stages is capped by the shared memory of the column tiles.
+    fwd_m: int
+    fwd_n: int
+    bwd_m: int
+    bwd_n: int
+    warps_fwd: int
+    warps_bwd: int
+    stages_fwd: int
+    stages_bwd: int
+
+
+# Bytes of shared memory kept free of the estimate below: barriers and the scratch of
+# reductions and layout conversions that the compiler adds next to the staged tiles.
+SMEM_RESERVE = 2048
+
+# Tile candidates per padded width, best first: (fwd_m, fwd_n, warps) and (bwd_m, bwd_n,
+# warps). The widest start from flash-attention's tiles for head dims 64-128; wider features
+# get narrower tiles so that the row tile (and, in backward, its fp32 accumulator) stays in
+# registers; the 16-row tiles are the fall-back that fits the smallest shared memory.
+_FWD_TILES = {
+    128: ((128, 64, 8), (64, 64, 4), (64, 32, 4), (32, 32, 4), (16, 32, 4), (16, 16, 4)),
+    256: ((64, 64, 4), (64, 32, 4), (32, 32, 4), (16, 32, 4), (16, 16, 4)),
+    512: ((32, 32, 4), (16, 32, 4), (16, 16, 4)),
+}
+_BWD_TILES = {
+    128: ((64, 64, 4), (32, 64, 4), (32, 32, 4), (16, 32, 4), (16, 16, 4)),
+    256: ((32, 64, 4), (32, 32, 4), (16, 32, 4), (16, 16, 4)),
+    512: ((32, 32, 4), (16, 32, 4), (16, 16, 4)),
+}
+
+
+def fwd_smem_bytes(block_m: int, block_n: int, d_pad: int, elem: int, stages: int) -> int:
+    """Upper estimate of the forward kernel's shared memory: the row tile plus one column
+    tile per pipeline stage (measured on sm_80-sm_90 compiles it is never below the real
+    figure; the offline compile tests check that)."""
+    return (block_m + stages * block_n) * d_pad * elem
+
+
+def bwd_smem_bytes(block_m: int, block_n: int, d_pad: int, elem: int, stages: int) -> int:
+    """Upper estimate for the backward kernel: the column tile is an operand of two products
+    (s = u_i u_j^T and w u_j), each with its own staged copy, plus the w tile itself."""
+    return (block_m + 2 * stages * block_n) * d_pad * elem + block_m * block_n * elem
+
+
+def _pick(tiles, smem_fn, d_pad: int, elem: int, budget: int, max_stages: int):
+    for m, n, warps in tiles:
+        for stages in range(max_stages, 0, -1):
+            if smem_fn(m, n, d_pad, elem, stages) <= budget:
+                return m, n, warps, stages
+    m, n, warps = tiles[-1]
+    need = smem_fn(m, n, d_pad, elem, 1) + SMEM_RESERVE
+    raise ValueError(
+        f"no NT-Xent tile fits {budget + SMEM_RESERVE} bytes of shared memory per block at "
+        f"d={d_pad}, {elem}-byte inputs (the smallest needs {need})"
+    )
+
+
+def launch_config(
+    d_pad: int,
+    dtype: torch.dtype,
+    *,
+    capability: tuple[int, int],
+    smem_per_block: int,
+    block: int | None = None,
+) -> LaunchConfig:
+    """The launch configuration for one GPU, from its properties alone (no device query, so
+    every target can be checked without its hardware).
+
+    ``capability`` is the compute capability (major, minor); ``smem_per_block`` the shared
+    memory one block may opt into (``cudaDevAttrMaxSharedMemoryPerBlockOptin``: 163 KB on
+    sm_80/87, 99 KB on sm_86/89, 227 KB on sm_90). The widest tile that fits is taken, with
+    as many pipeline stages (up to 3) as then fit; stages above 1 only pay from sm_80 on,
+    where loads into shared memory can be issued asynchronously.
+    ``block`` forces square tiles of that size with one stage.
     """
-    if block is not None:
-        return {"fwd_m": block, "fwd_n": block, "bwd_m": block, "bwd_n": block,
-                "warps_fwd": 4, "warps_bwd": 4, "stages": 1}
-    if interpreted():
-        # The interpreter emulates one program at a time; small tiles keep the masked,
-        # multi-tile code paths exercised on the small test sizes.
-        return {"fwd_m": 16, "fwd_n": 16, "bwd_m": 16, "bwd_n": 16,
-                "warps_fwd": 4, "warps_bwd": 4, "stages": 1}
-    if d_pad <= 128:
-        cfg = {"fwd_m": 128, "fwd_n": 64, "bwd_m": 64, "bwd_n": 64,
-               "warps_fwd": 8, "warps_bwd": 4}
-    elif d_pad <= 256:
-        cfg = {"fwd_m": 64, "fwd_n": 64, "bwd_m": 32, "bwd_n": 64,
-               "warps_fwd": 4, "warps_bwd": 4}
-    else:
-        cfg = {"fwd_m": 32, "fwd_n": 32, "bwd_m": 32, "bwd_n": 32,
-               "warps_fwd": 4, "warps_bwd": 4}
+    if d_pad not in (16, 32, 64, 128, 256, 512):
+        raise ValueError(f"d_pad must be a power of two in [16, 512], got {d_pad}")
     elem = torch.finfo(dtype).bits // 8
-    col_tile_bytes = max(cfg["fwd_n"], cfg["bwd_n"]) * d_pad * elem
-    cfg["stages"] = max(1, min(3, (96 * 1024) // col_tile_bytes))
-    return cfg
+    if block is not None:
+        return LaunchConfig(block, block, block, block, 4, 4, 1, 1)
+    budget = smem_per_block - SMEM_RESERVE
+    max_stages = 3 if capability >= (8, 0) else 1
+    width = max(128, d_pad)
+    fm, fn, fw, fs = _pick(_FWD_TILES[width], fwd_smem_bytes, d_pad, elem, budget, max_stages)
+    bm, bn, bw, bs = _pick(_BWD_TILES[width], bwd_smem_bytes, d_pad, elem, budget, max_stages)
+    return LaunchConfig(fm, fn, bm, bn, fw, bw, fs, bs)
 
 
-def _dot_precision(dtype: torch.dtype) -> str | None:
+# The interpreter emulates one program at a time; small tiles keep the masked, multi-tile
+# code paths exercised on the small test sizes.
+_INTERPRETER_CONFIG = LaunchConfig(16, 16, 16, 16, 4, 4, 1, 1)
+
+
+@functools.cache
+def device_properties(index: int) -> tuple[tuple[int, int], int]:
+    """(compute capability, opt-in shared memory per block in bytes) of CUDA device ``index``.
+
+    Triton's driver reports the limit its own launch check uses; torch's property is the
+    fall-back for drivers whose utils lack it.
+    """
+    props = torch.cuda.get_device_properties(index)
+    smem = None
+    try:
+        smem = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    except (AttributeError, KeyError, RuntimeError):
+        smem = getattr(props, "shared_memory_per_block_optin", None)
+    if not smem:
+        raise RuntimeError(f"cannot read the shared memory per block of cuda:{index}")
+    return (props.major, props.minor), int(smem)
+
+
+def _config_for(z: torch.Tensor, d_pad: int, block: int | None) -> LaunchConfig:
+    if block is None and interpreted():
+        return _INTERPRETER_CONFIG
+    if z.device.type != "cuda":
+        return launch_config(d_pad, z.dtype, capability=(8, 0), smem_per_block=163 * 1024,
+                             block=block)
+    capability, smem = device_properties(z.device.index)
+    return launch_config(d_pad, z.dtype, capability=capability, smem_per_block=smem,
+                         block=block)
+
+
+def device_guard(device: torch.device):
+    """Triton launches on the *current* CUDA device: make it the tensors' device, so that
+    cuda:1 outside torchrun works."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def dot_precision(dtype: torch.dtype) -> str | None:
     # fp32 follows torch's own matmul setting, so "highest" (torch's default) means exact
     # fp32 products here as in the eager reference, and "high"/"medium" allow TF32.
     # 16-bit operands have a single mode; None leaves triton's default.
@@ -284,31 +390,32 @@ def forward(
     n, d = z_id.shape
     m = z_oe.shape[0]
     d_pad = _d_pad(d)
-    cfg = _launch_config(d_pad, z_id.dtype, block)
+    cfg = _config_for(z_id, d_pad, block)
     dev = z_id.device
     u = torch.empty_like(z_id)
     id_norms = torch.empty(n, dtype=torch.float32, device=dev)
     lse = torch.empty(n, dtype=torch.float32, device=dev)
     row_loss = torch.empty(n, dtype=torch.float32, device=dev)
     oe_norms = torch.empty(m, dtype=torch.float32, device=dev)
-    block_r = cfg["bwd_m"]
+    block_r = cfg.bwd_m
 
-    _row_norm_kernel[(triton.cdiv(n, block_r),)](
-        z_id, u, id_norms, n, d, NORM_EPS,
-        WRITE_U=True, BLOCK_R=block_r, D_PAD=d_pad, num_warps=4,
-    )
-    if m:
-        oe_pad = _d_pad(z_oe.shape[1])
-        _row_norm_kernel[(triton.cdiv(m, block_r),)](
-            z_oe, z_oe, oe_norms, m, z_oe.shape[1], NORM_EPS,
-            WRITE_U=False, BLOCK_R=block_r, D_PAD=oe_pad, num_warps=4,
+    with device_guard(dev):
+        _row_norm_kernel[(triton.cdiv(n, block_r),)](
+            z_id, u, id_norms, n, d, NORM_EPS,
+            WRITE_U=True, BLOCK_R=block_r, D_PAD=d_pad, num_warps=4,
         )
-    _ntxent_fwd_kernel[(triton.cdiv(n, cfg["fwd_m"]),)](
-        u, lse, row_loss, n, d, 1.0 / temperature,
-        UPCAST=_upcast(z_id.dtype), PRECISION=_dot_precision(z_id.dtype),
-        BLOCK_M=cfg["fwd_m"], BLOCK_N=cfg["fwd_n"], D_PAD=d_pad,
-        num_warps=cfg["warps_fwd"], num_stages=cfg["stages"],
-    )
+        if m:
+            oe_pad = _d_pad(z_oe.shape[1])
+            _row_norm_kernel[(triton.cdiv(m, block_r),)](
+                z_oe, z_oe, oe_norms, m, z_oe.shape[1], NORM_EPS,
+                WRITE_U=False, BLOCK_R=block_r, D_PAD=oe_pad, num_warps=4,
+            )
+        _ntxent_fwd_kernel[(triton.cdiv(n, cfg.fwd_m),)](
+            u, lse, row_loss, n, d, 1.0 / temperature,
+            UPCAST=_upcast(z_id.dtype), PRECISION=dot_precision(z_id.dtype),
+            BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, D_PAD=d_pad,
+            num_warps=cfg.warps_fwd, num_stages=cfg.stages_fwd,
+        )
     return u, id_norms, lse, row_loss, oe_norms
 
 
@@ -323,14 +430,15 @@ def backward_id(
     """Gradient of ``grad * contrastive`` w.r.t. z_id, in u's dtype. ``grad``: fp32 (1,)."""
     n, d = u.shape
     d_pad = _d_pad(d)
-    cfg = _launch_config(d_pad, u.dtype, block)
+    cfg = _config_for(u, d_pad, block)
     dz = torch.empty_like(u)
-    _ntxent_bwd_kernel[(triton.cdiv(n, cfg["bwd_m"]),)](
-        u, id_norms, lse, grad, dz, n, d, 1.0 / temperature, NORM_EPS,
-        UPCAST=_upcast(u.dtype), PRECISION=_dot_precision(u.dtype),
-        BLOCK_M=cfg["bwd_m"], BLOCK_N=cfg["bwd_n"], D_PAD=d_pad,
-        num_warps=cfg["warps_bwd"], num_stages=cfg["stages"],
-    )
+    with device_guard(u.device):
+        _ntxent_bwd_kernel[(triton.cdiv(n, cfg.bwd_m),)](
+            u, id_norms, lse, grad, dz, n, d, 1.0 / temperature, NORM_EPS,
+            UPCAST=_upcast(u.dtype), PRECISION=dot_precision(u.dtype),
+            BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, D_PAD=d_pad,
+            num_warps=cfg.warps_bwd, num_stages=cfg.stages_bwd,
+        )
     return dz
 
 
@@ -348,8 +456,9 @@ def backward_oe(
         return dz
     d_pad = _d_pad(d)
     block_r = block if block is not None else 32
-    _oe_grad_kernel[(triton.cdiv(m, block_r),)](
-        z_oe, oe_norms, grad, dz, m, d, alpha / m,
-        BLOCK_R=block_r, D_PAD=d_pad, num_warps=4,
-    )
+    with device_guard(z_oe.device):
+        _oe_grad_kernel[(triton.cdiv(m, block_r),)](
+            z_oe, oe_norms, grad, dz, m, d, alpha / m,
+            BLOCK_R=block_r, D_PAD=d_pad, num_warps=4,
+        )
     return dz

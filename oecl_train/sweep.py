@@ -77,7 +77,15 @@ def _same_config(run_dir: Path, cfg) -> bool:
         saved = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     except (ValueError, TypeError):
         return False
-    return json.loads(json.dumps(saved.to_json())) == json.loads(json.dumps(cfg.to_json()))
+    # A saved config records what ran ("auto" resolved for its device): compare like with like.
+    from dataclasses import replace
+
+    from oecl_train.trainer import resolve_device, resolve_execution
+
+    want, device = replace(cfg), resolve_device(cfg.device)
+    resolve_execution(want, device)
+    resolve_execution(saved, device)
+    return json.loads(json.dumps(saved.to_json())) == json.loads(json.dumps(want.to_json()))
 
 
 def train_or_reuse(cfg, progress: bool) -> tuple[str, float | None]:

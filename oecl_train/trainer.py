@@ -97,10 +97,35 @@ def autocast(device: torch.device, precision: str):
     """bf16 autocast on CPU and GPU, fp16 on GPU, or nothing for fp32."""
     if precision == "fp32":
         return nullcontext()
+    if precision not in ("bf16", "fp16"):  # "auto" is resolved per device before this
+        raise ValueError(f"precision must be fp32, bf16 or fp16 here, got {precision!r}")
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("--precision fp16 needs a CUDA device; use bf16 on the CPU")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
+
+
+def resolve_execution(cfg: TrainConfig, device: torch.device) -> None:
+    """Replace the config's "auto" choices by what runs on ``device``, in place, so that
+    config.json (and every reader of cfg after this) sees what actually ran."""
+    cuda = device.type == "cuda"
+    if cfg.precision == "auto":
+        cfg.precision = "bf16" if cuda else "fp32"
+    if cfg.compile == "auto":
+        cfg.compile = "on" if cuda else "off"
+    if not cuda:
+        cfg.tf32 = False  # no TF32 on a CPU: record that none was used
+
+
+def configure_cuda(cfg: TrainConfig) -> None:
+    """Process-wide CUDA settings of a training run."""
+    # Every step has the same input shapes, so cuDNN's one-off search for the fastest
+    # convolution algorithms pays back from the second step.
+    torch.backends.cudnn.benchmark = True
+    # TF32 is an explicit choice (cfg.tf32), never left to library defaults that differ
+    # between matmuls (off) and convolutions (on); the loss kernel follows the matmul one.
+    torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = cfg.tf32
 
 
 def architecture_for(cfg: TrainConfig, channels: int) -> Architecture:
@@ -137,6 +162,9 @@ class Trainer:
         self.progress = progress and self.dist.rank == 0
         # Under torchrun the launcher has bound this rank to its GPU (cuda:LOCAL_RANK).
         self.device = self.dist.device or resolve_device(cfg.device)
+        resolve_execution(cfg, self.device)
+        if self.device.type == "cuda":
+            configure_cuda(cfg)
         spec = splits.spec
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.arch = architecture_for(cfg, spec.channels)
@@ -155,7 +183,7 @@ class Trainer:
         if self.dist.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.net, device_ids=ids)
-        if cfg.compile:
+        if cfg.compile == "on":
             self.model = torch.compile(self.model)
         self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
         self.augment = SimCLRAugment(
@@ -216,7 +244,10 @@ class Trainer:
             n_oe = len(self.id_data) if self.oe_data is None else len(self.oe_data)
             oe_per_step = self.oe_batch * self.dist.world
             oe_order = epoch_order(n_oe, self.steps_per_epoch * oe_per_step, g)
-        return id_order, oe_order
+            oe_order = oe_order.to(self.device)
+        # One copy per epoch: slicing a device tensor per step then costs no host-device sync
+        # (a per-step .to(device) from pageable memory would be one).
+        return id_order.to(self.device), oe_order
 
     def _indices(self, s: int, id_order, oe_order) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This rank's ID and OE indices at step `s`: slot s·world + rank of each stream, so
@@ -229,10 +260,9 @@ class Trainer:
 
     def _batch(self, s: int, id_order, oe_order) -> tuple[torch.Tensor, torch.Tensor | None]:
         idx, oidx = self._indices(s, id_order, oe_order)
-        x = self.id_data[idx.to(self.device)]
+        x = self.id_data[idx]
         if self.splits.oe_mode == "none":
             return x, None
-        oidx = oidx.to(self.device)
         if self.splits.oe_mode == "self":
             # self-OECL: ID = images at 0° and 90° (separate instances); OE = a separately
             # shuffled draw of the ID images at 180° and 270°.
@@ -461,6 +491,8 @@ class Trainer:
                 if stopping:
                     bar.close()
                     raise self._interrupted(stop.signum or signal.SIGTERM, step + 1, path)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # kernels still queued count to the epoch
             if n_steps == 0:
                 continue  # resumed at the end of a complete run: nothing left to do
             elapsed = time.perf_counter() - t0
