@@ -549,7 +549,7 @@ def serve_workers(
         log.info("%d workers, %d CPU threads each; metrics across workers in %s", workers,
                  threads, metrics_dir)
         sock = uv_config.bind_socket()
-        Multiprocess(uv_config, target=DrainingServer(uv_config).run, sockets=[sock]).run()
+        Multiprocess(uv_config, sockets=[sock]).run()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
