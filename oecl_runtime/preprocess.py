@@ -133,9 +133,11 @@ def open_image(source: Any, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
     img = _open(source, name)
     try:
         check_size(*img.size, max_pixels, name)
-    except ImageError:
+    except Exception as e:  # a forged header can hold sizes that are not even integers
         img.close()
-        raise
+        if isinstance(e, ImageError):
+            raise
+        raise ImageError(f"cannot decode {name}: {_reason(e)}") from e
     return img
 
 
