@@ -263,10 +263,12 @@ def serve(model_dir: Path, host: str, port: int, backend: str, precision: str | 
 
     POST /v1/score (image body, multipart files, or application/x-npy), GET /healthz,
     GET /v1/model, GET /metrics. SIGTERM finishes in-flight requests before exiting.
+    Without --threads, each worker's backend gets the cores shared among the workers less
+    one, which is left to the event loops.
     """
     import logging
 
-    from .server import ServerConfig, serve_workers
+    from .server import ServerConfig, serve_workers, serving_threads
     from .server import serve as run_server
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
@@ -278,6 +280,8 @@ def serve(model_dir: Path, host: str, port: int, backend: str, precision: str | 
     cfg = ServerConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
                        max_body_mb=max_body_mb, header_timeout_s=header_timeout,
                        body_timeout_s=body_timeout, **limits)
+    if threads is None:
+        threads = serving_threads(workers)
     if workers > 1:
         # Opened once here so that a bad artifact fails with one line before any worker starts.
         _open_scorer(model_dir, backend, precision, threshold, threads=threads).close()

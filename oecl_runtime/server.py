@@ -509,6 +509,15 @@ def serve(
     DrainingServer(uv_config).run()
 
 
+def serving_threads(workers: int = 1, cores: int | None = None) -> int:
+    """CPU intra-op threads per worker when none are asked for: the cores shared among the
+    workers, less one for the event loops. onnxruntime's pool threads spin while they wait
+    for work; on 2 cores, a pool of 2 starved the event loop and halved the requests served
+    (900 against 2,100 one-image requests/s, see benchmarks/RESULTS.md)."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, cores // workers - 1)
+
+
 # --workers N: uvicorn's supervisor starts N processes on one socket; each imports this module
 # and calls `worker_app`, which opens its own scorer from the options in this variable.
 _WORKER_ENV = "OECL_SERVE_WORKER"
@@ -529,14 +538,14 @@ def serve_workers(
     access_log: bool = False,
 ) -> None:
     """Run `workers` processes on one port, each with its own backend whose CPU threads share
-    the cores (`threads` each; default: cores // workers), and /metrics summed across them."""
+    the cores (`threads` each; default: `serving_threads`), and /metrics summed across them."""
     import shutil
 
     from uvicorn.supervisors import Multiprocess
 
     cfg = config or ServerConfig()
     if threads is None:
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = serving_threads(workers)
     metrics_dir = tempfile.mkdtemp(prefix="oecl-metrics-")
     os.environ[MULTIPROC_ENV] = metrics_dir
     os.environ[_WORKER_ENV] = json.dumps({

@@ -353,3 +353,54 @@ def test_gone_client_stops_a_large_request(live: tuple[int, object],
         assert time.monotonic() < deadline, "decoding went on for a client that had gone"
         time.sleep(0.05)
     assert len(ran) < 500
+
+
+# ----------------------------------------------------------------------------- --workers
+
+
+def test_serving_threads_leave_a_core_to_the_event_loop() -> None:
+    from oecl_runtime.server import serving_threads
+
+    assert serving_threads(1, cores=2) == 1 and serving_threads(2, cores=2) == 1
+    assert serving_threads(1, cores=16) == 15 and serving_threads(4, cores=16) == 3
+
+
+def test_workers_share_one_port_and_metrics_count_all_of_them(artifact_dir: Path) -> None:
+    import json
+    import os
+    import re
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "oecl_runtime", "serve", "--model", str(artifact_dir), "--port",
+         str(port), "--workers", "2", "--log-level", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        pids: set[int] = set()
+        while len(pids) < 2:  # both workers up (each answers with its own pid)
+            assert time.monotonic() < deadline, "workers did not come up"
+            try:
+                with urllib.request.urlopen(url + "/v1/model", timeout=2) as r:
+                    pids.add(json.loads(r.read())["runtime"]["pid"])
+            except OSError:
+                time.sleep(0.2)
+        png = png_bytes(random_images(1)[0])
+        for _ in range(30):
+            urllib.request.urlopen(urllib.request.Request(url + "/v1/score", data=png),
+                                   timeout=10).read()
+        for _ in range(6):  # whichever worker answers the scrape, it counts both
+            with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+                text = r.read().decode()
+            got = re.search(r'^oecl_requests_total\{code="200",path="/v1/score"\} (\S+)$', text,
+                            re.M)
+            assert got and float(got.group(1)) == 30, text[:2000]
+            assert re.search(r"^oecl_workers 2\.0$", text, re.M)
+            assert re.search(r"^oecl_images_total 30\.0$", text, re.M)
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)
