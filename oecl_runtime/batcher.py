@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+_IDLE, _FILLING = "idle", "filling"
+
 
 class QueueFull(RuntimeError):
     """The queue has no room for this request's images right now; retry later."""
@@ -93,6 +95,7 @@ class DynamicBatcher:
         self._buf = np.empty((max_batch, *item_shape), dtype=np.uint8)
         self._thread: threading.Thread | None = None
         self.on_depth: Callable[[int], None] | None = None  # e.g. a queue-depth gauge
+        self._waiting: str | None = None  # what the inference thread waits for, if anything
 
     # ---- lifecycle
 
@@ -143,8 +146,13 @@ class DynamicBatcher:
             if len(self._queue) + n > self.max_queue:
                 raise QueueFull(f"queue full ({len(self._queue)} of {self.max_queue} images)")
             self._queue.extend((req, i, now) for i in range(n))
-            self._cond.notify()
             depth = len(self._queue)
+            # Wake the inference thread only when it waits for this: idle, or filling a batch
+            # that is now full. While it runs a batch it looks at the queue anyway, and each
+            # needless wake-up costs a GIL hand-off on the event loop's thread.
+            if self._waiting == _IDLE or (self._waiting == _FILLING
+                                          and depth >= self.max_batch):
+                self._cond.notify()
         if self.on_depth is not None:
             self.on_depth(depth)
         return req.future
@@ -154,9 +162,12 @@ class DynamicBatcher:
     def _take(self) -> list[tuple[_Request, int, float]] | None:
         with self._cond:
             idle = not self._queue
+            self._waiting = _IDLE
             while not self._queue and not self._stopping:
                 self._cond.wait()
+            self._waiting = _FILLING
             if not self._queue:
+                self._waiting = None
                 return None
             # Work that found this thread idle runs now; waiting would only add latency, as
             # nothing else is running that later arrivals could have been batched behind.
@@ -166,6 +177,7 @@ class DynamicBatcher:
                 if left <= 0:
                     break
                 self._cond.wait(left)
+            self._waiting = None
             take = []
             while self._queue and len(take) < self.max_batch:
                 slot = self._queue.popleft()
