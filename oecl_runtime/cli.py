@@ -264,7 +264,9 @@ def serve(model_dir: Path, host: str, port: int, backend: str, precision: str | 
     POST /v1/score (image body, multipart files, or application/x-npy), GET /healthz,
     GET /v1/model, GET /metrics. SIGTERM finishes in-flight requests before exiting.
     Without --threads, each worker's backend gets the cores shared among the workers less
-    one, which is left to the event loops.
+    one, which is left to the event loops (onnxruntime's idle pool threads spin and starve
+    them at thousands of requests a second). A model of a millisecond or more per image
+    serves more with --threads set to all cores.
     """
     import logging
 
