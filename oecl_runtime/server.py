@@ -208,7 +208,7 @@ class ScoringApp:
                 batch = await self._npy_batch(body, receive)
             else:
                 batch = (await self._decode_one(body))[None]
-            norms = await self._infer(batch)
+            norms = await self._infer(batch, receive)
         except HTTPError as e:
             m.error(e.kind)
             return e.status, {"error": e.reason}, e.headers
@@ -306,8 +306,27 @@ class ScoringApp:
         finally:
             watcher.cancel()
 
-    async def _infer(self, batch: np.ndarray) -> np.ndarray:
-        return await self.batcher.submit(batch)
+    async def _infer(self, batch: np.ndarray, receive: Receive | None = None) -> np.ndarray:
+        """Queue `batch`; with `receive` (requests of several images), a client that goes away
+        takes its images that have not run yet out of the queue."""
+        future = self.batcher.submit(batch)
+        if receive is None or len(batch) <= 1:
+            return await future
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            future.cancel()  # the batcher skips the images of a cancelled request
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.cancelled() and watcher.done():
+                raise Abandoned from None
+            raise
+        finally:
+            watcher.cancel()
 
     async def _score_multipart(self, body: bytes, ctype: str, receive: Receive,
                                threshold: float
@@ -335,7 +354,7 @@ class ScoringApp:
                                                                              strict=True)]}, None
         if any(errors):
             self.metrics.error("bad_image")
-        norms = iter((await self._infer(batch)).tolist())
+        norms = iter((await self._infer(batch, receive)).tolist())
         results = []
         for name, err in zip(names, errors, strict=True):
             if err is None:

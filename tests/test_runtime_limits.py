@@ -404,3 +404,27 @@ def test_workers_share_one_port_and_metrics_count_all_of_them(artifact_dir: Path
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(30)
+
+
+def test_gone_client_leaves_the_queue(live: tuple[int, object],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    port, app = live
+    batcher = app.batcher  # type: ignore[attr-defined]
+    real, ran = batcher._run, []
+
+    def slow_run(batch: np.ndarray) -> np.ndarray:
+        ran.append(len(batch))
+        time.sleep(0.1)
+        return real(batch)
+
+    monkeypatch.setattr(batcher, "_run", slow_run)
+    body = _npy(np.zeros((256, 3, 32, 32), np.uint8))  # model form: straight to the queue
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-npy\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 10
+        while not ran and time.monotonic() < deadline:
+            time.sleep(0.01)
+    time.sleep(1.5)  # 8 batches of 32 would take 0.8 s
+    assert 0 < sum(ran) < 256, ran
+    assert batcher.depth == 0
