@@ -25,6 +25,12 @@ from .preprocess import InputSpec
 SCHEMA_VERSION = 1
 METADATA_NAME = "oecl.json"
 
+# Bounds on what a received oecl.json may ask the runtime to allocate: the server and the scorer
+# hold a uint8 batch buffer of max_batch x C x H x W (max_batch 10**9 died in a MemoryError).
+MAX_BATCH = 4096
+MAX_SIDE = 8192
+MAX_BATCH_BYTES = 1 << 30
+
 STAT_KEYS = ("n", "mean", "std", "min", "p05", "p50", "p95", "max")
 # The graph computes the score either way; the name says which: the single-pass norm, or the
 # norm of the mean projection over the fixed views listed in `score.views`.
@@ -66,9 +72,42 @@ def file_entry(path: str | os.PathLike, fmt: str, precision: str, **extra: Any) 
         "sha256": sha256_file(path),
         "bytes": path.stat().st_size,
     }
+    if fmt == "onnx":
+        # Weights stored beside the graph are loaded with it: they are hashed like the graph.
+        refs = onnx_external_data(path)
+        if refs:
+            entry["external_data"] = [
+                {"path": ref, "sha256": sha256_file(path.parent / ref),
+                 "bytes": (path.parent / ref).stat().st_size} for ref in refs]
     entry.update(extra)
     _check_file_entry(entry, 0)
     return entry
+
+
+def onnx_external_data(path: str | os.PathLike) -> list[str]:
+    """The external-data files (relative locations) an ONNX graph loads its tensors from."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    found: list[str] = []
+
+    def visit(graph: Any) -> None:
+        tensors = list(graph.initializer) + [a.t for n in graph.node for a in n.attribute
+                                             if a.HasField("t")]
+        for t in tensors:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                loc = {e.key: e.value for e in t.external_data}.get("location", "")
+                if loc not in found:
+                    found.append(loc)
+        for n in graph.node:
+            for a in n.attribute:
+                if a.HasField("g"):
+                    visit(a.g)
+                for g in a.graphs:
+                    visit(g)
+
+    visit(model.graph)
+    return found
 
 
 def norm_stats(norms: Iterable[float] | np.ndarray) -> dict[str, float | int]:
@@ -136,8 +175,26 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true must not pass as 1
+
+
 def _is_pos_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+    return _is_int(v) and v > 0
+
+
+def _check_relative(p: Any, where: str) -> None:
+    _need(isinstance(p, str) and p != "", f"{where} must be a non-empty string")
+    pp = PurePosixPath(p)
+    # Paths come from a file a user may have received: keep every read inside the directory.
+    _need(not pp.is_absolute() and ".." not in pp.parts and "\\" not in p,
+          f"{where} {p!r} must be relative to the artifact directory")
+
+
+def _check_digest(sha: Any, size: Any, p: str) -> None:
+    _need(isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha),
+          f"{p}: sha256 must be 64 lowercase hex digits")
+    _need(_is_int(size) and size >= 0, f"{p}: bytes must be an integer")
 
 
 def _check_stats(stats: Any, where: str) -> None:
@@ -152,11 +209,7 @@ def _check_file_entry(f: Any, i: int) -> None:
     for key in ("path", "format", "precision", "sha256", "bytes"):
         _need(key in f, f"files[{i}] lacks {key!r}")
     p = f["path"]
-    _need(isinstance(p, str) and p != "", f"files[{i}].path must be a non-empty string")
-    pp = PurePosixPath(p)
-    # Paths come from a file a user may have received: keep every read inside the directory.
-    _need(not pp.is_absolute() and ".." not in pp.parts and "\\" not in p,
-          f"files[{i}].path {p!r} must be relative to the artifact directory")
+    _check_relative(p, f"files[{i}].path")
     _need(f["format"] in FORMATS, f"{p}: unknown format {f['format']!r}")
     known = DATA_PRECISIONS if f["format"] == "npy" else PRECISIONS
     _need(f["precision"] in known, f"{p}: unknown precision {f['precision']!r}")
@@ -164,10 +217,14 @@ def _check_file_entry(f: Any, i: int) -> None:
     _need(consumers is None or (isinstance(consumers, list) and consumers
                                 and all(c in CONSUMERS for c in consumers)),
           f"{p}: consumers must list some of {', '.join(CONSUMERS)}")
-    sha = f["sha256"]
-    _need(isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha),
-          f"{p}: sha256 must be 64 lowercase hex digits")
-    _need(isinstance(f["bytes"], int) and f["bytes"] >= 0, f"{p}: bytes must be an integer")
+    _check_digest(f["sha256"], f["bytes"], p)
+    ext = f.get("external_data", [])
+    _need(ext == [] or (isinstance(ext, list) and f["format"] == "onnx"),
+          f"{p}: external_data must be a list, and only an ONNX graph has it")
+    for j, e in enumerate(ext):
+        _need(isinstance(e, dict), f"{p}: external_data[{j}] must be an object")
+        _check_relative(e.get("path"), f"{p}: external_data[{j}].path")
+        _check_digest(e.get("sha256"), e.get("bytes"), e["path"])
     if f["format"] == "tensorrt":
         for key in ("tensorrt_version", "gpu_name", "compute_capability"):
             _need(isinstance(f.get(key), str) and f[key] != "",
@@ -202,7 +259,7 @@ def validate_metadata(meta: dict[str, Any]) -> None:
     """Raise ArtifactError (one line) unless `meta` follows schema version SCHEMA_VERSION."""
     _need(isinstance(meta, dict), "top level must be a JSON object")
     version = meta.get("schema_version")
-    _need(version == SCHEMA_VERSION,
+    _need(_is_int(version) and version == SCHEMA_VERSION,
           f"unknown schema_version {version!r} (this runtime reads {SCHEMA_VERSION})")
     missing = [k for k in _TOP_KEYS if k not in meta]
     _need(not missing, f"missing key(s) {', '.join(missing)}")
@@ -218,15 +275,17 @@ def validate_metadata(meta: dict[str, Any]) -> None:
     _need(isinstance(inp.get("name"), str) and inp["name"] != "", "input.name must be a string")
     _need(inp.get("dtype") == "uint8", f"input.dtype must be 'uint8', got {inp.get('dtype')!r}")
     _need(inp.get("layout") == "NCHW", f"input.layout must be 'NCHW', got {inp.get('layout')!r}")
-    _need(inp.get("channels") in (1, 3),
+    _need(_is_int(inp.get("channels")) and inp.get("channels") in (1, 3),
           f"input.channels must be 1 or 3, got {inp.get('channels')!r}")
     expected_mode = "L" if inp["channels"] == 1 else "RGB"
     _need(inp.get("color_mode") == expected_mode,
           f"input.color_mode must be {expected_mode!r} for {inp['channels']} channel(s)")
-    _need(_is_pos_int(inp.get("height")) and _is_pos_int(inp.get("width")),
-          "input.height and input.width must be positive integers")
-    _need(inp.get("resize") is None or _is_pos_int(inp.get("resize")),
-          "input.resize must be a positive integer or null")
+    _need(_is_pos_int(inp.get("height")) and _is_pos_int(inp.get("width"))
+          and inp["height"] <= MAX_SIDE and inp["width"] <= MAX_SIDE,
+          f"input.height and input.width must be integers from 1 to {MAX_SIDE}")
+    _need(inp.get("resize") is None or (_is_pos_int(inp.get("resize"))
+                                        and inp["resize"] <= MAX_SIDE),
+          f"input.resize must be an integer from 1 to {MAX_SIDE} or null")
     _need(inp.get("interpolation") in ("bilinear", "nearest", "bicubic"),
           f"input.interpolation {inp.get('interpolation')!r} is not bilinear, nearest or bicubic")
     norm = inp.get("normalization")
@@ -258,7 +317,12 @@ def validate_metadata(meta: dict[str, Any]) -> None:
     if score.get("oe_norm") is not None:
         _check_stats(score["oe_norm"], "score.oe_norm")
 
-    _need(_is_pos_int(meta["max_batch"]), "max_batch must be a positive integer")
+    _need(_is_pos_int(meta["max_batch"]) and meta["max_batch"] <= MAX_BATCH,
+          f"max_batch must be an integer from 1 to {MAX_BATCH}, got {meta['max_batch']!r}")
+    batch_bytes = meta["max_batch"] * inp["channels"] * inp["height"] * inp["width"]
+    _need(batch_bytes <= MAX_BATCH_BYTES,
+          f"max_batch {meta['max_batch']} of {inp['channels']}x{inp['height']}x{inp['width']} "
+          f"images needs {batch_bytes} bytes per batch, over the {MAX_BATCH_BYTES} limit")
     if "architecture" in meta:
         _need(isinstance(meta["architecture"], dict), "architecture must be an object")
 
@@ -287,9 +351,12 @@ class Artifact:
         Raises ArtifactError with a one-line reason naming the offending file.
         """
         directory = Path(directory)
-        meta_path = directory / METADATA_NAME
         if not directory.is_dir():
             raise ArtifactError(f"artifact directory not found: {directory}")
+        # Every path is resolved (symlinks followed) and must stay inside the directory; a
+        # symlink inside the artifact could otherwise make oecl.json read and hash any file.
+        directory = directory.resolve()
+        meta_path = _inside(directory, METADATA_NAME)
         if not meta_path.is_file():
             raise ArtifactError(f"no {METADATA_NAME} in {directory}")
         try:
@@ -303,7 +370,27 @@ class Artifact:
         return art
 
     def _check_file(self, f: dict[str, Any], verify: bool) -> None:
-        path = self.directory / f["path"]
+        self._check_one(f, verify)
+        if f["format"] != "onnx":
+            return
+        listed = {e["path"]: e for e in f.get("external_data", [])}
+        for e in listed.values():
+            self._check_one(e, verify)
+        try:
+            refs = onnx_external_data(self.path_of(f))
+        except Exception as e:  # not a parseable graph: the backend will say so when loading
+            if verify:
+                raise ArtifactError(f"{f['path']}: not a readable ONNX graph: {e}") from e
+            return
+        for ref in refs:
+            _check_relative_ref(ref, f["path"])
+            _inside(self.directory, str(PurePosixPath(f["path"]).parent / ref))
+            if ref not in listed:
+                raise ArtifactError(f"{f['path']} loads external data {ref!r} that "
+                                    f"{METADATA_NAME} does not hash (files[].external_data)")
+
+    def _check_one(self, f: dict[str, Any], verify: bool) -> None:
+        path = _inside(self.directory, f["path"])
         if not path.is_file():
             raise ArtifactError(f"missing file {f['path']} listed in {METADATA_NAME}")
         if not verify:
@@ -389,4 +476,21 @@ class Artifact:
         return f
 
     def path_of(self, entry: dict[str, Any]) -> Path:
-        return self.directory / entry["path"]
+        return _inside(self.directory, entry["path"])
+
+
+def _inside(directory: Path, relative: str) -> Path:
+    """`directory / relative` with symlinks resolved; refused (naming only the listed path,
+    nothing about the target) when it leads outside the resolved `directory`."""
+    path = (directory / relative).resolve()
+    if path != directory and directory not in path.parents:
+        raise ArtifactError(f"{relative} resolves outside the artifact directory (a symlink?); "
+                            "refusing to read it")
+    return path
+
+
+def _check_relative_ref(ref: str, graph: str) -> None:
+    pp = PurePosixPath(ref)
+    if not ref or pp.is_absolute() or ".." in pp.parts or "\\" in ref:
+        raise ArtifactError(f"{graph} loads external data from {ref!r}, outside the artifact "
+                            "directory; refusing to load it")

@@ -58,8 +58,12 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Build a directory under a temporary name and swap it in only when the block succeeds."""
-    path = Path(path)
+    """Build a directory under a temporary name and swap it in only when the block succeeds.
+
+    A `path` that is a symlink keeps its link: the directory it points to is what is replaced
+    (renaming over the link itself replaced the link and left a stale `.NAME.old` behind).
+    """
+    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the artifact from other users
@@ -67,7 +71,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if path.exists():
             old = path.with_name(f".{path.name}.old")
-            if old.exists():
+            if old.is_symlink() or old.is_file():
+                old.unlink()
+            elif old.exists():  # left by an earlier run that stopped between the renames
                 shutil.rmtree(old)
             os.replace(path, old)
             os.replace(tmp, path)

@@ -248,29 +248,57 @@ def _score_files(scorer: Any, files: list[str], writer: _RowWriter,
               help="Images waiting for inference before requests get 503.")
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=16.0,
               show_default=True, help="Largest request body; larger ones get 413.")
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=None,
+              help="Decoded pixels allowed per image, checked from its header  [default: "
+                   "4096x4096]; larger images get 400.")
+@click.option("--header-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Seconds a client has to send its request headers (0: no limit); 408 after.")
+@click.option("--body-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="Seconds a client has to send its request body (0: no limit); 408 after.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Server processes on the one port, each with its own backend; CPU threads "
+                   "are split among them (see --threads) and /metrics sums all of them.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 @click.option("--access-log", is_flag=True, help="Log every request (off: /metrics counts them).")
 def serve(model_dir: Path, host: str, port: int, backend: str, precision: str | None,
           threads: int | None, threshold: float | None, max_batch: int | None,
-          max_delay_ms: float, max_queue: int, max_body_mb: float, log_level: str,
-          access_log: bool) -> None:
+          max_delay_ms: float, max_queue: int, max_body_mb: float,
+          max_image_pixels: int | None, header_timeout: float, body_timeout: float,
+          workers: int, log_level: str, access_log: bool) -> None:
     """HTTP scoring server with dynamic batching. norm: higher = normal.
 
     POST /v1/score (image body, multipart files, or application/x-npy), GET /healthz,
     GET /v1/model, GET /metrics. SIGTERM finishes in-flight requests before exiting.
+    Without --threads, each worker's backend gets the cores shared among the workers less
+    one, which is left to the event loops (onnxruntime's idle pool threads spin and starve
+    them at thousands of requests a second). A model of a millisecond or more per image
+    serves more with --threads set to all cores.
     """
     import logging
 
-    from .server import ServerConfig
+    from .server import ServerConfig, serve_workers, serving_threads
     from .server import serve as run_server
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
-    scorer = _open_scorer(model_dir, backend, precision, threshold, threads=threads)
     if host not in ("127.0.0.1", "localhost", "::1"):
         _say(f"warning: listening on {host}, reachable from other machines")
+    limits = {} if max_image_pixels is None else {
+        "max_image_pixels": max_image_pixels,
+        "max_request_pixels": 4 * max_image_pixels}
     cfg = ServerConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
-                       max_body_mb=max_body_mb)
+                       max_body_mb=max_body_mb, header_timeout_s=header_timeout,
+                       body_timeout_s=body_timeout, **limits)
+    if threads is None:
+        threads = serving_threads(workers)
+    if workers > 1:
+        # Opened once here so that a bad artifact fails with one line before any worker starts.
+        _open_scorer(model_dir, backend, precision, threshold, threads=threads).close()
+        serve_workers(str(model_dir), workers, backend=backend, precision=precision,
+                      threshold=threshold, threads=threads, host=host, port=port, config=cfg,
+                      log_level=log_level, access_log=access_log)
+        return
+    scorer = _open_scorer(model_dir, backend, precision, threshold, threads=threads)
     try:
         run_server(scorer, host=host, port=port, config=cfg, log_level=log_level,
                    access_log=access_log)

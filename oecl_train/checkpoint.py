@@ -1,22 +1,29 @@
 """Checkpoints: tensors in safetensors, everything else in JSON; no pickle anywhere.
 
 A checkpoint is `epoch-NNNNN.safetensors` (model + optimizer tensors) and `epoch-NNNNN.json`
-(progress, optimizer scalars, architecture), after NNNNN complete epochs; one written inside
-the next epoch (on a signal or a time interval) is `epoch-NNNNN_step-SSSSSSSS`, which sorts
-between the two epochs' names. Each file is written atomically and the JSON last,
-so a checkpoint exists only once both of its files are complete.
+(progress, optimizer scalars, architecture, and the tensors file's sha256), after NNNNN
+complete epochs; one written inside the next epoch (on a signal or a time interval) is
+`epoch-NNNNN_step-SSSSSSSS`, which sorts between the two epochs' names. Each file is written
+atomically and the JSON last, so a checkpoint exists only once both of its files are complete.
+`load` verifies the checksum (a flipped byte in tensor data otherwise resumes silently with a
+wrong weight); `latest` returns the newest intact checkpoint, passing over damaged ones with a
+one-line warning.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from oecl_runtime.artifact import sha256_file
 from oecl_runtime.atomic import atomic_path, write_json
+
+CHECKSUM_KEY = "tensors_sha256"
 
 
 class CheckpointError(RuntimeError):
@@ -70,6 +77,7 @@ def save(
         tensors.update(opt_tensors)
     with atomic_path(stem.with_suffix(".safetensors")) as tmp:
         save_file(tensors, str(tmp))
+        meta[CHECKSUM_KEY] = sha256_file(tmp)
     write_json(stem.with_suffix(".json"), meta)
     for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
@@ -100,11 +108,54 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     return sorted(found, key=_position)
 
 
+def verify(path: str | Path) -> dict:
+    """The metadata of an intact checkpoint (JSON readable, tensors matching its checksum);
+    CheckpointError with a one-line reason otherwise."""
+    path = Path(path)
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path.name}: unreadable metadata: {e}") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path.name}: metadata is not a JSON object")
+    tensors = path.with_suffix(".safetensors")
+    want = meta.get(CHECKSUM_KEY)
+    if want is None:  # written before checksums: at least its header must parse
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(tensors), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # SafetensorError is not an OSError
+            raise CheckpointError(f"{tensors.name}: unreadable tensors: {_one_line(e)}") from e
+        return meta
+    try:
+        got = sha256_file(tensors)
+    except OSError as e:
+        raise CheckpointError(f"{tensors.name}: unreadable tensors: {e}") from e
+    if got != want:
+        raise CheckpointError(f"{tensors.name}: sha256 {got[:12]}... does not match its "
+                              f"checkpoint ({str(want)[:12]}...): truncated or corrupted")
+    return meta
+
+
 def latest(directory: str | Path) -> Path:
+    """The newest intact checkpoint; damaged newer ones are passed over with a warning."""
     found = list_checkpoints(directory)
     if not found:
         raise CheckpointError(f"{directory}: no checkpoint found")
-    return found[-1]
+    for path in reversed(found):
+        try:
+            verify(path)
+        except CheckpointError as e:
+            print(f"warning: skipping damaged checkpoint ({e})", file=sys.stderr)
+            continue
+        return path
+    raise CheckpointError(f"{directory}: all {len(found)} checkpoints are damaged")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200]
 
 
 def load(
@@ -115,11 +166,11 @@ def load(
 ) -> dict:
     """Restore model (and optimizer) from a checkpoint JSON path; return its metadata."""
     path = Path(path)
+    meta = verify(path)
     try:
-        meta = json.loads(path.read_text())
         tensors = load_file(str(path.with_suffix(".safetensors")), device=str(device))
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint: {e}") from e
+    except Exception as e:  # SafetensorError is not an OSError
+        raise CheckpointError(f"{path}: unreadable checkpoint: {_one_line(e)}") from e
     model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(model_sd)
     if optimizer is not None and "optimizer" in meta:

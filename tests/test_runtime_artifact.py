@@ -101,6 +101,50 @@ def test_paths_cannot_leave_the_artifact_dir(art: Path) -> None:
     _refused(art, "must be relative to the artifact directory")
 
 
+def test_symlinks_cannot_lead_outside(art: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"x" * 1234)
+    (art / "link").symlink_to(outside, target_is_directory=True)
+    meta = _meta(art)
+    meta["files"].append({**meta["files"][0], "path": "link/secret"})
+    _write_meta(art, meta)
+    msg = _refused(art, "link/secret resolves outside the artifact directory")
+    assert "1234" not in msg  # the target's size does not leak
+    # A file symlink leading out is refused the same way.
+    meta["files"].pop()
+    (art / "model.onnx").rename(outside / "model.onnx")
+    (art / "model.onnx").symlink_to(outside / "model.onnx")
+    _write_meta(art, meta)
+    _refused(art, "model.onnx resolves outside")
+
+
+def test_onnx_external_data_is_hashed(art: Path) -> None:
+    import onnx
+
+    from oecl_runtime.artifact import onnx_external_data, write_metadata
+
+    model = onnx.load(str(art / "model.onnx"))
+    onnx.external_data_helper.convert_model_to_external_data(
+        model, all_tensors_to_one_file=True, location="weights.bin", size_threshold=1024)
+    onnx.save(model, str(art / "model.onnx"))
+    assert onnx_external_data(art / "model.onnx") == ["weights.bin"]
+    meta = _meta(art)
+    entry = file_entry(art / "model.onnx", "onnx", "fp32")
+    assert [e["path"] for e in entry["external_data"]] == ["weights.bin"]
+    meta["files"] = [entry]
+    write_metadata(art, meta)
+    with Scorer.open(art, backend="onnxruntime-cpu") as s:
+        assert np.isfinite(s.score_array(np.zeros((1, 3, 32, 32), np.uint8))).all()
+    weights = bytearray((art / "weights.bin").read_bytes())
+    weights[len(weights) // 2] ^= 0xFF  # the edit that moved a norm from 136 to 4080
+    (art / "weights.bin").write_bytes(bytes(weights))
+    _refused(art, "weights.bin sha256 .* does not match")
+    meta["files"][0].pop("external_data")
+    _write_meta(art, meta)
+    _refused(art, "loads external data 'weights.bin' that oecl.json does not hash")
+
+
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
@@ -113,6 +157,15 @@ def test_paths_cannot_leave_the_artifact_dir(art: Path) -> None:
         (lambda m: m["score"].update(threshold="high"), "threshold must be a finite number"),
         (lambda m: m["score"]["id_norm"].pop("p95"), "score.id_norm lacks p95"),
         (lambda m: m.update(max_batch=0), "max_batch"),
+        # JSON true is not 1; a huge max_batch made `oecl serve` die in a MemoryError.
+        (lambda m: m.update(schema_version=True), "unknown schema_version True"),
+        (lambda m: m.update(max_batch=10**9), "max_batch must be an integer from 1 to 4096"),
+        (lambda m: m.update(max_batch=True), "max_batch must be"),
+        (lambda m: m["input"].update(channels=True), "input.channels must be 1 or 3"),
+        (lambda m: m["input"].update(height=100_000), "input.height and input.width"),
+        (lambda m: m["files"][0].update(bytes=True), "bytes must be an integer"),
+        (lambda m: m["files"][0].update(external_data=[{"path": "../w.bin", "sha256": "0" * 64,
+                                                        "bytes": 1}]), "must be relative"),
         (lambda m: m.update(files=[]), "at least one model file"),
         (lambda m: m["files"][0].update(format="tflite"), "unknown format"),
         (lambda m: m["files"].append({**m["files"][0], "precision": "fp16"}), "same path twice"),

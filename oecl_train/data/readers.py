@@ -12,6 +12,7 @@ import struct
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -157,6 +158,23 @@ class MnistReader(Reader):
         return ImageSet(images[:, None].copy(), labels, [str(i) for i in range(10)])
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only the globals a CIFAR python batch needs: numpy's array reconstruction."""
+
+    ALLOWED = frozenset({
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    })
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refusing {module}.{name}: a CIFAR batch holds only arrays, lists and strings")
+        return super().find_class(module, name)
+
+
 class CifarReader(Reader):
     """CIFAR-10/100 'python version' pickle batches from their extracted directory."""
 
@@ -169,9 +187,19 @@ class CifarReader(Reader):
             raise DataError(
                 f"{self.root}: missing {path.name} (expected the python-version batches)"
             )
-        # The CIFAR distribution is itself a pickle; it is only ever read from a user's own disk.
-        with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+        # The CIFAR distribution is itself a pickle, and a pickle can run code: these files are
+        # read by an unpickler that builds only what CIFAR batches hold (dicts, lists, strings,
+        # numbers, numpy arrays) and refuses any other global.
+        try:
+            with open(path, "rb") as f:
+                batch = _CifarUnpickler(f, encoding="latin1").load()
+        except pickle.UnpicklingError as e:
+            raise DataError(f"{path}: {e}") from e
+        except (EOFError, ValueError, TypeError, AttributeError) as e:
+            raise DataError(f"{path}: not a CIFAR batch ({e})") from e
+        if not isinstance(batch, dict):
+            raise DataError(f"{path}: not a CIFAR batch (expected a dict)")
+        return batch
 
     def load(self, split: str) -> ImageSet:
         if self.variant == "cifar10":

@@ -1,0 +1,311 @@
+"""Per-request cost of `oecl serve`, side by side with two bare servers under one load generator.
+
+Servers, each started alone and driven by `wrk` (a C load generator, so the client costs the
+machine little) with the same one-image PNG POST at one concurrency level:
+
+- `bare-json`: a starlette app on the same uvicorn stack that answers a constant JSON;
+- `bare-decode`: the same app, which also decodes the PNG with Pillow;
+- `oecl-serve`: `oecl serve` on the model, with `--workers 1`, and with each N in --workers.
+
+The denominator is the model in-process on the same machine: `Scorer.score` over the same PNG
+bodies in batches (decode + inference), and `Scorer.score_array` (inference alone). Rounds are
+rotated (in-process and each server once per round) so that load from other jobs spreads over
+all of them; the best round of each is reported.
+
+    python benchmarks/bench_serve.py --model model --concurrency 32 --duration 10 --rounds 2
+
+`wrk` comes from Debian's packages (`apt-get install -y wrk`); the script installs it when it
+is missing and it runs as root, and otherwise says how.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- bare servers
+
+
+def bare_app(decode: bool) -> Any:
+    """The comparison servers: starlette on the same uvicorn stack, answering a constant."""
+    from PIL import Image
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    answer = {"score": "norm", "direction": "higher_is_normal", "threshold": 1.0,
+              "results": [{"norm": 1.0, "is_anomaly": False}]}
+
+    async def score(request: Any) -> JSONResponse:
+        body = await request.body()
+        if decode:
+            Image.open(io.BytesIO(body)).load()
+        return JSONResponse(answer)
+
+    async def healthz(request: Any) -> JSONResponse:
+        return JSONResponse({"status": "ok"})
+
+    return Starlette(routes=[Route("/v1/score", score, methods=["POST"]),
+                             Route("/healthz", healthz)])
+
+
+def run_bare(kind: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(bare_app(kind == "bare-decode"), host="127.0.0.1", port=port,
+                log_level="warning", access_log=False)
+
+
+# ----------------------------------------------------------------------------- driving them
+
+
+def ensure_wrk() -> str:
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        log("installing wrk from Debian's packages")
+        subprocess.run(["apt-get", "install", "-y", "wrk"], check=True,
+                       stdout=subprocess.DEVNULL)
+        found = shutil.which("wrk")
+    if not found:
+        sys.exit("bench_serve needs wrk: apt-get install -y wrk")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("server did not become healthy")
+
+
+def wrk_script(body_path: Path) -> Path:
+    script = body_path.with_suffix(".lua")
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f'local f = io.open("{body_path}", "rb")\n'
+        'wrk.body = f:read("*a")\nf:close()\n'
+        'wrk.headers["Content-Type"] = "image/png"\n')
+    return script
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not m:
+        raise ValueError(f"cannot read wrk latency {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_wrk(out: str) -> dict[str, Any]:
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    lat = {f"p{p}": _ms(v) for p, v in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)", out, re.M)}
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    failures = (int(non2xx.group(1)) if non2xx else 0) + (
+        sum(int(x) for x in sock.groups()) if sock else 0)
+    return {"requests_per_s": rps, "requests": total, "failures": failures, "latency_ms": lat}
+
+
+def drive(wrk: str, url: str, script: Path, concurrency: int, seconds: float) -> dict[str, Any]:
+    cmd = [wrk, "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--latency", "-s", str(script),
+           url + "/v1/score"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return parse_wrk(out)
+
+
+def start(kind: str, port: int, args: argparse.Namespace, workers: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    if kind.startswith("bare"):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-bare", kind,
+               "--port", str(port)]
+    else:
+        cmd = [sys.executable, "-m", "oecl_runtime", "serve", "--model", str(args.model),
+               "--port", str(port), "--log-level", "warning", "--workers", str(workers)]
+        if args.precision:
+            cmd += ["--precision", args.precision]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+# ----------------------------------------------------------------------------- in-process
+
+
+def in_process(args: argparse.Namespace, bodies: list[bytes]) -> dict[str, float]:
+    from oecl_runtime import Scorer
+
+    with Scorer.open(args.model, backend="onnxruntime-cpu", precision=args.precision,
+                     threads=args.threads) as s:
+        spec = s.spec
+        batch = np.random.default_rng(1).integers(
+            0, 256, (32, spec.channels, spec.height, spec.width), dtype=np.uint8)
+        for _ in range(5):
+            s.score(bodies[:32])
+            s.score_array(batch)
+        best_decode = best_infer = 0.0
+        for _ in range(3):  # best of three: other jobs on the machine only ever slow it down
+            t0 = time.perf_counter()
+            s.score(bodies)
+            best_decode = max(best_decode, len(bodies) / (time.perf_counter() - t0))
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < 1.0:
+                s.score_array(batch)
+                n += len(batch)
+            best_infer = max(best_infer, n / (time.perf_counter() - t0))
+    return {"decode_and_score_images_per_s": best_decode, "score_array_images_per_s": best_infer}
+
+
+def request_bodies(model: Path, count: int) -> list[bytes]:
+    from PIL import Image
+
+    from oecl_runtime.artifact import Artifact
+
+    spec = Artifact.open(model, verify=False).spec
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(count):
+        arr = rng.integers(0, 256, (spec.height, spec.width, spec.channels), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr[:, :, 0] if spec.channels == 1 else arr).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path)
+    p.add_argument("--precision", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--workers", default="2", help="extra `oecl serve --workers` counts")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "serve-cpu.json")
+    p.add_argument("--serve-bare", choices=["bare-json", "bare-decode"], help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.serve_bare:
+        run_bare(args.serve_bare, args.port)
+        return 0
+    if args.model is None:
+        p.error("--model is required")
+    wrk = ensure_wrk()
+    bodies = request_bodies(args.model, 1024)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    body_path = tmp / "image.png"
+    body_path.write_bytes(bodies[0])
+    script = wrk_script(body_path)
+    refs: list[dict[str, float]] = []
+    servers = [("bare-json", 1), ("bare-decode", 1), ("oecl-serve", 1)]
+    servers += [("oecl-serve", int(w)) for w in args.workers.split(",") if w.strip() and
+                int(w) > 1]
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for r in range(args.rounds):
+        # In-process is measured in every round too, so that it sees the same load from other
+        # jobs as the servers around it; the best round of each is compared.
+        refs.append(in_process(args, bodies))
+        log(f"round {r} in-process: {refs[-1]['decode_and_score_images_per_s']:.0f} images/s "
+            f"decode + score, {refs[-1]['score_array_images_per_s']:.0f} score_array")
+        for kind, workers in servers:
+            name = kind if kind != "oecl-serve" else f"oecl-serve --workers {workers}"
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            proc = start(kind, port, args, workers)
+            try:
+                wait_healthy(url, proc)
+                drive(wrk, url, script, args.concurrency, args.warmup)
+                row = drive(wrk, url, script, args.concurrency, args.duration)
+            finally:
+                stop(proc)
+            row["round"] = r
+            rows.setdefault(name, []).append(row)
+            log(f"round {r} {name}: {row['requests_per_s']:.0f} req/s, p99 "
+                f"{row['latency_ms'].get('p99', float('nan')):.2f} ms, "
+                f"{row['failures']} failures")
+    ref = {k: max(x[k] for x in refs) for k in refs[0]}
+    summary = {}
+    for name, rs in rows.items():
+        best = max(rs, key=lambda x: x["requests_per_s"])
+        summary[name] = {"best_requests_per_s": best["requests_per_s"],
+                         "all_requests_per_s": [x["requests_per_s"] for x in rs],
+                         "p99_ms_of_best": best["latency_ms"].get("p99"),
+                         "failures": sum(x["failures"] for x in rs),
+                         "ratio_to_in_process": best["requests_per_s"]
+                         / ref["decode_and_score_images_per_s"]}
+    from _common import device_name
+
+    report = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "device": device_name("cpu"), "model": str(args.model),
+              "precision": args.precision, "concurrency": args.concurrency,
+              "duration_s": args.duration, "in_process": ref, "in_process_rounds": refs,
+              "servers": summary, "rows": rows,
+              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    from oecl_runtime.atomic import write_json
+
+    write_json(args.out, report)
+    print("| server | best req/s | all rounds | p99 ms | failures | / in-process |")
+    print("|---|---:|---|---:|---:|---:|")
+    for name, s in summary.items():
+        rounds = ", ".join(f"{x:.0f}" for x in s["all_requests_per_s"])
+        print(f"| {name} | {s['best_requests_per_s']:.0f} | {rounds} | "
+              f"{s['p99_ms_of_best']:.2f} | {s['failures']} | {s['ratio_to_in_process']:.2f} |")
+    print(f"in-process: {ref['decode_and_score_images_per_s']:.0f} images/s decode + score, "
+          f"{ref['score_array_images_per_s']:.0f} images/s score_array; wrote {args.out}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

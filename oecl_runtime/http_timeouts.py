@@ -1,0 +1,97 @@
+"""A header read timeout for uvicorn's HTTP protocols, answered 408.
+
+uvicorn calls the app only once a request's headers are complete, and has no deadline for them:
+a client sending its headers at 2 bytes/s holds a connection (and a slot of
+`limit_concurrency`) for ever. These protocol classes start a timer when a connection opens
+and when the first byte of each later request arrives, and stop it when the headers are in;
+if it fires first, the client gets a 408 and the connection is closed. The body's deadline is
+the app's (it reads the body).
+
+The header timeout travels on the uvicorn `Config` as `header_timeout_s`, so worker processes
+started by uvicorn's supervisor get it with the rest of the configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # httptools not installed: uvicorn runs h11
+    HttpToolsProtocol = None  # type: ignore[assignment,misc]
+
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+
+
+def timeout_response(reason: str) -> bytes:
+    body = json.dumps({"error": reason}).encode()
+    return (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
+            + body)
+
+
+class _HeaderDeadline:
+    """Mixed in before a uvicorn protocol class (httptools or h11)."""
+
+    _header_timer: asyncio.TimerHandle | None = None
+    # Called with no arguments when a 408 is sent (e.g. to count it); set per process.
+    on_timeout: Any = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        cycle = self.cycle  # type: ignore[attr-defined]
+        if self._header_timer is None and (cycle is None or cycle.response_complete):
+            self._arm()  # first bytes of a new request on a kept-alive connection
+        super().data_received(data)  # type: ignore[misc]
+        if self.cycle is not cycle:  # type: ignore[attr-defined]
+            self._disarm()  # the parser has a complete head: the app has the request now
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def _arm(self) -> None:
+        timeout = getattr(self.config, "header_timeout_s", DEFAULT_HEADER_TIMEOUT_S)  # type: ignore[attr-defined]
+        if timeout:
+            self._header_timer = self.loop.call_later(timeout, self._expire)  # type: ignore[attr-defined]
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _expire(self) -> None:
+        self._header_timer = None
+        transport = self.transport  # type: ignore[attr-defined]
+        cycle = self.cycle  # type: ignore[attr-defined]
+        if transport.is_closing() or (cycle is not None and not cycle.response_complete):
+            return
+        timeout = getattr(self.config, "header_timeout_s", DEFAULT_HEADER_TIMEOUT_S)  # type: ignore[attr-defined]
+        transport.write(timeout_response(f"request headers not received within {timeout:g} s"))
+        transport.close()
+        if type(self).on_timeout is not None:
+            type(self).on_timeout()
+
+
+class H11TimeoutProtocol(_HeaderDeadline, H11Protocol):
+    """uvicorn's pure-Python HTTP/1.1 protocol with the header timeout."""
+
+
+if HttpToolsProtocol is not None:
+
+    class HttpToolsTimeoutProtocol(_HeaderDeadline, HttpToolsProtocol):
+        """uvicorn's httptools (C parser) protocol with the header timeout."""
+
+
+def protocol_name() -> str:
+    """The import string of the header-timeout protocol over what uvicorn's "auto" would pick;
+    a string, so that uvicorn's worker processes can import it."""
+    name = "HttpToolsTimeoutProtocol" if HttpToolsProtocol is not None else "H11TimeoutProtocol"
+    return f"{__name__}:{name}"

@@ -1,0 +1,430 @@
+"""Serving under hostile input: bounded work per request, timeouts, every decoder failure a
+400 naming the image, and no process-wide side effects of opening a scorer."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from starlette.testclient import TestClient
+from test_runtime_tinymodel import png_bytes, random_images, tiny_artifact_dir
+
+from oecl_runtime import ImageError, Scorer
+from oecl_runtime.batcher import DynamicBatcher
+from oecl_runtime.inputs import Abandoned, to_batch
+from oecl_runtime.preprocess import InputSpec, load
+from oecl_runtime.server import ServerConfig, create_app
+
+NPY = {"content-type": "application/x-npy"}
+
+
+@pytest.fixture(scope="module")
+def artifact_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_artifact_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def scorer(artifact_dir: Path) -> Iterator[Scorer]:
+    with Scorer.open(artifact_dir, backend="onnxruntime-cpu") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(scorer: Scorer) -> Iterator[TestClient]:
+    cfg = ServerConfig(max_queue=64, max_body_mb=4, max_image_pixels=1000 * 1000,
+                       max_request_pixels=2_500_000)
+    with TestClient(create_app(scorer, cfg)) as c:
+        yield c
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+def _encoded(arr: np.ndarray, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- counted first
+
+
+def test_npy_is_counted_from_its_header_before_decoding(client: TestClient) -> None:
+    # Two million 1x1 images in a 2 MB body: each would be resized to 32x32 (tens of seconds
+    # and a gigabyte) before the old server counted them.
+    t0 = time.perf_counter()
+    r = client.post("/v1/score", content=_npy(np.zeros((2_000_000, 1, 1, 1), np.uint8)),
+                    headers=NPY)
+    assert r.status_code == 413 and "2000000 images" in r.json()["error"]
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_npy_header_must_match_its_data(client: TestClient) -> None:
+    body = _npy(np.zeros((2, 32, 32, 3), np.uint8))
+    r = client.post("/v1/score", content=body[:-100], headers=NPY)
+    assert r.status_code == 400 and "header says" in r.json()["error"]
+    forged = body.replace(b"(2, 32, 32, 3)", b"(9, 32, 32, 3)")
+    assert client.post("/v1/score", content=forged, headers=NPY).status_code == 400
+    r = client.post("/v1/score", content=_npy(np.zeros((0, 0), np.uint8)), headers=NPY)
+    assert r.status_code == 400 and "no pixels" in r.json()["error"]
+
+
+def test_multipart_parts_are_counted_before_parsing(client: TestClient) -> None:
+    png = png_bytes(random_images(1)[0])
+    files = [("f", (f"{i}.png", png, "image/png")) for i in range(65)]  # queue holds 64
+    r = client.post("/v1/score", files=files)
+    assert r.status_code == 413 and "65 parts" in r.json()["error"]
+
+
+def test_multipart_decoded_pixels_are_capped_per_request(client: TestClient) -> None:
+    big = _encoded(np.zeros((900, 900), np.uint8), "PNG")  # 0.81 M pixels, under the image cap
+    files = [("f", (f"{i}.png", big, "image/png")) for i in range(4)]  # 3.2 M > 2.5 M per request
+    r = client.post("/v1/score", files=files)
+    assert r.status_code == 413 and "decoded pixels" in r.json()["error"]
+    assert client.post("/v1/score", files=files[:3]).status_code == 200
+
+
+def test_decoded_pixels_are_capped_from_the_header() -> None:
+    # A 12000 x 12000 PNG compresses to a few hundred KB; decoding it took 2.5 s and 690 MB.
+    bomb = _encoded(np.zeros((12000, 12000), np.uint8), "PNG")
+    spec = InputSpec(32, 32, 3, resize=32)
+    t0 = time.perf_counter()
+    with pytest.raises(ImageError, match="over the limit of"):
+        load(bomb, spec, max_pixels=4096 * 4096)
+    assert time.perf_counter() - t0 < 0.5
+    strip = np.zeros((1, 20000), np.uint8)  # within the cap, but resizes to 32 x 640000
+    with pytest.raises(ImageError, match="aspect ratio"):
+        load(_encoded(strip, "PNG"), spec, max_pixels=1_000_000)
+
+
+def test_jpeg_is_drafted_to_the_size_it_needs() -> None:
+    rng = np.random.default_rng(0)
+    jpeg = _encoded(rng.integers(0, 256, (2000, 2400, 3), dtype=np.uint8), "JPEG")
+    spec = InputSpec(32, 32, 3, resize=32)
+    from oecl_runtime.preprocess import decode
+
+    img = decode(jpeg, spec=spec)
+    assert img.size == (300, 250)  # 1/8 scale in the DCT, still above the 32-pixel side
+    assert load(jpeg, spec).shape == (3, 32, 32)
+
+
+# ----------------------------------------------------------------------------- decoder errors
+
+
+def test_sixteen_bit_images_keep_their_range() -> None:
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    png = _encoded(ramp, "PNG")
+    assert Image.open(io.BytesIO(png)).mode.startswith("I")
+    got = load(png, InputSpec(32, 32, 1))
+    want = (ramp[16:48, 16:48] >> 8).astype(np.uint8)
+    np.testing.assert_array_equal(got[0], want)
+    assert (got == 255).mean() < 0.05  # clipping made 98.8% of such pixels white
+    tiff = io.BytesIO()
+    Image.fromarray(np.ones((40, 40), np.float32)).save(tiff, "TIFF")
+    with pytest.raises(ImageError, match="floating-point"):
+        load(tiff.getvalue(), InputSpec(32, 32, 1))
+
+
+def test_conversion_failures_are_image_errors() -> None:
+    lab = io.BytesIO()
+    Image.new("LAB", (40, 40)).save(lab, "TIFF")
+    # Pillow has no LAB -> L conversion: a ValueError that used to escape `load`.
+    with pytest.raises(ImageError, match="lab.tif"):
+        load(lab.getvalue(), InputSpec(32, 32, 1), name="lab.tif")
+
+
+def test_scorer_score_names_an_empty_array(scorer: Scorer) -> None:
+    with pytest.raises(ImageError, match="no pixels"):  # was ZeroDivisionError
+        scorer.score(np.zeros((0, 0), np.uint8))
+
+
+def _mutations(data: bytes, count: int, rng: random.Random) -> Iterator[bytes]:
+    for _ in range(count):
+        d = bytearray(data)
+        for _ in range(rng.randint(1, 6)):
+            op = rng.random()
+            i = rng.randrange(len(d))
+            if op < 0.6:
+                d[i] = rng.randrange(256)
+            elif op < 0.8:
+                del d[i:i + rng.randint(1, 16)]
+            else:
+                d[i:i] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+        yield bytes(d)
+
+
+def test_fuzzed_images_only_ever_get_200_or_4xx(scorer: Scorer) -> None:
+    """Mutated PNG/JPEG/TIFF/GIF/BMP/npy bodies: never a 500, never a hang (bounded: 80 per
+    format and a time limit)."""
+    rng = np.random.default_rng(5)
+    img = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    seeds = {fmt: _encoded(img, fmt) for fmt in ("PNG", "JPEG", "TIFF", "GIF", "BMP")}
+    seeds["npy"] = _npy(img)
+    cfg = ServerConfig(max_image_pixels=2048 * 2048)
+    r = random.Random(7)
+    deadline = time.monotonic() + 120
+    statuses: dict[int, int] = {}
+    with TestClient(create_app(scorer, cfg)) as c:
+        for fmt, data in seeds.items():
+            headers = NPY if fmt == "npy" else {"content-type": "application/octet-stream"}
+            for body in _mutations(data, 80, r):
+                if time.monotonic() > deadline:
+                    break
+                res = c.post("/v1/score", content=body, headers=headers)
+                statuses[res.status_code] = statuses.get(res.status_code, 0) + 1
+                assert res.status_code == 200 or 400 <= res.status_code < 500, (
+                    fmt, res.status_code, res.text)
+                assert "error" in res.json() or "results" in res.json()
+        m = c.get("/metrics").text
+    assert 'reason="inference"' not in m
+    assert statuses.get(400, 0) > 0  # the mutations did break images
+
+
+def test_oecl_score_writes_error_rows(artifact_dir: Path, tmp_path: Path) -> None:
+    good = tmp_path / "good.png"
+    good.write_bytes(png_bytes(random_images(1)[0]))
+    (tmp_path / "huge.png").write_bytes(_encoded(np.zeros((12000, 12000), np.uint8), "PNG"))
+    (tmp_path / "cut.png").write_bytes(good.read_bytes()[:60])
+    out = tmp_path / "rows.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "oecl_runtime", "score", str(good), str(tmp_path / "huge.png"),
+         str(tmp_path / "cut.png"), "--model", str(artifact_dir), "--out", str(out)],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    rows = {Path(r["path"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows["good.png"]["error"] is None and rows["good.png"]["norm"] > 0
+    assert "over the limit" in rows["huge.png"]["error"]
+    assert "cut.png" in rows["cut.png"]["error"] or "decode" in rows["cut.png"]["error"]
+
+
+# ----------------------------------------------------------------------------- no side effects
+
+
+def test_opening_a_scorer_keeps_subnormal_floats(artifact_dir: Path) -> None:
+    code = ("from oecl_runtime import Scorer\n"
+            f"s = Scorer.open({str(artifact_dir)!r}, backend='onnxruntime-cpu')\n"
+            "import numpy as np; s.score_array(np.zeros((1, 3, 32, 32), np.uint8))\n"
+            "assert float('1e-320') != 0.0, 'subnormals flushed process-wide'\n"
+            "assert np.float64(5e-324) * 2 != 0.0\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-500:]
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def test_a_lone_request_does_not_wait_for_the_batch_delay() -> None:
+    runs: list[int] = []
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        runs.append(len(batch))
+        return np.ones(len(batch), np.float32)
+
+    b = DynamicBatcher(run, (1, 2, 2), max_batch=8, max_delay_s=2.0, max_queue=64)
+    b.start()
+
+    async def one() -> float:
+        t0 = time.perf_counter()
+        await b.submit(np.zeros((1, 1, 2, 2), np.uint8))
+        return time.perf_counter() - t0
+
+    try:
+        waited = asyncio.run(one())
+    finally:
+        b.close()
+    assert waited < 0.5 and runs == [1]  # the old batcher held it for the whole 2 s
+
+
+def test_decoding_stops_when_the_caller_goes_away() -> None:
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Abandoned):
+        to_batch(np.zeros((10, 64, 64, 3), np.uint8), InputSpec(32, 32, 3, resize=32), stop=stop)
+
+
+# ----------------------------------------------------------------------------- live uvicorn
+
+
+@pytest.fixture(scope="module")
+def live(scorer: Scorer) -> Iterator[tuple[int, object]]:
+    import uvicorn
+
+    from oecl_runtime.server import _uvicorn_config
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = ServerConfig(header_timeout_s=0.5, body_timeout_s=0.5, max_queue=256)
+    app = create_app(scorer, cfg)
+    server = uvicorn.Server(_uvicorn_config(app, "127.0.0.1", port, cfg, "warning", 5, False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started
+    yield port, app
+    server.should_exit = True
+    thread.join(15)
+
+
+def _reply(sock: socket.socket, limit_s: float = 5.0) -> bytes:
+    sock.settimeout(limit_s)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        pass
+    return data
+
+
+def test_slow_headers_get_408(live: tuple[int, object]) -> None:
+    port, _ = live
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        t0 = time.perf_counter()
+        s.sendall(b"POST /v1/score HTTP/1.1\r\nHo")  # and then nothing more
+        reply = _reply(s)
+        assert reply.startswith(b"HTTP/1.1 408") and b"headers" in reply
+        assert time.perf_counter() - t0 < 3.0
+    with socket.create_connection(("127.0.0.1", port)) as s:  # a silent connection too
+        assert _reply(s).startswith(b"HTTP/1.1 408")
+
+
+def test_short_body_gets_408_and_the_connection_closes(live: tuple[int, object]) -> None:
+    port, app = live
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789")
+        reply = _reply(s)
+    assert reply.startswith(b"HTTP/1.1 408") and b"body" in reply
+    # A normal request right after still works (keep-alive on a fresh connection).
+    png = png_bytes(random_images(1)[0])
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  b"Content-Length: " + str(len(png)).encode() + b"\r\n\r\n" + png)
+        assert _reply(s).startswith(b"HTTP/1.1 200")
+    assert 'reason="timeout"' in app.metrics.render().decode()  # type: ignore[attr-defined]
+
+
+def test_gone_client_stops_a_large_request(live: tuple[int, object],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import oecl_runtime.server as server_mod
+
+    port, app = live
+    real = server_mod.to_batch
+    ran: list[int] = []
+
+    def slow_to_batch(*args, stop: threading.Event, **kw):  # a decode that takes 10 s
+        for i in range(1000):
+            ran.append(i)
+            if stop.is_set():
+                raise Abandoned
+            time.sleep(0.01)
+        return real(*args, stop=stop, **kw)
+
+    monkeypatch.setattr(server_mod, "to_batch", slow_to_batch)
+    body = _npy(np.zeros((40, 64, 64, 3), np.uint8))  # NHWC: needs decoding
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-npy\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 10
+        while not ran and time.monotonic() < deadline:
+            time.sleep(0.01)
+    deadline = time.monotonic() + 10
+    metrics = app.metrics  # type: ignore[attr-defined]
+    while 'reason="client_gone"' not in metrics.render().decode():
+        assert time.monotonic() < deadline, "decoding went on for a client that had gone"
+        time.sleep(0.05)
+    assert len(ran) < 500
+
+
+# ----------------------------------------------------------------------------- --workers
+
+
+def test_serving_threads_leave_a_core_to_the_event_loop() -> None:
+    from oecl_runtime.server import serving_threads
+
+    assert serving_threads(1, cores=2) == 1 and serving_threads(2, cores=2) == 1
+    assert serving_threads(1, cores=16) == 15 and serving_threads(4, cores=16) == 3
+
+
+def test_workers_share_one_port_and_metrics_count_all_of_them(artifact_dir: Path) -> None:
+    import json
+    import os
+    import re
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "oecl_runtime", "serve", "--model", str(artifact_dir), "--port",
+         str(port), "--workers", "2", "--log-level", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        pids: set[int] = set()
+        while len(pids) < 2:  # both workers up (each answers with its own pid)
+            assert time.monotonic() < deadline, "workers did not come up"
+            try:
+                with urllib.request.urlopen(url + "/v1/model", timeout=2) as r:
+                    pids.add(json.loads(r.read())["runtime"]["pid"])
+            except OSError:
+                time.sleep(0.2)
+        png = png_bytes(random_images(1)[0])
+        for _ in range(30):
+            urllib.request.urlopen(urllib.request.Request(url + "/v1/score", data=png),
+                                   timeout=10).read()
+        for _ in range(6):  # whichever worker answers the scrape, it counts both
+            with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+                text = r.read().decode()
+            got = re.search(r'^oecl_requests_total\{code="200",path="/v1/score"\} (\S+)$', text,
+                            re.M)
+            assert got and float(got.group(1)) == 30, text[:2000]
+            assert re.search(r"^oecl_workers 2\.0$", text, re.M)
+            assert re.search(r"^oecl_images_total 30\.0$", text, re.M)
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)
+
+
+def test_gone_client_leaves_the_queue(live: tuple[int, object],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    port, app = live
+    batcher = app.batcher  # type: ignore[attr-defined]
+    real, ran = batcher._run, []
+
+    def slow_run(batch: np.ndarray) -> np.ndarray:
+        ran.append(len(batch))
+        time.sleep(0.1)
+        return real(batch)
+
+    monkeypatch.setattr(batcher, "_run", slow_run)
+    body = _npy(np.zeros((256, 3, 32, 32), np.uint8))  # model form: straight to the queue
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-npy\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 10
+        while not ran and time.monotonic() < deadline:
+            time.sleep(0.01)
+    time.sleep(1.5)  # 8 batches of 32 would take 0.8 s
+    assert 0 < sum(ran) < 256, ran
+    assert batcher.depth == 0
