@@ -51,7 +51,7 @@ from oecl_runtime import bench as B
 from oecl_runtime.atomic import write_json
 from oecl_runtime.backends import Backend, open_backend
 from oecl_runtime.backends.ort import OnnxRuntimeBackend, session_options
-from oecl_runtime.cli import _request_images, _server_runtime
+from oecl_runtime.cli import _server_runtime, request_images
 from oecl_runtime.flops import graph_macs
 from oecl_runtime.server import http_stack
 
@@ -500,7 +500,7 @@ def time_http(artifact: Artifact, args: argparse.Namespace) -> dict[str, Any]:
         try:
             startup = wait_healthy(url, proc, log_path, timeout=180)
             runtime = _server_runtime(url)
-            bodies = _request_images(artifact.spec, count=min(args.requests, 256))
+            bodies = request_images(artifact.spec, count=min(args.requests, 256))
             warm = [bodies[i % len(bodies)] for i in range(args.http_warmup)]
             warm_replies, _ = asyncio.run(B.http_load(url, warm, args.concurrency,
                                                       time_limit_s=args.http_time_limit))

@@ -206,19 +206,11 @@ def in_process(args: argparse.Namespace, bodies: list[bytes]) -> dict[str, float
 
 
 def request_bodies(model: Path, count: int) -> list[bytes]:
-    from PIL import Image
-
+    """The same distinct PNG bodies `oecl bench --url` sends."""
     from oecl_runtime.artifact import Artifact
+    from oecl_runtime.cli import request_images
 
-    spec = Artifact.open(model, verify=False).spec
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(count):
-        arr = rng.integers(0, 256, (spec.height, spec.width, spec.channels), dtype=np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(arr[:, :, 0] if spec.channels == 1 else arr).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
+    return request_images(Artifact.open(model, verify=False).spec, count)
 
 
 def main(argv: list[str] | None = None) -> int:

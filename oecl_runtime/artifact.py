@@ -22,7 +22,10 @@ from .atomic import write_json
 from .names import CONSUMERS, DATA_PRECISIONS, FORMATS, PRECISIONS
 from .preprocess import InputSpec
 
-SCHEMA_VERSION = 1
+# 2: the score may be the K-view mean-view-norm (`score.views`), and files[] may hold the
+# golden set (`npy`). Version 1 artifacts (plain norm) are still read.
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 METADATA_NAME = "oecl.json"
 
 # Bounds on what a received oecl.json may ask the runtime to allocate: the server and the scorer
@@ -256,11 +259,18 @@ def _check_views(score: dict[str, Any], inp: dict[str, Any]) -> None:
 
 
 def validate_metadata(meta: dict[str, Any]) -> None:
-    """Raise ArtifactError (one line) unless `meta` follows schema version SCHEMA_VERSION."""
+    """Raise ArtifactError (one line) unless `meta` follows a schema version this runtime reads
+    (READABLE_VERSIONS)."""
     _need(isinstance(meta, dict), "top level must be a JSON object")
     version = meta.get("schema_version")
-    _need(_is_int(version) and version == SCHEMA_VERSION,
-          f"unknown schema_version {version!r} (this runtime reads {SCHEMA_VERSION})")
+    _need(_is_int(version) and version in READABLE_VERSIONS,
+          f"unknown schema_version {version!r} (this runtime reads "
+          f"{', '.join(map(str, READABLE_VERSIONS))})")
+    _need(version >= 2 or not isinstance(meta.get("score"), dict)
+          or meta["score"].get("name", "norm") == "norm",
+          f"schema_version {version} has only the plain norm score; "
+          f"{meta['score'].get('name') if isinstance(meta.get('score'), dict) else ''!r} "
+          "needs schema_version 2")
     missing = [k for k in _TOP_KEYS if k not in meta]
     _need(not missing, f"missing key(s) {', '.join(missing)}")
 

@@ -270,10 +270,9 @@ def serve(model_dir: Path, host: str, port: int, backend: str, precision: str | 
 
     POST /v1/score (image body, multipart files, or application/x-npy), GET /healthz,
     GET /v1/model, GET /metrics. SIGTERM finishes in-flight requests before exiting.
-    Without --threads, each worker's backend gets the cores shared among the workers less
-    one, which is left to the event loops (onnxruntime's idle pool threads spin and starve
-    them at thousands of requests a second). A model of a millisecond or more per image
-    serves more with --threads set to all cores.
+    Without --threads, each worker's backend gets the cores shared among the workers; on a
+    machine shared with other busy work, --threads below the core count can serve more
+    (onnxruntime's idle pool threads spin and compete with the event loop).
     """
     import logging
 
@@ -382,7 +381,7 @@ def bench(model_dir: Path, backend: str, precision: str | None, threads: int | N
             macs_per_image=macs)
     if url:
         report["server"] = _server_runtime(url)
-        bodies = _request_images(spec, count=min(requests, 256))
+        bodies = request_images(spec, count=min(requests, 256))
         _say(f"HTTP sweep against {url}: {requests} one-image requests per level")
         report["results"] += B.bench_http(url, bodies, levels, requests, warmup=warmup,
                                           time_limit_s=max_seconds * 6, progress=show)
@@ -419,7 +418,7 @@ def _server_runtime(url: str) -> dict[str, Any]:
         raise click.ClickException(f"cannot reach the server at {url}: {e}") from None
 
 
-def _request_images(spec: Any, count: int) -> list[bytes]:
+def request_images(spec: Any, count: int) -> list[bytes]:
     """Distinct PNG images of the model's input size, so no cache can flatter the numbers."""
     import io
 

@@ -530,11 +530,11 @@ def serve(
 
 def serving_threads(workers: int = 1, cores: int | None = None) -> int:
     """CPU intra-op threads per worker when none are asked for: the cores shared among the
-    workers, less one for the event loops. onnxruntime's pool threads spin while they wait
-    for work; on 2 cores, a pool of 2 starved the event loop and halved the requests served
-    (900 against 2,100 one-image requests/s, see benchmarks/RESULTS.md)."""
+    workers. Leaving a core to the event loop measured slower on a quiet 2-core machine, for a
+    16x16 and a 32x32 ResNet alike (benchmarks/RESULTS.md); it only helped while other jobs
+    loaded the cores."""
     cores = cores or os.cpu_count() or 1
-    return max(1, cores // workers - 1)
+    return max(1, cores // workers)
 
 
 # --workers N: uvicorn's supervisor starts N processes on one socket; each imports this module

@@ -58,9 +58,20 @@ def test_valid_artifact_opens(art: Path) -> None:
 
 def test_unknown_schema_version_is_refused(art: Path) -> None:
     meta = _meta(art)
-    meta["schema_version"] = 2
+    meta["schema_version"] = 3
     _write_meta(art, meta)
-    _refused(art, r"unknown schema_version 2 \(this runtime reads 1\)")
+    _refused(art, r"unknown schema_version 3 \(this runtime reads 1, 2\)")
+
+
+def test_version_1_artifacts_are_read_with_the_plain_norm_only(art: Path) -> None:
+    meta = _meta(art)
+    meta["schema_version"] = 1
+    _write_meta(art, meta)
+    assert meta["score"]["name"] == "norm"
+    assert Artifact.open(art).meta["schema_version"] == 1
+    meta["score"]["name"] = "mean-view-norm"
+    _write_meta(art, meta)
+    _refused(art, r"schema_version 1 has only the plain norm score")
 
 
 def test_missing_file_is_refused(art: Path) -> None:

@@ -358,11 +358,12 @@ def test_gone_client_stops_a_large_request(live: tuple[int, object],
 # ----------------------------------------------------------------------------- --workers
 
 
-def test_serving_threads_leave_a_core_to_the_event_loop() -> None:
+def test_serving_threads_share_the_cores_among_workers() -> None:
     from oecl_runtime.server import serving_threads
 
-    assert serving_threads(1, cores=2) == 1 and serving_threads(2, cores=2) == 1
-    assert serving_threads(1, cores=16) == 15 and serving_threads(4, cores=16) == 3
+    assert serving_threads(1, cores=2) == 2 and serving_threads(2, cores=2) == 1
+    assert serving_threads(1, cores=16) == 16 and serving_threads(4, cores=16) == 4
+    assert serving_threads(3, cores=2) == 1
 
 
 def test_workers_share_one_port_and_metrics_count_all_of_them(artifact_dir: Path) -> None:

@@ -159,7 +159,8 @@ def test_healthz_model_and_metrics(client: TestClient, scorer: Scorer) -> None:
     h = client.get("/healthz")
     assert h.status_code == 200 and h.json()["status"] == "ok"
     m = client.get("/v1/model").json()
-    assert m["schema_version"] == 1 and m["score"]["direction"] == "higher_is_normal"
+    assert m["schema_version"] == scorer.meta["schema_version"]
+    assert m["score"]["direction"] == "higher_is_normal"
     assert m["runtime"]["name"] == "onnxruntime-cpu" and m["runtime"]["max_queue"] == 64
     client.post("/v1/score", content=b"broken")
     text = client.get("/metrics")
