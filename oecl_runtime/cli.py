@@ -169,7 +169,7 @@ def score(paths: tuple[str, ...], model_dir: Path, out: Path | None, threshold: 
         raise click.ClickException("no images found in " + " ".join(paths))
     scorer = _open_scorer(model_dir, backend, precision, threshold, batch_size, threads)
     _say(f"scoring {len(files)} images with {scorer.backend.name} ({scorer.backend.precision}), "
-         f"threshold {scorer.threshold:g}; norm: higher = normal")
+         f"threshold {scorer.threshold:g}; {_direction(scorer)}")
     if out is None:
         counts = _score_files(scorer, files, _RowWriter(sys.stdout, fmt), workers)
     else:
@@ -179,7 +179,7 @@ def score(paths: tuple[str, ...], model_dir: Path, out: Path | None, threshold: 
             counts = _score_files(scorer, files, _RowWriter(stream, fmt), workers)
     n, anomalies, errors, seconds = counts
     _say(f"{n} images: {n - errors} scored, {anomalies} anomalies (norm < {scorer.threshold:g}), "
-         f"{errors} errors; {n / seconds:.1f} images/s; norm: higher = normal"
+         f"{errors} errors; {n / seconds:.1f} images/s; {_direction(scorer)}"
          + (f"; wrote {out}" if out else ""))
     scorer.close()
     if strict and errors:
@@ -418,6 +418,12 @@ def _server_runtime(url: str) -> dict[str, Any]:
         raise click.ClickException(f"cannot reach the server at {url}: {e}") from None
 
 
+def _direction(scorer: Any) -> str:
+    """What the `norm` column holds, and which way is normal."""
+    name = scorer.artifact.score_name
+    return "norm: higher = normal" if name == "norm" else f"norm = {name}: higher = normal"
+
+
 def request_images(spec: Any, count: int) -> list[bytes]:
     """Distinct PNG images of the model's input size, so no cache can flatter the numbers."""
     import io
@@ -471,7 +477,7 @@ def verify(artifact: Path, backend: str, precision: str | None, out: Path | None
     click.echo(f"{report['backend']} ({report['precision']}) on {report['n_id']} ID + "
                f"{report['n_ood']} OOD golden images: max rel diff {report['max_rel_diff']:.2e}, "
                f"mean rel diff {report['mean_rel_diff']:.2e}, AUROC {fmt_auroc(report['AUROC'])} "
-               f"(reference {fmt_auroc(report['reference_AUROC'])}); norm: higher = normal")
+               f"(reference {fmt_auroc(report['reference_AUROC'])}); score {report['score']}")
     if out is not None:
         from .atomic import write_json
 
