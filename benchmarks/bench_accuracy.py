@@ -466,7 +466,7 @@ def served_summary(per_class: dict[str, dict], methods: list[str], args) -> dict
     method, per class and mean, plus every served K's mean and the served images/s."""
     from _served import BACKEND, PRECISIONS, mean_served, throughput
 
-    from oecl_train.views import SCORE_NAME
+    from oecl_train.score_names import served_score
 
     served = [m for m in methods if m in args.serve_methods and m in DEEP]
     if not served:
@@ -478,7 +478,7 @@ def served_summary(per_class: dict[str, dict], methods: list[str], args) -> dict
     artifacts = {kk: Path(per[first][str(kk)]["fp32"]["artifact"]) for kk in args.serve_views}
     return {
         "method": m,
-        "score": "norm" if k == 1 else SCORE_NAME,
+        "score": served_score(k),
         "k": k,
         "backend": BACKEND,
         "precisions": list(PRECISIONS),

@@ -23,6 +23,7 @@ from oecl_train.metrics import (
     threshold_at_tpr,
     threshold_warning,
 )
+from oecl_train.score_names import served_score
 from oecl_train.scores import (
     DESCRIPTIONS,
     RANDOM_VIEW_SCORES,
@@ -87,11 +88,6 @@ def augment_for(cfg, spec, device):
 def eval_precision(cfg, device) -> str:
     # fp16 autocast exists only on CUDA; a CUDA-trained fp16 run scored on the CPU uses bf16.
     return "bf16" if cfg.precision == "fp16" and device.type != "cuda" else cfg.precision
-
-
-def served_score(views: int) -> str:
-    """The score an artifact exported with `--views views` serves."""
-    return VIEW_SCORE if views > 1 else "norm"
 
 
 def score_model(

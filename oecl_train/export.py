@@ -188,11 +188,13 @@ class _Served(nn.Module):
 
 def _score_views(views: Sequence[Any]) -> dict[str, Any]:
     """`score.name`, `score.views` and `score.resample` of oecl.json for a view set."""
-    from oecl_train.views import RESAMPLE, SCORE_NAME, views_to_json
+    from oecl_train.score_names import served_score
+    from oecl_train.views import RESAMPLE, views_to_json
 
-    if len(views) == 1:
-        return {"name": "norm", "views": views_to_json(views)}
-    return {"name": SCORE_NAME, "views": views_to_json(views), "resample": RESAMPLE}
+    name = served_score(len(views))
+    if name == "norm":
+        return {"name": name, "views": views_to_json(views)}
+    return {"name": name, "views": views_to_json(views), "resample": RESAMPLE}
 
 
 def _export_onnx(model: nn.Module, path: Path, chw: tuple[int, int, int], embedding: bool) -> None:

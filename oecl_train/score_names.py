@@ -10,3 +10,8 @@ DESCRIPTIONS = {
     "mean-sq-norm": "mean of ‖z‖² over the plain view and K SimCLR views",
     VIEW_SCORE: "‖mean of z over the plain view and fixed crops‖ (the --views K served score)",
 }
+
+
+def served_score(views: int) -> str:
+    """The score an artifact exported with `--views views` serves."""
+    return VIEW_SCORE if views > 1 else "norm"
