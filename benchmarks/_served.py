@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 PRECISIONS = ("fp32", "int8")
-FORMATS = {"fp32": "onnx", "int8": "onnx-int8"}
+EXPORT_FORMAT = {"fp32": "onnx", "int8": "onnx-int8"}
 BACKEND = "onnxruntime-cpu"
 
 
@@ -29,7 +29,7 @@ def export_views(run_dir: Path, out: Path, views: int, splits: Any, *, verify: b
 
     if out.exists() and not (out / "oecl.json").is_file():
         shutil.rmtree(out)  # a half-written directory from an interrupted benchmark
-    fmts = ",".join(FORMATS[p] for p in PRECISIONS)
+    fmts = ",".join(EXPORT_FORMAT[p] for p in PRECISIONS)
     return export_run(run_dir, out, fmts, views=views, verify=verify, device="cpu",
                       splits=splits, log=lambda m: log(f"    export: {m}"))
 

@@ -281,11 +281,11 @@ def serve_run(run_dir: Path, cls: str, method: str, args) -> dict[str, Any]:
     """Export the run at each served K and score the test set through the runtime."""
     from _served import export_views, served_metrics
 
-    from oecl_train.evaluate import splits_for
+    from oecl_train.data import Splits
     from oecl_train.trainer import load_trained
 
     cfg, _, _ = load_trained(run_dir, "cpu")
-    splits = splits_for(cfg)
+    splits = Splits.from_config(cfg, oe="none")
     out: dict[str, Any] = {}
     for k in args.serve_views:
         path = Path(args.runs_dir) / "artifacts" / method / f"class-{cls}" / f"views-{k}"
@@ -348,30 +348,13 @@ def baseline_splits(cfg, with_validation: bool):
     """The split every method of this class uses (evaluation's own rebuild from the config);
     with validation also the other classes' training images, as validation OOD."""
 
-    from oecl_train.data import build_splits
-    from oecl_train.evaluate import splits_for
+    from oecl_train.data import Splits
 
-    splits = splits_for(cfg)
+    splits = Splits.from_config(cfg, oe="none")
     if with_validation:
         # Same source as OE = the non-ID training classes; the ID splits do not depend on OE.
-        splits.oe = build_splits(**{**split_kwargs(cfg), "oe": cfg.data}).oe
+        splits.oe = Splits.from_config(cfg, oe=cfg.data, oe_root=None).oe
     return splits
-
-
-def split_kwargs(cfg) -> dict[str, Any]:
-    keys = (
-        "data",
-        "data_root",
-        "id_class",
-        "protocol",
-        "oe",
-        "image_size",
-        "channels",
-        "val_fraction",
-        "seed",
-        "strict",
-    )
-    return {k: getattr(cfg, k) for k in keys}
 
 
 def run_baselines(args, splits, methods, pca_variance: float | str) -> dict[str, dict]:

@@ -54,7 +54,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from oecl_train.config import TrainConfig
-    from oecl_train.data import build_splits
+    from oecl_train.data import Splits
     from oecl_train.distributed import distributed_context
     from oecl_train.quickstart import QUICKSTART
     from oecl_train.trainer import Trainer
@@ -70,15 +70,7 @@ def worker(args: argparse.Namespace) -> None:
             "seed": 0,
         }
     )
-    splits = build_splits(
-        data=cfg.data,
-        data_root=None,
-        id_class=cfg.id_class,
-        protocol=cfg.protocol,
-        oe=cfg.oe,
-        image_size=cfg.image_size,
-        seed=cfg.seed,
-    )
+    splits = Splits.from_config(cfg, data_root=None)
     with distributed_context("cpu", cfg.dist_timeout) as d:
         tr = Trainer(cfg, splits, Path(args.scratch) / "run", dist=d, progress=False)
         tr.net.train()

@@ -206,6 +206,7 @@ def export(run_dir: Path, out: Path) -> tuple[dict[str, Any], str | None]:
     images, same reference, `verify_artifact`) to record the figures; the failure is kept.
     """
     from oecl_train import export as E
+    from oecl_train.data import Splits
 
     formats = ["onnx", "onnx-int8"]
 
@@ -224,7 +225,7 @@ def export(run_dir: Path, out: Path) -> tuple[dict[str, Any], str | None]:
     from oecl_train.trainer import load_trained
 
     cfg, net, _ = load_trained(run_dir, "cpu")
-    images, is_id = E._verification_images(E._load_splits(cfg), cfg.seed)
+    images, is_id = E._verification_images(Splits.from_config(cfg), cfg.seed)
     ref = E.torch_norms(net, images, torch.device("cpu"))
     report = E.verify_artifact(out, ref, images, is_id, say)
     # Kept beside the files (its "pass" is false) so that a rerun with --artifact reports it.

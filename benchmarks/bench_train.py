@@ -30,7 +30,7 @@ from PIL import Image, ImageEnhance
 
 from kernels import ntxent_oe_dense
 from oecl_train.config import TrainConfig
-from oecl_train.data import build_splits
+from oecl_train.data import Splits
 from oecl_train.model import OECLNet
 from oecl_train.trainer import Trainer, architecture_for
 
@@ -184,14 +184,7 @@ def main() -> None:
         base.update(data_root=None, image_size=args.image_size or 16)
     elif args.image_size:
         base["image_size"] = args.image_size
-    splits = build_splits(
-        data=base["data"],
-        data_root=base["data_root"],
-        id_class="8",
-        protocol="one-vs-rest",
-        oe="photos",
-        image_size=base.get("image_size"),
-    )
+    splits = Splits.from_config(TrainConfig.from_dict(base))
     variants = {
         "reference": dict(precision="fp32"),
         "ours-fp32": dict(precision="fp32", compile="off"),

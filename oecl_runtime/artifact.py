@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import write_json
-from .names import CONSUMERS, DATA_PRECISIONS, FORMATS, PRECISIONS
+from .names import CONSUMERS, DATA_PRECISIONS, FILE_FORMATS, PRECISIONS
 from .preprocess import InputSpec
 
 # 2: the score may be the K-view mean-view-norm (`score.views`), and files[] may hold the
@@ -62,8 +62,8 @@ def file_entry(path: str | os.PathLike, fmt: str, precision: str, **extra: Any) 
     and `compute_capability`).
     """
     path = Path(path)
-    if fmt not in FORMATS:
-        raise ArtifactError(f"unknown file format {fmt!r} for {path.name} (known: {FORMATS})")
+    if fmt not in FILE_FORMATS:
+        raise ArtifactError(f"unknown file format {fmt!r} for {path.name} (known: {FILE_FORMATS})")
     if precision not in (DATA_PRECISIONS if fmt == "npy" else PRECISIONS):
         raise ArtifactError(
             f"unknown precision {precision!r} for {path.name} (known: {PRECISIONS})"
@@ -213,7 +213,7 @@ def _check_file_entry(f: Any, i: int) -> None:
         _need(key in f, f"files[{i}] lacks {key!r}")
     p = f["path"]
     _check_relative(p, f"files[{i}].path")
-    _need(f["format"] in FORMATS, f"{p}: unknown format {f['format']!r}")
+    _need(f["format"] in FILE_FORMATS, f"{p}: unknown format {f['format']!r}")
     known = DATA_PRECISIONS if f["format"] == "npy" else PRECISIONS
     _need(f["precision"] in known, f"{p}: unknown precision {f['precision']!r}")
     consumers = f.get("consumers")

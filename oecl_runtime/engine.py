@@ -34,6 +34,7 @@ from typing import Any, Protocol
 from .artifact import Artifact, file_entry, update_files
 from .atomic import write_bytes
 from .backends.base import BackendUnavailable, nvidia_gpu_present
+from .errors import one_line
 from .names import ENGINE_PRECISIONS
 
 PLAN_FILES = {"fp32": "model.fp32.plan", "fp16": "model.plan", "int8": "model.int8.plan"}
@@ -78,7 +79,7 @@ def import_tensorrt() -> Any:
                           "installed (pip install 'oecl[gpu]'; on a Jetson it comes with JetPack)"
                           ) from None
     except Exception as e:
-        raise EngineError(f"tensorrt is installed but does not import: {_one_line(e)}") from None
+        raise EngineError(f"tensorrt is installed but does not import: {one_line(e)}") from None
     return trt
 
 
@@ -106,7 +107,7 @@ def gpu_info(device_id: int = 0) -> GpuInfo:
     except BackendUnavailable as e:
         raise EngineError(str(e)) from None
     except Exception as e:  # no driver, or a driver older than the CUDA runtime
-        raise EngineError(f"cannot query GPU {device_id}: {_one_line(e)}") from None
+        raise EngineError(f"cannot query GPU {device_id}: {one_line(e)}") from None
     name = props.name.decode(errors="replace") if isinstance(props.name, bytes) else props.name
     return GpuInfo(str(name).rstrip("\x00").strip(), f"{props.major}.{props.minor}")
 
@@ -178,7 +179,7 @@ class TensorRTBuilder:
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(onnx_path)):
             errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
-            raise EngineError(f"TensorRT cannot parse {onnx_path.name}: {_one_line(errors)}")
+            raise EngineError(f"TensorRT cannot parse {onnx_path.name}: {one_line(errors)}")
 
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace_bytes)
@@ -316,6 +317,3 @@ def _with_plan(art: Artifact, entry: dict[str, Any]) -> Artifact:
     return Artifact(art.directory, {**art.meta, "files": [*files, entry]})
 
 
-def _one_line(e: BaseException | str) -> str:
-    text = " ".join(str(e).split())
-    return text[:300] + ("..." if len(text) > 300 else "")

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .artifact import Artifact, ArtifactError, file_entry
+from .errors import one_line
 
 GOLDEN_FILES = {"images": "golden.images.npy", "labels": "golden.labels.npy",
                 "reference_norms": "golden.norms.npy"}
@@ -119,7 +120,7 @@ def load(artifact: Artifact) -> GoldenSet:
         try:
             arrays[key] = np.load(artifact.directory / name, allow_pickle=False)
         except (OSError, ValueError) as e:
-            raise ArtifactError(f"{name}: not a readable .npy array: {_one_line(e)}") from None
+            raise ArtifactError(f"{name}: not a readable .npy array: {one_line(e)}") from None
     images, labels, ref = arrays["images"], arrays["labels"], arrays["reference_norms"]
     spec = artifact.spec
     chw = (spec.channels, spec.height, spec.width)
@@ -252,5 +253,3 @@ def fmt_auroc(a: float | None) -> str:
     return "n/a" if a is None else f"{a:.4f}"
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300]

@@ -1,7 +1,10 @@
 """Names shared by the artifact schema, the backends and the CLI (no imports: the CLI's
 option choices come from here without loading numpy or any backend)."""
 
-FORMATS = ("onnx", "tensorrt", "safetensors", "npy")
+# What `oecl export --format` can make.
+EXPORT_FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "tensorrt")
+# The `format` of a file in the artifact's `files[]`.
+FILE_FORMATS = ("onnx", "tensorrt", "safetensors", "npy")
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # dtypes of the golden set's `.npy` files (images and labels are uint8, reference norms fp32).
 DATA_PRECISIONS = ("uint8", "fp32")

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from oecl_runtime.artifact import sha256_file
 from oecl_runtime.atomic import atomic_path, write_json
+from oecl_runtime.errors import one_line
 
 CHECKSUM_KEY = "tensors_sha256"
 
@@ -127,7 +128,7 @@ def verify(path: str | Path) -> dict:
             with safe_open(str(tensors), framework="pt") as f:
                 f.keys()
         except Exception as e:  # SafetensorError is not an OSError
-            raise CheckpointError(f"{tensors.name}: unreadable tensors: {_one_line(e)}") from e
+            raise CheckpointError(f"{tensors.name}: unreadable tensors: {one_line(e)}") from e
         return meta
     try:
         got = sha256_file(tensors)
@@ -154,8 +155,6 @@ def latest(directory: str | Path) -> Path:
     raise CheckpointError(f"{directory}: all {len(found)} checkpoints are damaged")
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:200]
 
 
 def load(
@@ -170,7 +169,7 @@ def load(
     try:
         tensors = load_file(str(path.with_suffix(".safetensors")), device=str(device))
     except Exception as e:  # SafetensorError is not an OSError
-        raise CheckpointError(f"{path}: unreadable checkpoint: {_one_line(e)}") from e
+        raise CheckpointError(f"{path}: unreadable checkpoint: {one_line(e)}") from e
     model_sd = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(model_sd)
     if optimizer is not None and "optimizer" in meta:

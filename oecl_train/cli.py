@@ -199,24 +199,11 @@ def run_training(
 def _run_training(
     cfg, *, resume: bool, progress: bool, quick_eval: bool, extend: bool = False
 ) -> dict[str, Any]:
-    from oecl_train.data import build_splits
+    from oecl_train.data import Splits
     from oecl_train.distributed import distributed_context
     from oecl_train.trainer import Trainer
 
-    splits = build_splits(
-        data=cfg.data,
-        data_root=cfg.data_root,
-        id_class=cfg.id_class,
-        protocol=cfg.protocol,
-        oe=cfg.oe,
-        oe_root=cfg.oe_root,
-        image_size=cfg.image_size,
-        channels=cfg.channels,
-        val_fraction=cfg.val_fraction,
-        seed=cfg.seed,
-        strict=cfg.strict,
-        progress=progress,
-    )
+    splits = Splits.from_config(cfg, progress=progress)
     from oecl_train.metrics import threshold_warning
 
     warning = threshold_warning(len(splits.id_val), 0.95)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from oecl_train.data import Splits
 from oecl_train.metrics import (
     ood_metrics,
     per_class_metrics,
@@ -55,25 +56,6 @@ def check_run_dir(run_dir: str | Path) -> Path:
         return require_run_dir(run_dir)
     except RunDirError as e:
         raise EvalError(str(e)) from None
-
-
-def splits_for(cfg):
-    """The run's splits, rebuilt from its config. OE is never scored, so it is not loaded:
-    the ID and test splits do not depend on it."""
-    from oecl_train.data import build_splits
-
-    return build_splits(
-        data=cfg.data,
-        data_root=cfg.data_root,
-        id_class=cfg.id_class,
-        protocol=cfg.protocol,
-        oe="none",
-        image_size=cfg.image_size,
-        channels=cfg.channels,
-        val_fraction=cfg.val_fraction,
-        seed=cfg.seed,
-        strict=cfg.strict,
-    )
 
 
 def augment_for(cfg, spec, device):
@@ -323,7 +305,8 @@ def evaluate_run(
     dev = resolve_device(device)
     ckpt = checkpoint.latest(run_dir / "checkpoints")
     cfg, net, meta = load_trained(run_dir, dev)
-    splits = splits_for(cfg)
+    # OE is never scored: the ID and test splits do not depend on it.
+    splits = Splits.from_config(cfg, oe="none")
     if meta.get("input") and meta["input"] != splits.spec.to_json():
         raise EvalError(
             f"{run_dir}: the data rebuilt from config.json does not match the checkpoint's input"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from oecl_runtime.errors import one_line
 from oecl_train.score_names import SCORES
 
 
@@ -83,7 +84,7 @@ def eval_cmd(
             views=DEFAULT_VIEWS if views is None else views,
         )
     except user_errors() as e:
-        raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        raise click.ClickException(one_line(e)) from None
     click.echo(format_run_table(report))
     f = report["files"]
     written = ["report.json", "report.md", *(f[k] for k in ("roc", "hist", "scores_csv") if f[k])]

@@ -45,10 +45,11 @@ from oecl_runtime.artifact import (
     write_metadata,
 )
 from oecl_runtime.atomic import atomic_dir, with_file, write_json
+from oecl_runtime.names import EXPORT_FORMATS
 from oecl_runtime.preprocess import InputSpec
+from oecl_train.data import Splits
 from oecl_train.views import DEFAULT_VIEWS
 
-FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "tensorrt")
 INPUT_NAME = "images"
 OPSET = 18
 # Verification fails beyond these (module constants so tests can tighten them).
@@ -97,13 +98,13 @@ def parse_formats(formats: str | Sequence[str]) -> list[str]:
     file is made from it)."""
     items = formats.split(",") if isinstance(formats, str) else list(formats)
     wanted = {f.strip().lower() for f in items if f.strip()}
-    unknown = sorted(wanted - set(FORMATS))
+    unknown = sorted(wanted - set(EXPORT_FORMATS))
     if unknown:
         raise ExportError(
-            f"unknown format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}"
+            f"unknown format(s) {', '.join(unknown)}; choose from {', '.join(EXPORT_FORMATS)}"
         )
     wanted.add("onnx")
-    return [f for f in FORMATS if f in wanted]
+    return [f for f in EXPORT_FORMATS if f in wanted]
 
 
 # ---------------------------------------------------------------- the graphs
@@ -371,16 +372,6 @@ def _oe_images(splits: Any, seed: int) -> np.ndarray | None:
     return None
 
 
-def _load_splits(cfg: Any) -> Any:
-    from oecl_train.data import build_splits
-
-    return build_splits(
-        data=cfg.data, data_root=cfg.data_root, id_class=cfg.id_class, protocol=cfg.protocol,
-        oe=cfg.oe, oe_root=cfg.oe_root, image_size=cfg.image_size, channels=cfg.channels,
-        val_fraction=cfg.val_fraction, seed=cfg.seed, strict=cfg.strict,
-    )
-
-
 # ---------------------------------------------------------------- verification
 
 
@@ -498,7 +489,7 @@ def export_run(
     chw = (spec.channels, spec.height, spec.width)
     with _stage(log, "data: reading the run's held-out and calibration images", timings, "data"):
         if splits is None:
-            splits = _load_splits(cfg)
+            splits = Splits.from_config(cfg)
     if splits.spec != spec:
         raise ExportError(f"the run's data now gives input {splits.spec}, but the checkpoint was "
                           f"trained on {spec}")

@@ -7,7 +7,8 @@ from typing import Any
 
 import click
 
-_FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "tensorrt")
+from oecl_runtime.errors import one_line
+from oecl_runtime.names import EXPORT_FORMATS
 
 
 @click.command()
@@ -15,8 +16,8 @@ _FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "tensorrt")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Artifact directory to write (replaced only if it already holds an artifact).")
 @click.option("--format", "formats", default="onnx", show_default=True,
-              help=f"Comma-separated files to make: {', '.join(_FORMATS)}. The fp32 ONNX file "
-                   "is always made, and so is model.safetensors (the fp32 weights, for the "
+              help=f"Comma-separated files to make: {', '.join(EXPORT_FORMATS)}. The fp32 ONNX "
+                   "file is always made, and so is model.safetensors (the fp32 weights, for the "
                    "runtime's torch backend); tensorrt needs TensorRT and a GPU.")
 @click.option("--max-batch", default=64, show_default=True, type=click.IntRange(min=1),
               help="Largest batch the files are built and checked for.")
@@ -57,12 +58,10 @@ def export_cmd(run: str, out_dir: str, formats: str, max_batch: int, threshold_t
                              calib_images, verify, device,
                              **({} if views is None else {"views": views}))
     except user_errors() as e:
-        raise click.ClickException(_one_line(e)) from None
+        raise click.ClickException(one_line(e)) from None
     print_summary(summary)
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
 
 
 def _size(n: int) -> str:

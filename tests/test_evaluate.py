@@ -287,7 +287,7 @@ def test_view_score_in_eval_is_the_exported_score(tiny_run):
     """eval's mean-view-norm and the exporter's reference come from one view set, so a served
     K-view artifact and `oecl eval --views K` cannot drift."""
     from oecl_train import export
-    from oecl_train.evaluate import splits_for
+    from oecl_train.data import Splits
     from oecl_train.trainer import load_trained
     from oecl_train.views import views_for, views_to_json
 
@@ -296,7 +296,7 @@ def test_view_score_in_eval_is_the_exported_score(tiny_run):
     assert res.exit_code == 0, res.output
     report = json.loads((tiny_run / "eval" / "report.json").read_text())
     cfg, net, _ = load_trained(tiny_run, "cpu")
-    splits = splits_for(cfg)
+    splits = Splits.from_config(cfg, oe="none")
     views = views_for(cfg, 16, 16, 3)
     assert report["evaluation"]["views"] == views_to_json(views)
     rows = list(csv.DictReader((tiny_run / "eval" / "scores.csv").open()))

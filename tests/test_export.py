@@ -26,6 +26,7 @@ from oecl_runtime.artifact import sha256_file, threshold_at_tpr, validate_metada
 from oecl_runtime.backends.base import nvidia_gpu_present  # noqa: E402
 from oecl_runtime.golden import GOLDEN_FILES  # noqa: E402
 from oecl_train import export  # noqa: E402
+from oecl_train.data import Splits  # noqa: E402
 from oecl_train.export import ExportError, VerificationFailed, export_run  # noqa: E402
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -56,7 +57,7 @@ def trained(tmp_path_factory, _one_torch_thread):
         depth="resnet10", width=16, batch_size=32, steps=40, precision="fp32", hflip=False,
         device="cpu", keep_checkpoints=1,
     )
-    splits = export._load_splits(cfg)
+    splits = Splits.from_config(cfg)
     run_dir = root / "tiny"
     Trainer(cfg, splits, run_dir, progress=False).fit()
     return run_dir, splits
@@ -298,7 +299,8 @@ def test_cli_export(trained, tmp_path, monkeypatch):
     from oecl_train.cli import main
 
     run_dir, splits = trained
-    monkeypatch.setattr(export, "_load_splits", lambda cfg: splits)  # the data once per module
+    # the data once per module
+    monkeypatch.setattr(Splits, "from_config", classmethod(lambda cls, cfg, **kw: splits))
     out = tmp_path / "model"
     result = CliRunner().invoke(main, ["export", str(run_dir), "--out", str(out),
                                        "--max-batch", "16", "--threshold-tpr", "0.9"])

@@ -14,7 +14,7 @@ from oecl_train import checkpoint
 from oecl_train.augment import AugmentConfig, SimCLRAugment, overlay, rotate
 from oecl_train.cli import main
 from oecl_train.config import TrainConfig
-from oecl_train.data import build_splits
+from oecl_train.data import Splits, build_splits
 from oecl_train.optim import LARS, build_optimizer, cosine_lr
 from oecl_train.trainer import Trainer, TrainingDiverged, load_trained
 
@@ -38,15 +38,7 @@ def tiny_config(tmp_path, **kw) -> TrainConfig:
 
 
 def splits_for(cfg: TrainConfig):
-    return build_splits(
-        data=cfg.data,
-        data_root=cfg.data_root,
-        id_class=cfg.id_class,
-        protocol=cfg.protocol,
-        oe=cfg.oe,
-        image_size=cfg.image_size,
-        seed=cfg.seed,
-    )
+    return Splits.from_config(cfg)
 
 
 # -- augmentation -------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..artifact import Artifact, ArtifactError
+from ..errors import one_line
 from .base import Backend, BackendUnavailable, gpu_models
 
 _PROVIDERS = {
@@ -106,7 +107,7 @@ class OnnxRuntimeBackend(Backend):
             self.session = ort.InferenceSession(str(path), sess_options=session_options(
                 device, threads), providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types per failure
-            reason = _one_line(e)
+            reason = one_line(e)
             raise ArtifactError(f"{entry['path']}: onnxruntime cannot load it: {reason}") from e
         # onnxruntime silently falls back to the CPU when a GPU provider fails to initialise.
         active = self.session.get_providers()[0]
@@ -209,6 +210,3 @@ def tensorrt_version() -> str:
     return "unknown"
 
 
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return text[:300] + ("..." if len(text) > 300 else "")

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..artifact import Artifact, ArtifactError
+from ..errors import one_line
 from .base import Backend, BackendUnavailable, nvidia_gpu_present
 
 
@@ -28,14 +29,12 @@ def _import_cudart() -> Any:
                 "for a CUDA 12 driver, <14 for CUDA 13)"
             ) from e
         except Exception as e:  # installed but broken (e.g. built for a newer driver)
-            raise BackendUnavailable(f"cuda-python does not import: {_one_line(e)}") from e
+            raise BackendUnavailable(f"cuda-python does not import: {one_line(e)}") from e
     except Exception as e:
-        raise BackendUnavailable(f"cuda-python does not import: {_one_line(e)}") from e
+        raise BackendUnavailable(f"cuda-python does not import: {one_line(e)}") from e
     return cudart
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300]
 
 
 class _Cuda:
@@ -82,7 +81,7 @@ class TensorRTBackend(Backend):
         except ImportError as e:
             raise BackendUnavailable("tensorrt is not installed (pip install tensorrt)") from e
         except Exception as e:  # a broken install: missing libnvinfer, mismatched CUDA
-            raise BackendUnavailable(f"tensorrt does not import: {_one_line(e)}") from e
+            raise BackendUnavailable(f"tensorrt does not import: {one_line(e)}") from e
         if not nvidia_gpu_present():
             raise BackendUnavailable("no NVIDIA GPU is visible, the TensorRT backend needs one")
         cuda = _Cuda()

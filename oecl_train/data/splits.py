@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +31,20 @@ class Splits:
     classes: list[str]
     id_classes: list[int]
     skipped: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: Any, *, progress: bool | None = None, **overrides: Any) -> Splits:
+        """The splits a run's config names (a `TrainConfig`, or anything with its data
+        fields); `overrides` replace fields, e.g. `oe="none"` where OE is never scored."""
+        fields = {k: getattr(cfg, k) for k in CONFIG_FIELDS}
+        return build_splits(**{**fields, **overrides}, progress=progress)
+
+
+# The TrainConfig fields that decide the splits.
+CONFIG_FIELDS = (
+    "data", "data_root", "id_class", "protocol", "oe", "oe_root", "image_size", "channels",
+    "val_fraction", "seed", "strict",
+)
 
 
 def infer_spec(sample: ImageSet, image_size: int | None, channels: int | None) -> InputSpec:
