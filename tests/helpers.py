@@ -1,5 +1,5 @@
-"""Plain helpers shared by test modules: the tiny artifact, its images and the golden set. The
-fixtures built from them live in conftest.py."""
+"""Plain helpers shared by test modules: the tiny artifact, its images, the golden set and a tiny
+training configuration. The fixtures built from them live in conftest.py."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from oecl_runtime.artifact import (
     write_metadata,
 )
 from oecl_runtime.preprocess import InputSpec, load
+from oecl_train.config import TrainConfig
+from oecl_train.data import Splits
 
 # -- the tiny artifact -------------------------------------------------------------------------
 
@@ -178,3 +180,27 @@ def with_golden(art: Path, reference: np.ndarray | None = None) -> Path:
     (art / "oecl.json").write_text(json.dumps(meta))
     return art
 
+
+# -- training ----------------------------------------------------------------------------------
+
+TINY_TRAIN = dict(
+    data="digits",
+    id_class="1",
+    image_size=16,
+    depth="resnet10",
+    width=8,
+    batch_size=16,
+    precision="fp32",
+    hflip=False,
+    seed=0,
+)
+
+
+def tiny_config(tmp_path: Path, **kw) -> TrainConfig:
+    cfg = TrainConfig.from_dict({**TINY_TRAIN, "out_dir": str(tmp_path), "name": "run", **kw})
+    cfg.validate()
+    return cfg
+
+
+def splits_for(cfg: TrainConfig) -> Splits:
+    return Splits.from_config(cfg)
