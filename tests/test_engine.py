@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from test_golden import golden_images, with_golden
-from test_runtime_tinymodel import copy_artifact, tiny_artifact_dir, torch_norms
+from helpers import copy_artifact, golden_images, torch_norms, with_golden
 
 from oecl_runtime import Artifact, Scorer, golden
 from oecl_runtime.backends.base import nvidia_gpu_present
@@ -28,16 +27,6 @@ from oecl_runtime.engine import (
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 HAVE_CUDA_PYTHON = importlib.util.find_spec("cuda") is not None
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_artifact_dir(tmp_path_factory)
-
-
-@pytest.fixture
-def art(source: Path, tmp_path: Path) -> Path:
-    return with_golden(copy_artifact(source, tmp_path / "art"))
 
 
 class BytesBuilder:
@@ -92,9 +81,9 @@ def test_engine_is_recorded_and_the_rest_kept(art: Path) -> None:
     assert plans[0]["max_batch"] == 32  # the artifact's max_batch by default
 
 
-def test_engine_failing_the_golden_set_is_not_recorded(source: Path, tmp_path: Path) -> None:
+def test_engine_failing_the_golden_set_is_not_recorded(artifact_dir: Path, tmp_path: Path) -> None:
     reference = torch_norms(golden_images()) * 1.01  # the model no longer scores like this
-    art = with_golden(copy_artifact(source, tmp_path / "art"), reference)
+    art = with_golden(copy_artifact(artifact_dir, tmp_path / "art"), reference)
     before = (art / "oecl.json").read_bytes()
     with pytest.raises(EngineError, match=r"model\.plan fails on the golden set: max relative"):
         build_engines(art, ["fp16"], builder=BytesBuilder(), check=_cpu_check)
@@ -115,13 +104,13 @@ def test_sources_follow_tensorrt_typing(art: Path) -> None:
     assert Artifact.open(art).find("tensorrt", "fp32")["path"] == "model.fp32.plan"
 
 
-def test_bad_requests_are_one_line(art: Path, source: Path) -> None:
+def test_bad_requests_are_one_line(art: Path, artifact_dir: Path) -> None:
     with pytest.raises(EngineError, match="between 1 and the artifact's max_batch 32"):
         build_engines(art, ["fp16"], 64, builder=BytesBuilder(), check=_cpu_check)
     with pytest.raises(EngineError, match="must be one of fp32, fp16, int8"):
         build_engines(art, ["bf16"], builder=BytesBuilder(), check=_cpu_check)
     with pytest.raises(EngineError, match="no golden set"):
-        build_engines(source, ["fp16"], builder=BytesBuilder(), check=_cpu_check)
+        build_engines(artifact_dir, ["fp16"], builder=BytesBuilder(), check=_cpu_check)
 
 
 @pytest.mark.skipif(HAVE_TRT and nvidia_gpu_present(), reason="TensorRT can build here")

@@ -35,7 +35,7 @@ TINY = dict(
 )
 
 
-def tiny_config(out_dir: Path, **kw) -> TrainConfig:
+def tiny_eval_config(out_dir: Path, **kw) -> TrainConfig:
     cfg = TrainConfig.from_dict({**TINY, "out_dir": str(out_dir), **kw})
     cfg.validate()
     return cfg
@@ -149,7 +149,7 @@ def test_unknown_score_and_missing_augmentation(fixed_model):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    cfg = tiny_config(tmp_path_factory.mktemp("runs"), name="tiny")
+    cfg = tiny_eval_config(tmp_path_factory.mktemp("runs"), name="tiny")
     result = run_training(cfg, progress=False, quick_eval=False)
     return Path(result["run_dir"])
 
@@ -206,7 +206,7 @@ def test_eval_command_prints_table(tiny_run):
 
 
 def test_one_vs_rest_sweep_end_to_end(tmp_path):
-    cfg = tiny_config(tmp_path, name="sweep")
+    cfg = tiny_eval_config(tmp_path, name="sweep")
     sweep = run_sweep(cfg, "0,1", k=2, progress=False, echo=lambda m: None)
     path = tmp_path / "sweep" / "sweep.json"
     on_disk = json.loads(path.read_text())

@@ -8,50 +8,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from test_runtime_tinymodel import (
-    SPEC,
+from helpers import (
     copy_artifact,
-    random_images,
-    tiny_artifact_dir,
+    golden_images,
+    nchw_images,
     torch_artifact,
     torch_norms,
+    with_golden,
 )
 
 from oecl_runtime import Artifact, ArtifactError, golden
 from oecl_runtime.artifact import file_entry, update_files
 from oecl_runtime.cli import main
-from oecl_runtime.preprocess import load
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_artifact_dir(tmp_path_factory)
-
-
-def _images(n: int, seed: int) -> np.ndarray:
-    return np.stack([load(im, SPEC) for im in random_images(n, seed=seed)])
-
-
-def golden_images() -> np.ndarray:
-    """24 ID-like images, then 24 darker "OOD" ones."""
-    return np.concatenate([_images(24, seed=5), _images(24, seed=6) // 4])
-
-
-def with_golden(art: Path, reference: np.ndarray | None = None) -> Path:
-    """Give the artifact at `art` the golden set of `golden_images`."""
-    images = golden_images()
-    is_id = np.r_[np.ones(24, bool), np.zeros(24, bool)]
-    ref = torch_norms(images) if reference is None else reference
-    entries, section = golden.write(art, images, is_id, ref)
-    meta = update_files(art, add=entries)
-    meta["golden"] = section
-    (art / "oecl.json").write_text(json.dumps(meta))
-    return art
-
-
-@pytest.fixture
-def art(source: Path, tmp_path: Path) -> Path:
-    return with_golden(copy_artifact(source, tmp_path / "art"))
 
 
 def test_written_and_read_back(art: Path) -> None:
@@ -80,11 +48,11 @@ def test_verify_on_onnxruntime_cpu(art: Path) -> None:
     assert report["n_images"] == 48
 
 
-def test_verify_on_torch_cpu(source: Path, tmp_path: Path) -> None:
-    net = torch_artifact(tmp_path, source, width=4)
+def test_verify_on_torch_cpu(artifact_dir: Path, tmp_path: Path) -> None:
+    net = torch_artifact(tmp_path, artifact_dir, width=4)
     import torch
 
-    images = _images(16, seed=8)
+    images = nchw_images(16, seed=8)
     with torch.no_grad():
         ref = net(torch.from_numpy(images))[0].numpy()
     entries, section = golden.write(tmp_path, images, np.arange(16) % 2 == 0, ref)
@@ -105,10 +73,10 @@ def test_tampered_golden_file_is_refused(art: Path) -> None:
     assert "Traceback" not in result.output
 
 
-def test_norms_off_the_reference_fail(source: Path, tmp_path: Path) -> None:
+def test_norms_off_the_reference_fail(artifact_dir: Path, tmp_path: Path) -> None:
     # A consistent artifact whose model no longer scores like the reference: 1% off in norm.
     reference = torch_norms(golden_images()) * 1.01
-    art = with_golden(copy_artifact(source, tmp_path / "art"), reference)
+    art = with_golden(copy_artifact(artifact_dir, tmp_path / "art"), reference)
     result = CliRunner().invoke(main, ["verify", str(art), "--backend", "onnxruntime-cpu"])
     assert result.exit_code == 1
     assert "verification failed: max relative norm difference" in result.output
@@ -116,8 +84,8 @@ def test_norms_off_the_reference_fail(source: Path, tmp_path: Path) -> None:
     assert report["pass"] is False and report["max_rel_diff"] == pytest.approx(1 / 101, rel=1e-3)
 
 
-def test_no_golden_set_is_one_line(source: Path) -> None:
-    result = CliRunner().invoke(main, ["verify", str(source)])
+def test_no_golden_set_is_one_line(artifact_dir: Path) -> None:
+    result = CliRunner().invoke(main, ["verify", str(artifact_dir)])
     assert result.exit_code == 1 and "has no golden set" in result.output
     assert len(result.output.strip().splitlines()) == 1
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_runtime_tinymodel import copy_artifact, tiny_artifact_dir
+from helpers import copy_artifact
 
 from oecl_runtime import Scorer
 from oecl_runtime.artifact import (
@@ -22,14 +22,10 @@ from oecl_runtime.artifact import (
 )
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_artifact_dir(tmp_path_factory)
-
-
 @pytest.fixture
-def art(source: Path, tmp_path: Path) -> Path:
-    return copy_artifact(source, tmp_path / "artifact")
+def plain_art(artifact_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny artifact as exported (no golden set), free to change."""
+    return copy_artifact(artifact_dir, tmp_path / "artifact")
 
 
 def _meta(d: Path) -> dict:
@@ -48,112 +44,112 @@ def _refused(d: Path, match: str) -> str:
     return msg
 
 
-def test_valid_artifact_opens(art: Path) -> None:
-    a = Artifact.open(art)
+def test_valid_artifact_opens(plain_art: Path) -> None:
+    a = Artifact.open(plain_art)
     assert a.meta["schema_version"] == SCHEMA_VERSION
     assert a.spec.height == 32 and a.input_name == "images"
     assert a.find("onnx")["path"] == "model.onnx"
     assert a.find("tensorrt") is None
 
 
-def test_unknown_schema_version_is_refused(art: Path) -> None:
-    meta = _meta(art)
+def test_unknown_schema_version_is_refused(plain_art: Path) -> None:
+    meta = _meta(plain_art)
     meta["schema_version"] = 3
-    _write_meta(art, meta)
-    _refused(art, r"unknown schema_version 3 \(this runtime reads 1, 2\)")
+    _write_meta(plain_art, meta)
+    _refused(plain_art, r"unknown schema_version 3 \(this runtime reads 1, 2\)")
 
 
-def test_version_1_artifacts_are_read_with_the_plain_norm_only(art: Path) -> None:
-    meta = _meta(art)
+def test_version_1_artifacts_are_read_with_the_plain_norm_only(plain_art: Path) -> None:
+    meta = _meta(plain_art)
     meta["schema_version"] = 1
-    _write_meta(art, meta)
+    _write_meta(plain_art, meta)
     assert meta["score"]["name"] == "norm"
-    assert Artifact.open(art).meta["schema_version"] == 1
+    assert Artifact.open(plain_art).meta["schema_version"] == 1
     meta["score"]["name"] = "mean-view-norm"
-    _write_meta(art, meta)
-    _refused(art, r"schema_version 1 has only the plain norm score")
+    _write_meta(plain_art, meta)
+    _refused(plain_art, r"schema_version 1 has only the plain norm score")
 
 
-def test_missing_file_is_refused(art: Path) -> None:
-    (art / "model.onnx").unlink()
-    _refused(art, "missing file model.onnx")
+def test_missing_file_is_refused(plain_art: Path) -> None:
+    (plain_art / "model.onnx").unlink()
+    _refused(plain_art, "missing file model.onnx")
 
 
-def test_tampered_file_is_refused(art: Path) -> None:
-    model = art / "model.onnx"
+def test_tampered_file_is_refused(plain_art: Path) -> None:
+    model = plain_art / "model.onnx"
     data = bytearray(model.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one changed byte, same size
     model.write_bytes(bytes(data))
-    msg = _refused(art, "model.onnx sha256 .* does not match")
+    msg = _refused(plain_art, "model.onnx sha256 .* does not match")
     assert "changed after export" in msg
     # Scorer.open goes through the same check.
     with pytest.raises(ArtifactError, match="sha256"):
-        Scorer.open(art, backend="onnxruntime-cpu")
+        Scorer.open(plain_art, backend="onnxruntime-cpu")
 
 
-def test_truncated_file_is_refused(art: Path) -> None:
-    model = art / "model.onnx"
+def test_truncated_file_is_refused(plain_art: Path) -> None:
+    model = plain_art / "model.onnx"
     model.write_bytes(model.read_bytes()[:-100])
-    _refused(art, r"model.onnx is \d+ bytes but oecl.json says \d+ \(truncated or replaced\)")
+    _refused(plain_art, r"model.onnx is \d+ bytes but oecl.json says \d+ \(truncated or replaced\)")
 
 
-def test_missing_or_broken_metadata(art: Path, tmp_path: Path) -> None:
-    (art / "oecl.json").write_text("{not json")
-    _refused(art, "is not valid JSON")
-    (art / "oecl.json").unlink()
-    _refused(art, "no oecl.json")
+def test_missing_or_broken_metadata(plain_art: Path, tmp_path: Path) -> None:
+    (plain_art / "oecl.json").write_text("{not json")
+    _refused(plain_art, "is not valid JSON")
+    (plain_art / "oecl.json").unlink()
+    _refused(plain_art, "no oecl.json")
     _refused(tmp_path / "nowhere", "artifact directory not found")
 
 
-def test_paths_cannot_leave_the_artifact_dir(art: Path) -> None:
-    meta = _meta(art)
+def test_paths_cannot_leave_the_artifact_dir(plain_art: Path) -> None:
+    meta = _meta(plain_art)
     meta["files"][0]["path"] = "../model.onnx"
-    _write_meta(art, meta)
-    _refused(art, "must be relative to the artifact directory")
+    _write_meta(plain_art, meta)
+    _refused(plain_art, "must be relative to the artifact directory")
 
 
-def test_symlinks_cannot_lead_outside(art: Path, tmp_path: Path) -> None:
+def test_symlinks_cannot_lead_outside(plain_art: Path, tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret").write_bytes(b"x" * 1234)
-    (art / "link").symlink_to(outside, target_is_directory=True)
-    meta = _meta(art)
+    (plain_art / "link").symlink_to(outside, target_is_directory=True)
+    meta = _meta(plain_art)
     meta["files"].append({**meta["files"][0], "path": "link/secret"})
-    _write_meta(art, meta)
-    msg = _refused(art, "link/secret resolves outside the artifact directory")
+    _write_meta(plain_art, meta)
+    msg = _refused(plain_art, "link/secret resolves outside the artifact directory")
     assert "1234" not in msg  # the target's size does not leak
     # A file symlink leading out is refused the same way.
     meta["files"].pop()
-    (art / "model.onnx").rename(outside / "model.onnx")
-    (art / "model.onnx").symlink_to(outside / "model.onnx")
-    _write_meta(art, meta)
-    _refused(art, "model.onnx resolves outside")
+    (plain_art / "model.onnx").rename(outside / "model.onnx")
+    (plain_art / "model.onnx").symlink_to(outside / "model.onnx")
+    _write_meta(plain_art, meta)
+    _refused(plain_art, "model.onnx resolves outside")
 
 
-def test_onnx_external_data_is_hashed(art: Path) -> None:
+def test_onnx_external_data_is_hashed(plain_art: Path) -> None:
     import onnx
 
     from oecl_runtime.artifact import onnx_external_data, write_metadata
 
-    model = onnx.load(str(art / "model.onnx"))
+    model = onnx.load(str(plain_art / "model.onnx"))
     onnx.external_data_helper.convert_model_to_external_data(
         model, all_tensors_to_one_file=True, location="weights.bin", size_threshold=1024)
-    onnx.save(model, str(art / "model.onnx"))
-    assert onnx_external_data(art / "model.onnx") == ["weights.bin"]
-    meta = _meta(art)
-    entry = file_entry(art / "model.onnx", "onnx", "fp32")
+    onnx.save(model, str(plain_art / "model.onnx"))
+    assert onnx_external_data(plain_art / "model.onnx") == ["weights.bin"]
+    meta = _meta(plain_art)
+    entry = file_entry(plain_art / "model.onnx", "onnx", "fp32")
     assert [e["path"] for e in entry["external_data"]] == ["weights.bin"]
     meta["files"] = [entry]
-    write_metadata(art, meta)
-    with Scorer.open(art, backend="onnxruntime-cpu") as s:
+    write_metadata(plain_art, meta)
+    with Scorer.open(plain_art, backend="onnxruntime-cpu") as s:
         assert np.isfinite(s.score_array(np.zeros((1, 3, 32, 32), np.uint8))).all()
-    weights = bytearray((art / "weights.bin").read_bytes())
+    weights = bytearray((plain_art / "weights.bin").read_bytes())
     weights[len(weights) // 2] ^= 0xFF  # the edit that moved a norm from 136 to 4080
-    (art / "weights.bin").write_bytes(bytes(weights))
-    _refused(art, "weights.bin sha256 .* does not match")
+    (plain_art / "weights.bin").write_bytes(bytes(weights))
+    _refused(plain_art, "weights.bin sha256 .* does not match")
     meta["files"][0].pop("external_data")
-    _write_meta(art, meta)
-    _refused(art, "loads external data 'weights.bin' that oecl.json does not hash")
+    _write_meta(plain_art, meta)
+    _refused(plain_art, "loads external data 'weights.bin' that oecl.json does not hash")
 
 
 @pytest.mark.parametrize(
@@ -184,20 +180,20 @@ def test_onnx_external_data_is_hashed(art: Path) -> None:
          "needs 'tensorrt_version'"),
     ],
 )
-def test_validate_metadata_refusals(source: Path, edit, match: str) -> None:
-    meta = copy.deepcopy(_meta(source))
+def test_validate_metadata_refusals(artifact_dir: Path, edit, match: str) -> None:
+    meta = copy.deepcopy(_meta(artifact_dir))
     validate_metadata(meta)
     edit(meta)
     with pytest.raises(ArtifactError, match=match):
         validate_metadata(meta)
 
 
-def test_file_entry(source: Path, tmp_path: Path) -> None:
-    e = file_entry(source / "model.onnx", "onnx", "fp32", opset=18)
+def test_file_entry(artifact_dir: Path, tmp_path: Path) -> None:
+    e = file_entry(artifact_dir / "model.onnx", "onnx", "fp32", opset=18)
     assert e["path"] == "model.onnx" and e["opset"] == 18
-    assert e["bytes"] == (source / "model.onnx").stat().st_size and len(e["sha256"]) == 64
+    assert e["bytes"] == (artifact_dir / "model.onnx").stat().st_size and len(e["sha256"]) == 64
     with pytest.raises(ArtifactError, match="unknown precision"):
-        file_entry(source / "model.onnx", "onnx", "fp8")
+        file_entry(artifact_dir / "model.onnx", "onnx", "fp8")
     plan = tmp_path / "model.plan"
     plan.write_bytes(b"engine")
     with pytest.raises(ArtifactError, match="needs 'gpu_name'"):

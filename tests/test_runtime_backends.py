@@ -12,24 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_runtime_tinymodel import (
-    SIZE,
-    SPEC,
-    copy_artifact,
-    random_images,
-    tiny_artifact_dir,
-    torch_artifact,
-)
+from helpers import SIZE, SPEC, copy_artifact, random_images, torch_artifact
 
 from oecl_runtime import Artifact, ArtifactError, BackendUnavailable, Scorer
 from oecl_runtime.artifact import file_entry, write_metadata
 from oecl_runtime.backends import nvidia_gpu_present
 from oecl_runtime.preprocess import load
-
-
-@pytest.fixture(scope="module")
-def artifact_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_artifact_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

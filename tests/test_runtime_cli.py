@@ -13,17 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import copy_artifact, random_images
 from PIL import Image
-from test_runtime_tinymodel import copy_artifact, random_images, tiny_artifact_dir
 
 from oecl_runtime import Scorer
 from oecl_runtime.cli import bench, expand_paths, score
 from oecl_runtime.flops import graph_macs
-
-
-@pytest.fixture(scope="module")
-def artifact_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_artifact_dir(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

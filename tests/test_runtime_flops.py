@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from test_runtime_tinymodel import tiny_artifact_dir
 
 from oecl_runtime.flops import graph_macs
 
@@ -62,10 +61,10 @@ def test_unknown_shape_is_a_clear_error():
         graph_macs(m)
 
 
-def test_exported_artifact(tmp_path_factory):
+def test_exported_artifact(artifact_dir):
     """The tiny test artifact's graph as torch exports it: conv 3->8 and 8->8 (3x3, stride 2)
     and a 512->128 linear."""
-    onnx_path = tiny_artifact_dir(tmp_path_factory) / "model.onnx"
+    onnx_path = artifact_dir / "model.onnx"
     conv1 = (8 * 16 * 16) * (3 * 3 * 3)
     conv2 = (8 * 8 * 8) * (8 * 3 * 3)
     proj = 128 * 512

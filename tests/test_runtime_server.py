@@ -21,23 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import png_bytes, random_images
 from starlette.testclient import TestClient
-from test_runtime_tinymodel import png_bytes, random_images, tiny_artifact_dir
 
 from oecl_runtime import Backend, Scorer
 from oecl_runtime.bench import http_load
 from oecl_runtime.server import ServerConfig, create_app
-
-
-@pytest.fixture(scope="module")
-def artifact_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_artifact_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def scorer(artifact_dir: Path) -> Iterator[Scorer]:
-    with Scorer.open(artifact_dir, backend="onnxruntime-cpu") as s:
-        yield s
 
 
 @pytest.fixture(scope="module")

@@ -9,36 +9,14 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import splits_for, tiny_config
 
 from oecl_train import checkpoint
 from oecl_train.augment import AugmentConfig, SimCLRAugment, overlay, rotate
 from oecl_train.cli import main
-from oecl_train.config import TrainConfig
-from oecl_train.data import Splits, build_splits
+from oecl_train.data import build_splits
 from oecl_train.optim import LARS, build_optimizer, cosine_lr
 from oecl_train.trainer import Trainer, TrainingDiverged, load_trained
-
-TINY = dict(
-    data="digits",
-    id_class="1",
-    image_size=16,
-    depth="resnet10",
-    width=8,
-    batch_size=16,
-    precision="fp32",
-    hflip=False,
-    seed=0,
-)
-
-
-def tiny_config(tmp_path, **kw) -> TrainConfig:
-    cfg = TrainConfig.from_dict({**TINY, "out_dir": str(tmp_path), "name": "run", **kw})
-    cfg.validate()
-    return cfg
-
-
-def splits_for(cfg: TrainConfig):
-    return Splits.from_config(cfg)
 
 
 # -- augmentation -------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_train import splits_for, tiny_config
+from helpers import splits_for, tiny_config
 
 from oecl_train.config import TrainConfig
 from oecl_train.trainer import Trainer, configure_cuda, resolve_execution

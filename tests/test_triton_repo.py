@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_runtime_tinymodel import copy_artifact, tiny_artifact_dir
+from helpers import copy_artifact
 
 from oecl_runtime import Artifact, ArtifactError
 from oecl_runtime.artifact import file_entry, update_files
@@ -24,21 +24,16 @@ model_config_pb2 = pytest.importorskip(
 from google.protobuf import text_format  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_artifact_dir(tmp_path_factory)
-
-
 def _parse(path: Path):  # -> model_config_pb2.ModelConfig
     # Parse, not Merge: an unknown field or a misspelt enum is an error, as in tritonserver.
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
 
-def test_onnx_repository_parses_against_tritons_schema(source: Path, tmp_path: Path) -> None:
+def test_onnx_repository_parses_against_tritons_schema(artifact_dir: Path, tmp_path: Path) -> None:
     import onnx
 
     out = tmp_path / "repo"
-    result = CliRunner().invoke(main, ["triton-repo", str(source), "--out", str(out),
+    result = CliRunner().invoke(main, ["triton-repo", str(artifact_dir), "--out", str(out),
                                        "--name", "digits-oecl", "--max-delay-us", "2000"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])
@@ -46,7 +41,7 @@ def test_onnx_repository_parses_against_tritons_schema(source: Path, tmp_path: P
     cfg = _parse(out / "digits-oecl" / "config.pbtxt")
     T = model_config_pb2
     assert cfg.name == "digits-oecl" and cfg.platform == "onnxruntime_onnx"
-    assert cfg.max_batch_size == Artifact.open(source).max_batch
+    assert cfg.max_batch_size == Artifact.open(artifact_dir).max_batch
     (inp,) = cfg.input
     assert (inp.name, inp.data_type, inp.format, list(inp.dims)) == \
         ("images", T.TYPE_UINT8, T.ModelInput.FORMAT_NCHW, [3, 32, 32])
@@ -61,25 +56,25 @@ def test_onnx_repository_parses_against_tritons_schema(source: Path, tmp_path: P
 
     # The config describes the file it sits beside.
     model = out / "digits-oecl" / "1" / "model.onnx"
-    assert model.read_bytes() == (source / "model.onnx").read_bytes()
+    assert model.read_bytes() == (artifact_dir / "model.onnx").read_bytes()
     graph = onnx.load(str(model)).graph
     assert [i.name for i in graph.input] == [inp.name]
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert {o.name for o in graph.output} == set(outs)
     readme = (out / "README.md").read_text()
     assert "tritonserver --model-repository" in readme and 'client.infer("digits-oecl"' in readme
-    assert f"{Artifact.open(source).threshold:.6g}" in readme
+    assert f"{Artifact.open(artifact_dir).threshold:.6g}" in readme
 
     # Written again over its own output: replaced.
-    assert CliRunner().invoke(main, ["triton-repo", str(source), "--out", str(out),
+    assert CliRunner().invoke(main, ["triton-repo", str(artifact_dir), "--out", str(out),
                                      "--kind", "cpu"]).exit_code == 0
     assert _parse(out / "oecl" / "config.pbtxt").instance_group[0].kind == \
         T.ModelInstanceGroup.KIND_CPU
     assert not (out / "digits-oecl").exists()
 
 
-def test_plan_repository(source: Path, tmp_path: Path) -> None:
-    art = copy_artifact(source, tmp_path / "art")
+def test_plan_repository(artifact_dir: Path, tmp_path: Path) -> None:
+    art = copy_artifact(artifact_dir, tmp_path / "art")
     (art / "model.plan").write_bytes(b"a serialized engine would be here")
     update_files(art, add=[file_entry(art / "model.plan", "tensorrt", "fp16", max_batch=16,
                                       tensorrt_version="10.7.0", gpu_name="NVIDIA L4",
@@ -92,16 +87,16 @@ def test_plan_repository(source: Path, tmp_path: Path) -> None:
     assert "TensorRT 10.7.0" in (tmp_path / "repo" / "README.md").read_text()
 
 
-def test_refusals(source: Path, tmp_path: Path) -> None:
+def test_refusals(artifact_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="has no tensorrt file"):
-        write_repository(source, tmp_path / "a", fmt="tensorrt")
+        write_repository(artifact_dir, tmp_path / "a", fmt="tensorrt")
     with pytest.raises(ArtifactError, match="cannot run a tensorrt model"):
-        write_repository(source, tmp_path / "a", fmt="tensorrt", kind="cpu")
+        write_repository(artifact_dir, tmp_path / "a", fmt="tensorrt", kind="cpu")
     with pytest.raises(ArtifactError, match="model name"):
-        write_repository(source, tmp_path / "a", name="../x")
+        write_repository(artifact_dir, tmp_path / "a", name="../x")
     other = tmp_path / "notes"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
-    result = CliRunner().invoke(main, ["triton-repo", str(source), "--out", str(other)])
+    result = CliRunner().invoke(main, ["triton-repo", str(artifact_dir), "--out", str(other)])
     assert result.exit_code == 1 and "not a model repository made by oecl" in result.output
     assert (other / "keep.txt").read_text() == "mine"
