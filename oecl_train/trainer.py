@@ -27,6 +27,7 @@ from oecl_train import checkpoint
 from oecl_train.augment import AugmentConfig, SimCLRAugment, overlay, rotate
 from oecl_train.config import TrainConfig
 from oecl_train.data import Splits
+from oecl_train.devices import resolve_device
 from oecl_train.distributed import Dist
 from oecl_train.model import Architecture, OECLNet
 from oecl_train.optim import build_optimizer, cosine_lr
@@ -82,15 +83,6 @@ class StopSignals:
 
     def __exit__(self, *exc) -> None:
         self._restore()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return dev
 
 
 def autocast(device: torch.device, precision: str):
