@@ -174,8 +174,8 @@ def ort_default_threads() -> int | None:
 
 def train(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     """A short run of the project's own training on 32x32 RGB; returns (run dir, summary)."""
-    from oecl_train.cli import run_training
     from oecl_train.config import TrainConfig
+    from oecl_train.training import run_training
 
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     cfg = TrainConfig.from_dict(dict(

@@ -26,7 +26,7 @@ class SimCLRAugment(nn.Module):
 
     def __init__(self, size: tuple[int, int], channels: int, cfg: AugmentConfig | None = None):
         super().__init__()
-        import kornia.augmentation as K
+        import kornia.augmentation as K  # optional (the train extra) and slow to import
 
         cfg = cfg or AugmentConfig()
         b, c, s, h = cfg.jitter

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from oecl_runtime.artifact import sha256_file
@@ -123,8 +124,6 @@ def verify(path: str | Path) -> dict:
     want = meta.get(CHECKSUM_KEY)
     if want is None:  # written before checksums: at least its header must parse
         try:
-            from safetensors import safe_open
-
             with safe_open(str(tensors), framework="pt") as f:
                 f.keys()
         except Exception as e:  # SafetensorError is not an OSError

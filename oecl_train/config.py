@@ -173,6 +173,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise ValueError(f"{path}: no such config file")
     text = path.read_text()
+    # Parsers are imported for their format only: tomllib needs Python 3.11 and yaml is
+    # optional; the ImportError becomes the file's message.
     try:
         if path.suffix == ".toml":
             import tomllib

@@ -22,6 +22,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as tdist
 
+from oecl_train.devices import resolve_device
+
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
@@ -50,6 +52,8 @@ class Dist:
             return x
         # The functional collective is the differentiable all-gather torch points to in place
         # of the deprecated torch.distributed.nn.all_gather (same backward: a sum over ranks).
+        # Imported here, by jobs of several ranks only: torch builds without distributed
+        # support lack it, and a one-process run must not need it.
         import torch.distributed._functional_collectives as fc
 
         return fc.wait_tensor(fc.all_gather_single(x.contiguous(), 0, tdist.group.WORLD))
@@ -85,8 +89,6 @@ def torchrun_environment() -> tuple[int, int, int] | None:
 
 def rank_device(device: str, local_rank: int) -> torch.device:
     """The device of this rank: the configured one, with the GPU index set by LOCAL_RANK."""
-    from oecl_train.trainer import resolve_device
-
     dev = resolve_device(device)
     if dev.type != "cuda":
         return dev

@@ -15,15 +15,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
+from oecl_train import checkpoint
+from oecl_train.augment import AugmentConfig, SimCLRAugment
 from oecl_train.data import Splits
+from oecl_train.devices import resolve_device
 from oecl_train.metrics import (
+    METRICS,
     ood_metrics,
     per_class_metrics,
     rates_at_threshold,
     threshold_at_tpr,
     threshold_warning,
 )
+from oecl_train.report import write_run_report
+from oecl_train.rundir import RunDirError, require_run_dir
 from oecl_train.score_names import served_score
 from oecl_train.scores import (
     DESCRIPTIONS,
@@ -33,6 +41,7 @@ from oecl_train.scores import (
     compute_scores,
     parse_scores,
 )
+from oecl_train.trainer import load_trained
 from oecl_train.views import DEFAULT_VIEWS, views_for, views_to_json
 
 REPORT_SCHEMA = "oecl-eval-report/1"
@@ -50,8 +59,6 @@ class EvalError(ValueError):
 
 def check_run_dir(run_dir: str | Path) -> Path:
     """The run directory, if it holds a config and at least one complete checkpoint."""
-    from oecl_train.rundir import RunDirError, require_run_dir
-
     try:
         return require_run_dir(run_dir)
     except RunDirError as e:
@@ -61,8 +68,6 @@ def check_run_dir(run_dir: str | Path) -> Path:
 def augment_for(cfg, spec, device):
     """The run's own SimCLR augmentation: the K views of the ensemble scores are drawn from the
     distribution the network was trained on."""
-    from oecl_train.augment import AugmentConfig, SimCLRAugment
-
     aug_cfg = AugmentConfig(cfg.crop_scale, cfg.hflip, cfg.jitter, cfg.jitter_p, cfg.grayscale_p)
     return SimCLRAugment((spec.height, spec.width), spec.channels, aug_cfg).to(device)
 
@@ -87,9 +92,6 @@ def score_model(
     """Test-set scores (each requested score, at the run's precision) and the fp32
     ID-validation values of the served score (for the threshold). mean-view-norm uses the
     run's `views`-view set, the one `oecl export --views` bakes in."""
-    import torch
-    from tqdm import tqdm
-
     device = torch.device(device)
     scores = parse_scores(scores)
     need_aug = any(s in RANDOM_VIEW_SCORES for s in scores)
@@ -290,10 +292,6 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Score a run's test split, write RUN/eval/report.{json,md} (+ plots, + scores.csv), and
     return the report dict. Raises EvalError (one line) on bad input."""
-    from oecl_train import checkpoint
-    from oecl_train.report import write_run_report
-    from oecl_train.trainer import load_trained, resolve_device
-
     scores = parse_scores(scores)
     if k < 1 and any(s in RANDOM_VIEW_SCORES for s in scores):
         raise EvalError("--k must be at least 1")
@@ -350,8 +348,6 @@ def evaluate_run(
 
 def mean_metrics(reports: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Mean of each metric of each score over reports that all have that score."""
-    from oecl_train.metrics import METRICS
-
     names = [s for s in SCORES if all(s in r["scores"] for r in reports)]
     out = {}
     for s in names:

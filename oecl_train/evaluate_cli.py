@@ -7,6 +7,9 @@ from pathlib import Path
 import click
 
 from oecl_runtime.errors import one_line
+from oecl_train.data.readers import progress_enabled
+from oecl_train.errors import user_errors
+from oecl_train.report import format_run_table
 from oecl_train.score_names import SCORES
 
 
@@ -59,11 +62,11 @@ def eval_cmd(
     directory, evaluates each class run and writes the per-class table with the mean to
     sweep.json and sweep.md.
     """
-    from oecl_train.cli import user_errors
-    from oecl_train.data.readers import progress_enabled
-    from oecl_train.report import format_run_table
+    # torch is imported once the verb runs, so that `oecl eval --help` does without it.
+    from oecl_train.evaluate import evaluate_run
     from oecl_train.scores import parse_scores
     from oecl_train.sweep import evaluate_sweep, is_sweep_dir, print_sweep
+    from oecl_train.views import DEFAULT_VIEWS
 
     progress = progress_enabled(progress)
     try:
@@ -76,9 +79,6 @@ def eval_cmd(
             )
             print_sweep(sweep)
             return
-        from oecl_train.evaluate import evaluate_run
-        from oecl_train.views import DEFAULT_VIEWS
-
         report = evaluate_run(
             run, names, k, save_scores, device, batch_size=batch_size, progress=progress,
             views=DEFAULT_VIEWS if views is None else views,

@@ -9,6 +9,7 @@ import click
 
 from oecl_runtime.errors import one_line
 from oecl_runtime.names import EXPORT_FORMATS
+from oecl_train.errors import user_errors
 
 
 @click.command()
@@ -50,7 +51,7 @@ def export_cmd(run: str, out_dir: str, formats: str, max_batch: int, threshold_t
     norm with --views 1), higher = normal; an image is anomalous when the score < threshold.
     Progress goes to stderr; the table and a JSON summary (last line) go to stdout.
     """
-    from oecl_train.cli import user_errors
+    # torch is imported once the verb runs, so that `oecl export --help` does without it.
     from oecl_train.export import export_run
 
     try:

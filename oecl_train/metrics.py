@@ -26,7 +26,7 @@ def _check(scores: np.ndarray, is_id: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 def roc_points(scores: np.ndarray, is_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(FPR, TPR) at every distinct threshold, ID positive."""
-    from sklearn.metrics import roc_curve
+    from sklearn.metrics import roc_curve  # optional (the train extra) and slow to import
 
     scores, is_id = _check(scores, is_id)
     # Keep every threshold: dropping "collinear" points can skip the one where TPR first
@@ -41,7 +41,7 @@ def ood_metrics(scores: np.ndarray, is_id: np.ndarray, tpr: float = 0.95) -> dic
     Tied scores count half in AUROC (the Mann-Whitney convention); AUPR is scikit-learn's
     average precision, where a run of tied scores is one threshold.
     """
-    from sklearn.metrics import average_precision_score, roc_auc_score
+    from sklearn.metrics import average_precision_score, roc_auc_score  # as in roc_points
 
     scores, is_id = _check(scores, is_id)
     fpr, tpr_curve = roc_points(scores, is_id)

@@ -9,6 +9,8 @@ from oecl_runtime.atomic import with_file
 
 
 def plot_training(run_dir: str | Path) -> list[Path]:
+    # matplotlib is optional (the train extra) and slow to import; the backend must be chosen
+    # before pyplot is imported.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import click
 
-from oecl_train.cli import print_result, run_training, user_errors
+from oecl_train.config import TrainConfig
+from oecl_train.data.readers import progress_enabled
+from oecl_train.errors import user_errors
+from oecl_train.train_cli import print_result
 
 QUICKSTART = dict(
     data="digits",
@@ -36,8 +39,8 @@ QUICKSTART = dict(
 def quickstart(id_class: str, steps: int, out_dir: str, progress: bool | None) -> None:
     """Train OECL on scikit-learn's bundled digits (one class ID, natural-photo crops as OE),
     then score the held-out images of all classes by feature norm and print the AUROC."""
-    from oecl_train.config import TrainConfig
-    from oecl_train.data.readers import progress_enabled
+    # torch is imported once the verb runs, so that `oecl quickstart --help` does without it.
+    from oecl_train.training import run_training
 
     progress = progress_enabled(progress)
     try:

@@ -161,13 +161,15 @@ def run_markdown(report: dict[str, Any], files: dict[str, Any]) -> str:
 
 
 def _savefig(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional, as in _pyplot
 
     with_file(path, lambda p: fig.savefig(p, format="png", dpi=110))
     plt.close(fig)
 
 
 def _pyplot():
+    # matplotlib is optional (the train extra) and slow to import; the backend must be chosen
+    # before pyplot is imported.
     import matplotlib
 
     matplotlib.use("Agg")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from oecl_train import checkpoint
+
 
 class RunDirError(ValueError):
     """A path given as a run directory that is not one; the message says what it is instead."""
@@ -16,8 +18,6 @@ def require_run_dir(path: str | Path, checkpoint_needed: bool = True) -> Path:
     A model artifact (oecl.json) given instead is named as such, with the commands that take
     it, since the two are easy to mix up: `oecl train` writes runs, `oecl export` artifacts.
     """
-    from oecl_train import checkpoint
-
     path = Path(path)
     if not path.is_dir():
         raise RunDirError(f"{path}: no such directory")

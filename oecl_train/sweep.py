@@ -18,8 +18,15 @@ from typing import Any
 
 import click
 
+from oecl_train import checkpoint
+from oecl_train.config import TrainConfig
+from oecl_train.data import DataError, make_reader
+from oecl_train.devices import resolve_device
 from oecl_train.evaluate import EvalError, evaluate_run, mean_metrics
+from oecl_train.report import format_sweep_table, write_sweep_report
 from oecl_train.scores import DIRECTION, SCORES, parse_scores
+from oecl_train.trainer import resolve_execution
+from oecl_train.training import run_training
 
 SWEEP_SCHEMA = "oecl-sweep/1"
 CLASS_PREFIX = "class-"
@@ -27,15 +34,11 @@ CLASS_PREFIX = "class-"
 
 def available_classes(cfg) -> list[str]:
     """The class names of the run's ID source, in index order."""
-    from oecl_train.data import make_reader
-
     return list(make_reader(cfg.data, cfg.data_root, seed=cfg.seed).load("train").classes)
 
 
 def parse_classes(text: str, classes: Sequence[str]) -> list[str]:
     """'all' or a comma list of class names or indices → class names; unknown → ValueError."""
-    from oecl_train.data import DataError
-
     text = text.strip()
     if text == "all":
         return list(classes)
@@ -70,19 +73,13 @@ def class_dir_name(cls: str) -> str:
 
 
 def _same_config(run_dir: Path, cfg) -> bool:
-    from oecl_train.config import TrainConfig
-
     # Through TrainConfig, so a run saved before an option existed reads as its default.
     try:
         saved = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     except (ValueError, TypeError):
         return False
     # A saved config records what ran ("auto" resolved for its device): compare like with like.
-    from dataclasses import replace
-
-    from oecl_train.trainer import resolve_device, resolve_execution
-
-    want, device = replace(cfg), resolve_device(cfg.device)
+    want, device = dataclasses.replace(cfg), resolve_device(cfg.device)
     resolve_execution(want, device)
     resolve_execution(saved, device)
     return json.loads(json.dumps(saved.to_json())) == json.loads(json.dumps(want.to_json()))
@@ -91,9 +88,6 @@ def _same_config(run_dir: Path, cfg) -> bool:
 def train_or_reuse(cfg, progress: bool) -> tuple[str, float | None]:
     """Train (or resume, or reuse) the run of `cfg`; returns what was done and the seconds
     training took (None when nothing was trained here)."""
-    from oecl_train import checkpoint
-    from oecl_train.cli import run_training
-
     run_dir = Path(cfg.out_dir) / cfg.run_name()
     if (run_dir / "config.json").exists():
         if not _same_config(run_dir, cfg):
@@ -154,9 +148,6 @@ def run_sweep(
 ) -> dict[str, Any] | None:
     """Train and evaluate one run per class; write and return the sweep summary (None on a
     non-zero rank of a torchrun job)."""
-    from oecl_train.report import write_sweep_report
-    from oecl_train.trainer import resolve_device
-
     scores = parse_scores(scores)
     names = parse_classes(classes, available_classes(cfg))
     device = str(resolve_device(cfg.device))
@@ -214,8 +205,6 @@ def run_sweep(
 
 def print_sweep(sweep: dict[str, Any] | None) -> None:
     """The per-class table on stdout, then where the files are."""
-    from oecl_train.report import format_sweep_table
-
     if sweep is None:
         return
     click.echo(format_sweep_table(sweep))
@@ -246,8 +235,6 @@ def reusable_report(
     report_path: Path, scores: Sequence[str], k: int, save_scores: bool
 ) -> dict | None:
     """A class's existing report, if it was made from its latest checkpoint with these options."""
-    from oecl_train import checkpoint
-
     if not report_path.is_file():
         return None
     report = json.loads(report_path.read_text())
@@ -276,9 +263,6 @@ def evaluate_sweep(
 ) -> dict[str, Any]:
     """Evaluate every class run of a sweep (reusing reports made with the same options) and
     write the per-class table with the mean."""
-    from oecl_train.config import TrainConfig
-    from oecl_train.report import write_sweep_report
-
     sweep_dir = Path(sweep_dir)
     scores = parse_scores(scores)
     runs = class_runs(sweep_dir)

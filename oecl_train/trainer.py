@@ -8,6 +8,7 @@ minimise NT-Xent over the normalised ID features + α·mean‖z_oe‖ through `k
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -19,7 +20,9 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as tdist
 from torch import nn
+from tqdm import tqdm
 
 from kernels import NTXentOEOutput, ntxent_oe
 from oecl_runtime.atomic import write_json, write_text
@@ -27,9 +30,12 @@ from oecl_train import checkpoint
 from oecl_train.augment import AugmentConfig, SimCLRAugment, overlay, rotate
 from oecl_train.config import TrainConfig
 from oecl_train.data import Splits
+from oecl_train.devices import resolve_device
 from oecl_train.distributed import Dist
 from oecl_train.model import Architecture, OECLNet
 from oecl_train.optim import build_optimizer, cosine_lr
+from oecl_train.plots import plot_training
+from oecl_train.rundir import require_run_dir
 
 
 class TrainingDiverged(RuntimeError):
@@ -82,15 +88,6 @@ class StopSignals:
 
     def __exit__(self, *exc) -> None:
         self._restore()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return dev
 
 
 def autocast(device: torch.device, precision: str):
@@ -418,8 +415,6 @@ class Trainer:
             return self._fit(stop)
 
     def _fit(self, stop: StopSignals) -> dict:
-        from tqdm import tqdm
-
         cfg = self.cfg
         if self.dist.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -512,8 +507,6 @@ class Trainer:
                 self._save(epoch + 1, last)
         bar.close()
         if self.dist.rank == 0:
-            from oecl_train.plots import plot_training
-
             plot_training(self.run_dir)
         return last
 
@@ -525,8 +518,6 @@ class Trainer:
             return signum is not None
         if step % 10:
             return False
-        import torch.distributed as tdist
-
         flag = torch.tensor([0 if signum is None else 1], device=self.device)
         tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
         return bool(flag.item())
@@ -549,16 +540,12 @@ class Trainer:
         torch.manual_seed(self.cfg.seed * 7919 + epoch * 104_729 + self.dist.rank + offset)
 
     def _get_rng(self) -> dict[str, str]:
-        import base64
-
         states = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             states["cuda"] = torch.cuda.get_rng_state(self.device)
         return {k: base64.b64encode(v.numpy().tobytes()).decode() for k, v in states.items()}
 
     def _set_rng(self, rng: dict[str, str]) -> None:
-        import base64
-
         def state(text: str) -> torch.Tensor:
             return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
 
@@ -586,8 +573,6 @@ def load_trained(
     run_dir: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[TrainConfig, OECLNet, dict]:
     """The config, network (eval mode) and checkpoint metadata of a run's latest checkpoint."""
-    from oecl_train.rundir import require_run_dir
-
     run_dir = require_run_dir(run_dir)
     cfg_path = run_dir / "config.json"
     cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))

@@ -352,7 +352,7 @@ def test_two_rank_run_resumes_as_one_rank(tmp_path):
 FAILING_JOB = """
 import sys, time
 import torch.distributed as dist
-from oecl_train.cli import run_training
+from oecl_train.training import run_training
 from oecl_train.config import TrainConfig
 from oecl_train.trainer import Trainer
 

@@ -12,7 +12,6 @@ import torch
 from click.testing import CliRunner
 
 from oecl_train.augment import SimCLRAugment
-from oecl_train.cli import run_training, train
 from oecl_train.config import TrainConfig
 from oecl_train.evaluate import REPORT_SCHEMA, evaluate_run
 from oecl_train.evaluate_cli import eval_cmd
@@ -20,6 +19,8 @@ from oecl_train.metrics import METRICS, ood_metrics, rates_at_threshold, thresho
 from oecl_train.model import build_model
 from oecl_train.scores import SCORES, compute_scores
 from oecl_train.sweep import evaluate_sweep, run_sweep
+from oecl_train.train_cli import train
+from oecl_train.training import run_training
 from oecl_train.views import make_views
 
 TINY = dict(

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
 from oecl_runtime.preprocess import ImageError, InputSpec, decode, to_model_input
 from oecl_train.config import DATA_SOURCES
@@ -104,7 +106,7 @@ class DigitsReader(Reader):
         self.test_fraction, self.seed = test_fraction, seed
 
     def load(self, split: str) -> ImageSet:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # optional (the train extra) and slow
 
         d = load_digits()
         images = np.clip(d.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)[:, None]
@@ -271,8 +273,6 @@ class FolderReader(Reader):
         return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
     def _read_dir(self, root: Path) -> ImageSet:
-        from tqdm import tqdm
-
         classes = sorted(p.name for p in root.iterdir() if p.is_dir())
         files = [
             (p, c)
@@ -370,8 +370,7 @@ class PhotosReader(Reader):
         self.size, self.count, self.seed = size, count, seed
 
     def load(self, split: str) -> ImageSet:
-        from PIL import Image
-        from sklearn.datasets import load_sample_images
+        from sklearn.datasets import load_sample_images  # optional (the train extra) and slow
 
         rng = np.random.default_rng(self.seed + (0 if split == "train" else 1))
         photos = [Image.fromarray(p) for p in load_sample_images().images]
@@ -439,8 +438,6 @@ def conform(images: np.ndarray, spec: InputSpec) -> np.ndarray:
             f"images are {w}x{h} but the model input is {spec.width}x{spec.height}; "
             "pass --image-size N to resize the shorter side to N and centre-crop"
         )
-    from PIL import Image
-
     out = np.empty((n, spec.channels, spec.height, spec.width), np.uint8)
     for i in range(n):
         arr = images[i, 0] if c == 1 else images[i].transpose(1, 2, 0)
