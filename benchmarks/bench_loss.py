@@ -47,7 +47,8 @@ if str(REPO) not in sys.path:
 from _common import device_name  # noqa: E402
 
 from kernels import ntxent_oe, ntxent_oe_dense  # noqa: E402
-from kernels.ntxent_oe_torch import DEFAULT_CHUNK, ntxent_oe_torch  # noqa: E402
+from kernels._common import DEFAULT_CHUNK  # noqa: E402
+from kernels.ntxent_oe import ntxent_oe_torch  # noqa: E402
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 GPU_IMPLS = ("eager", "compile", "triton", "twin")

@@ -5,7 +5,7 @@ on machines without triton.
 """
 
 from ._common import NTXentOEOutput
-from .ntxent_oe import ntxent_oe
-from .ntxent_oe_torch import ntxent_oe_dense, ntxent_oe_torch
+from .ntxent_oe import ntxent_oe, ntxent_oe_torch
+from .ntxent_oe_torch import ntxent_oe_dense
 
 __all__ = ["NTXentOEOutput", "ntxent_oe", "ntxent_oe_dense", "ntxent_oe_torch"]

@@ -14,6 +14,9 @@ NORM_EPS = 1e-12
 # tile no longer fits next to the accumulators, and projection heads are far narrower.
 MAX_FEATURE_DIM = 512
 
+# Rows per similarity tile of the torch twin: its memory is O(N * chunk).
+DEFAULT_CHUNK = 1024
+
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 

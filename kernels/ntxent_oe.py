@@ -14,13 +14,13 @@ from typing import Literal
 import torch
 
 from ._common import (
+    DEFAULT_CHUNK,
     MAX_FEATURE_DIM,
     NTXentOEOutput,
     check_inputs,
     compute_dtype,
     empty_oe,
 )
-from .ntxent_oe_torch import DEFAULT_CHUNK
 
 Backend = Literal["auto", "triton", "torch"]
 
@@ -233,3 +233,15 @@ def ntxent_oe(
         z_id, z_oe, float(temperature), float(alpha), backend, int(chunk), block
     )
     return NTXentOEOutput(loss, contrastive.detach(), id_norm.detach(), oe_norm.detach())
+
+
+def ntxent_oe_torch(
+    z_id: torch.Tensor,
+    z_oe: torch.Tensor | None,
+    temperature: float = 0.5,
+    alpha: float = 1.0,
+    chunk: int = DEFAULT_CHUNK,
+) -> NTXentOEOutput:
+    """The chunked plain-torch twin behind the same op and contract as :func:`ntxent_oe`
+    (``backend="torch"``)."""
+    return ntxent_oe(z_id, z_oe, temperature, alpha, backend="torch", chunk=chunk)

@@ -12,9 +12,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import NORM_EPS, NTXentOEOutput, check_inputs, compute_dtype, empty_oe
-
-DEFAULT_CHUNK = 1024
+from ._common import (
+    DEFAULT_CHUNK,
+    NORM_EPS,
+    NTXentOEOutput,
+    check_inputs,
+    compute_dtype,
+    empty_oe,
+)
 
 
 def positive_index(n: int, device: torch.device) -> torch.Tensor:
@@ -165,17 +170,3 @@ def backward_oe(
     scale = torch.where(oe_norms > 0, grad.to(cdt) * (alpha / m) / safe,
                         torch.zeros_like(oe_norms))
     return (z_oe.to(cdt) * scale[:, None]).to(z_oe.dtype).contiguous()
-
-
-def ntxent_oe_torch(
-    z_id: torch.Tensor,
-    z_oe: torch.Tensor | None,
-    temperature: float = 0.5,
-    alpha: float = 1.0,
-    chunk: int = DEFAULT_CHUNK,
-) -> NTXentOEOutput:
-    """Chunked plain-torch OECL loss; same contract as :func:`kernels.ntxent_oe`, which it
-    calls with ``backend="torch"`` (the one registered op, run by this twin)."""
-    from .ntxent_oe import ntxent_oe
-
-    return ntxent_oe(z_id, z_oe, temperature, alpha, backend="torch", chunk=chunk)

@@ -22,8 +22,10 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from kernels import NTXentOEOutput, ntxent_oe, ntxent_oe_dense  # noqa: E402
-from kernels.ntxent_oe import _triton_blocker  # noqa: E402
-from kernels.ntxent_oe_torch import ntxent_oe_torch  # noqa: E402
+from kernels.ntxent_oe import (
+    _triton_blocker,  # noqa: E402
+    ntxent_oe_torch,  # noqa: E402
+)
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
