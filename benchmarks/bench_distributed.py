@@ -38,7 +38,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from _common import device_name  # noqa: E402  (benchmarks/ is on sys.path for scripts)
+from _harness import device_name  # noqa: E402
 
 GLOBAL_BATCH = 64
 ARMS = (

@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from _common import device_name  # noqa: E402
+from _harness import device_name  # noqa: E402
 
 from kernels import ntxent_oe, ntxent_oe_dense  # noqa: E402
 from kernels.ntxent_oe_torch import DEFAULT_CHUNK, ntxent_oe_torch  # noqa: E402

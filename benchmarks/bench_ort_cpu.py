@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from _common import device_name, rotated_rounds
+from _harness import device_name
+from _timing import rotated_rounds
 from onnx import helper, numpy_helper, shape_inference
 
 from oecl_runtime import Artifact

@@ -44,7 +44,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
-from _common import device_name, rotated_rounds
+from _harness import device_name
+from _timing import rotated_rounds
 
 from oecl_runtime import Artifact
 from oecl_runtime import bench as B

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT.parent) not in sys.path:
     sys.path.insert(0, str(ROOT.parent))
 
-from _common import device_name  # noqa: E402
+from _harness import device_name  # noqa: E402
 
 from oecl_runtime import bench as B  # noqa: E402
 from oecl_train.model import Architecture, OECLNet, ScoreModel  # noqa: E402

@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                          "failures": sum(x["failures"] for x in rs),
                          "ratio_to_in_process": best["requests_per_s"]
                          / ref["decode_and_score_images_per_s"]}
-    from _common import device_name
+    from _harness import device_name
 
     report = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "device": device_name("cpu"), "model": str(args.model),

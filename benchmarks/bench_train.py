@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import device_name
+from _harness import device_name
 from PIL import Image, ImageEnhance
 
 from kernels import ntxent_oe_dense
