@@ -1,5 +1,5 @@
 """Timing shared by the benchmark scripts: rotated rounds of `oecl_runtime.bench`'s backend
-timing."""
+timing, and the best of a few repeats of one call."""
 
 from __future__ import annotations
 
@@ -32,3 +32,14 @@ def rotated_rounds(runs: dict[str, Callable[[np.ndarray], Any]], chw: tuple[int,
                 f"({row['count']} calls, p50 {row['latency_ms']['p50']:.1f} ms)")
     return rows
 
+
+def best_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """The fastest of `repeats` timed calls after one untimed call: other jobs on the machine
+    only ever slow a call down."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
