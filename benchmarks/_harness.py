@@ -58,7 +58,7 @@ def shown(path: Path) -> Path:
     return resolved.relative_to(REPO) if resolved.is_relative_to(REPO) else path
 
 
-def md_row(cells: Iterable[Any]) -> str:
+def _md_row(cells: Iterable[Any]) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
@@ -66,4 +66,4 @@ def md_table(head: Sequence[str], rows: Iterable[Sequence[Any]], align: str = ""
     """The lines of a markdown table; `align` has a letter per column, "r" right-aligns it
     (numbers), any other letter or none leaves it left-aligned."""
     marks = ["---:" if a == "r" else "---" for a in align.ljust(len(head))]
-    return [md_row(head), "|" + "|".join(marks) + "|", *(md_row(r) for r in rows)]
+    return [_md_row(head), "|" + "|".join(marks) + "|", *(_md_row(r) for r in rows)]

@@ -108,6 +108,7 @@ def serving(command: Callable[[int], Sequence[str]], *, ready_timeout: float = 1
     file, until /healthz answers; yield it; stop it on the way out."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    # The repository first: the server runs the code beside this benchmark.
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path}
     with tempfile.TemporaryDirectory(prefix="oecl-bench-server.") as tmp:
