@@ -63,7 +63,7 @@ def served_metrics(artifact: Path, images: np.ndarray, is_id: np.ndarray,
 def throughput(artifacts: dict[int, Path], batch: int, log: Callable[[str], None],
                threads: int | None = None) -> dict[str, dict[str, float]]:
     """Served images/s of each K's files at each precision (median of rotated rounds)."""
-    from _common import rotated_rounds
+    from _timing import rotated_rounds
 
     from oecl_runtime import Artifact, Scorer
 

@@ -64,11 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-from _common import device_name  # noqa: E402  (benchmarks/ is on sys.path for scripts)
+from _harness import REPO, RESULTS, command_line, device_name, log, md_table
 
 DEEP = {"simclr": "none", "self-oecl": "self", "oecl-photos": "photos"}
 BASELINES = ("nn", "pca")
@@ -158,10 +154,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="Result JSON (default benchmarks/results/...).")
     p.add_argument("--progress", action="store_true", help="Progress bars while training.")
     return p.parse_args(argv)
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # -- baselines ---------------------------------------------------------------------------------
@@ -406,16 +398,11 @@ def value(entry: dict, score: str | None) -> float:
 def markdown(result: dict[str, Any]) -> str:
     cols = columns(result["methods"])
     head = ["class", *(f"{m} {s}" if s else m for m, s in cols)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for cls, per in result["per_class"].items():
-        lines.append("| " + " | ".join([cls, *(f"{value(per[m], s):.4f}" for m, s in cols)]) + " |")
+    rows = [[cls, *(f"{value(per[m], s):.4f}" for m, s in cols)]
+            for cls, per in result["per_class"].items()]
     mean = result["mean_auroc"]
-    lines.append(
-        "| **mean** | "
-        + " | ".join(f"**{mean[m][s] if s else mean[m]:.4f}**" for m, s in cols)
-        + " |"
-    )
-    return "\n".join(lines)
+    rows.append(["**mean**", *(f"**{mean[m][s] if s else mean[m]:.4f}**" for m, s in cols)])
+    return "\n".join(md_table(head, rows))
 
 
 def mean_auroc(per_class: dict[str, dict], methods: list[str]) -> dict[str, Any]:
@@ -480,40 +467,39 @@ def served_markdown(result: dict[str, Any]) -> str:
     served = result.get("served")
     if not served:
         return ""
-    lines = [f"Served through oecl_runtime ({served['backend']}), {served['method']}: "
-             f"{served['score']} at K = {served['k']}",
-             "",
-             "| class | precision | AUROC | AUPR-IN | AUPR-OUT | FPR@95TPR | TPR at thr | "
-             "FPR at thr |", "|---|---|---|---|---|---|---|---|"]
-    rows = [*served["per_class"].items(), ("**mean**", None)]
-    for cls, per in rows:
+    rows = []
+    for cls, per in [*served["per_class"].items(), ("**mean**", None)]:
         for p in served["precisions"]:
             r = served["mean"][p] if per is None else per[p]
             tpr = r.get("TPR_at_threshold", r.get("TPR"))
             fpr = r.get("FPR_at_threshold", r.get("FPR"))
-            lines.append(f"| {cls} | {p} | {r['AUROC']:.4f} | {r['AUPR-IN']:.4f} | "
-                         f"{r['AUPR-OUT']:.4f} | {r['FPR@95TPR']:.4f} | {tpr:.3f} | {fpr:.3f} |")
-    lines += ["", "| K | mean AUROC fp32 | mean AUROC int8 | images/s fp32 | images/s int8 |",
-              "|---|---|---|---|---|"]
+            rows.append([cls, p, f"{r['AUROC']:.4f}", f"{r['AUPR-IN']:.4f}",
+                         f"{r['AUPR-OUT']:.4f}", f"{r['FPR@95TPR']:.4f}", f"{tpr:.3f}",
+                         f"{fpr:.3f}"])
+    by_k = []
     for k, by_p in served["mean_by_k"].items():
         ips = served["images_per_s"].get(k, {})
-        lines.append(f"| {k} | {by_p['fp32']['AUROC']:.4f} | {by_p['int8']['AUROC']:.4f} | "
-                     f"{ips.get('fp32', float('nan')):.0f} | {ips.get('int8', float('nan')):.0f} |")
-    return "\n".join(lines)
+        by_k.append([k, f"{by_p['fp32']['AUROC']:.4f}", f"{by_p['int8']['AUROC']:.4f}",
+                     f"{ips.get('fp32', float('nan')):.0f}",
+                     f"{ips.get('int8', float('nan')):.0f}"])
+    return "\n".join([
+        f"Served through oecl_runtime ({served['backend']}), {served['method']}: "
+        f"{served['score']} at K = {served['k']}", "",
+        *md_table(["class", "precision", "AUROC", "AUPR-IN", "AUPR-OUT", "FPR@95TPR",
+                   "TPR at thr", "FPR at thr"], rows), "",
+        *md_table(["K", "mean AUROC fp32", "mean AUROC int8", "images/s fp32", "images/s int8"],
+                  by_k)])
 
 
 def view_study_markdown(result: dict[str, Any]) -> str:
     study = result.get("view_study")
     if not study:
         return ""
-    lines = []
-    for m, fams in study.items():
-        for fam, row in fams.items():
-            if not lines:
-                lines = [f"| method | family | {' | '.join(f'K={k}' for k in row)} |",
-                         "|---|---|" + "---|" * len(row)]
-            lines.append(f"| {m} | {fam} | " + " | ".join(
-                "n/a" if v is None else f"{v:.4f}" for v in row.values()) + " |")
+    rows = [[m, fam, *("n/a" if v is None else f"{v:.4f}" for v in row.values())]
+            for m, fams in study.items() for fam, row in fams.items()]
+    # Every row has the Ks of the first (the study's --views).
+    ks = next((list(row) for fams in study.values() for row in fams.values()), [])
+    lines = md_table(["method", "family", *(f"K={k}" for k in ks)], rows) if rows else []
     return "Validation AUROC of mean-view-norm (mean over classes)\n\n" + "\n".join(lines)
 
 
@@ -565,8 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         "protocol": args.protocol,
         "eval_split": args.eval_split,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/bench_accuracy.py "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("bench_accuracy.py", argv),
         "device": device_name(args.device),
         "direction": "higher = normal (AUROC, ID positive)",
         "methods": methods,
@@ -631,7 +616,7 @@ def main(argv: list[str] | None = None) -> int:
     suffix = "" if args.protocol == "one-vs-rest" else f"-{args.protocol}"
     suffix += "-val" if validate else ""
     out = (
-        Path(args.out) if args.out else REPO / "benchmarks/results" / f"accuracy-mnist{suffix}.json"
+        Path(args.out) if args.out else RESULTS / f"accuracy-mnist{suffix}.json"
     )
     write_json(out, result)
     budget = "raw-pixel baselines only"

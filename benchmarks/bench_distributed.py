@@ -35,10 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-from _common import device_name  # noqa: E402  (benchmarks/ is on sys.path for scripts)
+from _harness import REPO, RESULTS, command_line, device_name, md_table
+
+from oecl_runtime.atomic import write_json
 
 GLOBAL_BATCH = 64
 ARMS = (
@@ -120,12 +119,20 @@ def run_arm(procs: int, threads: int, args: argparse.Namespace) -> dict[str, Any
         return json.loads(result.read_text())
 
 
+def markdown(record: dict[str, Any]) -> str:
+    rows = [[r["arm"], r["per_rank_batch"], f"{r['images_per_s_median']:.0f}",
+             f"{r['step_ms_median']:.1f}", f"{r['speedup_vs_1x1']:.2f}x"]
+            for r in record["results"]]
+    return "\n".join(md_table(["arm", "per-rank batch", "images/s (median)", "step ms",
+                               "vs 1x1"], rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=30, help="Timed steps per arm.")
     ap.add_argument("--warmup", type=int, default=5, help="Untimed steps before timing.")
     ap.add_argument("--repeats", type=int, default=3, help="Runs of each arm (median).")
-    ap.add_argument("--out", default=str(REPO / "benchmarks/results/distributed-cpu.json"))
+    ap.add_argument("--out", default=str(RESULTS / "distributed-cpu.json"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -164,8 +171,7 @@ def main() -> None:
         "meta": {
             "device": f"{device_name('cpu')}, no GPU",
             "date": dt.date.today().isoformat(),
-            "command": "python benchmarks/bench_distributed.py"
-            + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
+            "command": command_line("bench_distributed.py", None),
             "torch": torch.__version__,
             "backend": "gloo",
             "config": "quickstart: digits 16x16, resnet10 width 32, photos OE, bf16",
@@ -178,15 +184,8 @@ def main() -> None:
         },
         "results": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print("| arm | per-rank batch | images/s (median) | step ms | vs 1x1 |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['arm']} | {r['per_rank_batch']} | {r['images_per_s_median']:.0f} "
-            f"| {r['step_ms_median']:.1f} | {r['speedup_vs_1x1']:.2f}x |"
-        )
+    write_json(args.out, out)
+    print(markdown(out))
     print(f"load average at start {load_start}, at end {out['meta']['load_average_at_end']}")
 
 

@@ -26,7 +26,6 @@ import argparse
 import csv
 import datetime as dt
 import functools
-import json
 import multiprocessing as mp
 import os
 import re
@@ -39,16 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _harness import RESULTS, command_line, device_name, log, md_table, shown
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from _common import device_name  # noqa: E402
-
-from kernels import ntxent_oe, ntxent_oe_dense  # noqa: E402
-from kernels._common import DEFAULT_CHUNK  # noqa: E402
-from kernels.ntxent_oe import ntxent_oe_torch  # noqa: E402
+from kernels import ntxent_oe, ntxent_oe_dense, ntxent_oe_torch
+from kernels._common import DEFAULT_CHUNK
+from oecl_runtime.atomic import atomic_path, write_json
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 GPU_IMPLS = ("eager", "compile", "triton", "twin")
@@ -164,9 +158,8 @@ def run_gpu(sizes, dtypes, impls, d) -> list[dict]:
             for impl in impls:
                 rows += _bench_gpu_config(impl, n, d, dtype_name)
                 r = rows[-1]
-                print(f"  {dtype_name} N={n} {impl}: fwd+bwd "
-                      f"{r['median_ms'] if r['status'] == 'ok' else r['status']} ms",
-                      file=sys.stderr, flush=True)
+                log(f"  {dtype_name} N={n} {impl}: fwd+bwd "
+                    f"{r['median_ms'] if r['status'] == 'ok' else r['status']} ms")
     return rows
 
 
@@ -231,8 +224,7 @@ def run_cpu(sizes, dtypes, impls, d, reps, threads) -> list[dict]:
                 with ctx.Pool(1) as pool:
                     got = pool.apply(_cpu_worker, (impl, n, d, dtype_name, reps, threads))
                 rows += got
-                print(f"  {dtype_name} N={n} {impl}: fwd+bwd {got[-1]['median_ms']} ms",
-                      file=sys.stderr, flush=True)
+                log(f"  {dtype_name} N={n} {impl}: fwd+bwd {got[-1]['median_ms']} ms")
     return rows
 
 
@@ -259,7 +251,7 @@ def markdown_table(rows: list[dict], impls) -> str:
     if fast == "twin":
         speed_cols = ["eager"]
     head = ["dtype", "N", "mode", *impls, *[f"{fast} vs {i}" for i in speed_cols]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows_out = []
     for dtype_name, n in configs:
         for mode in MODES:
             cells = [_cell(by_key, (i, mode, dtype_name, n)) for i in impls]
@@ -271,8 +263,8 @@ def markdown_table(rows: list[dict], impls) -> str:
                     ratios.append(f"{b['median_ms'] / a['median_ms']:.2f}x")
                 else:
                     ratios.append("-")
-            lines.append("| " + " | ".join([dtype_name, str(n), mode, *cells, *ratios]) + " |")
-    return "\n".join(lines)
+            rows_out.append([dtype_name, n, mode, *cells, *ratios])
+    return "\n".join(md_table(head, rows_out))
 
 
 def _device_slug(device: str) -> str:
@@ -280,13 +272,6 @@ def _device_slug(device: str) -> str:
         return "cpu"
     name = torch.cuda.get_device_name()
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,13 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5, help="CPU repetitions per timing")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU intra-op threads (default: torch's); 1 is steadier on shared cores")
-    p.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("bench_loss.py: no CUDA device; the Triton kernel benchmark needs a GPU "
-              "(--device cpu compares eager dense with the chunked twin on CPU)",
-              file=sys.stderr)
+        log("bench_loss.py: no CUDA device; the Triton kernel benchmark needs a GPU "
+            "(--device cpu compares eager dense with the chunked twin on CPU)")
         return 2
     impls = tuple(args.impls or (GPU_IMPLS if args.device == "cuda" else CPU_IMPLS))
     allowed = GPU_IMPLS if args.device == "cuda" else CPU_IMPLS
@@ -327,8 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "device": device,
         "date": started.date().isoformat(),
-        "command": "python benchmarks/bench_loss.py " + " ".join(sys.argv[1:] if argv is None
-                                                                   else argv),
+        "command": command_line("bench_loss.py", argv),
         "torch": torch.__version__,
         "triton": _triton_version(),
         "cpu_threads": threads,
@@ -344,21 +327,16 @@ def main(argv: list[str] | None = None) -> int:
     }
     slug = _device_slug(args.device)
     json_path = args.out_dir / f"loss-{slug}.json"
-    _write(json_path, json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    write_json(json_path, {"meta": meta, "results": rows})
     csv_path = json_path.with_suffix(".csv")
-    fields = list(rows[0]) if rows else []
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
+    with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, csv_path)
 
     print(f"device: {device}; torch {torch.__version__}; d={args.d}")
     print(markdown_table(rows, impls))
-    print(f"\nwrote {json_path.relative_to(REPO) if json_path.is_relative_to(REPO) else json_path}"
-          f" and {csv_path.name}")
+    print(f"\nwrote {shown(json_path)} and {csv_path.name}")
     return 0
 
 

@@ -22,14 +22,14 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-from _common import device_name, rotated_rounds
+from _harness import RESULTS, command_line, device_name, log, md_table
+from _timing import rotated_rounds
 from onnx import helper, numpy_helper, shape_inference
 
 from oecl_runtime import Artifact
 from oecl_runtime.atomic import write_json
 from oecl_runtime.backends.ort import session_options
 
-ROOT = Path(__file__).resolve().parent
 Run = Callable[[np.ndarray], np.ndarray]
 
 
@@ -158,6 +158,17 @@ def variants(path: Path, name: str, threads: int) -> tuple[dict[str, Run], dict[
     return runs, notes
 
 
+def markdown(report: dict[str, Any]) -> str:
+    rows = [[r["variant"], r["setting"], f"{r['images_per_s_median']:.1f}",
+             " / ".join(f"{v:.0f}" for v in r["images_per_s_rounds"]), f"{r['vs_default']:.2f}x",
+             f"{r['max_rel_diff_vs_default']:.1e}"] for r in report["variants"]]
+    return "\n".join([
+        f"{report['device']}; onnxruntime {report['onnxruntime']}; batch {report['batch']}, "
+        f"{report['threads']} threads; images/s, median of {report['rounds']} rounds", "",
+        *md_table(["variant", "setting", "images/s", "rounds", "vs default", "max rel. diff"],
+                  rows, "llrlrr")])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--artifact", type=Path, required=True, help="An exported model directory.")
@@ -166,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--iterations", type=int, default=6, help="Timed calls per variant and round.")
     p.add_argument("--pause", type=float, default=0.5)
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "ort-cpu-variants.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "ort-cpu-variants.json")
     args = p.parse_args(argv)
 
     artifact = Artifact.open(args.artifact)
@@ -179,8 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     agree = {k: float(np.max(np.abs(fn(x) - ref) / np.abs(ref))) for k, fn in runs.items()}
     chw = (spec.channels, spec.height, spec.width)
     timed = rotated_rounds(runs, chw, args.batch, args.rounds, args.iterations, warmup=2,
-                           max_seconds=60.0, pause=args.pause,
-                           log=lambda msg: print(msg, file=sys.stderr))
+                           max_seconds=60.0, pause=args.pause, log=log)
     rates = {k: [r["images_per_s"] for r in rows] for k, rows in timed.items()}
     base = statistics.median(rates["default"])
     rows = [{"variant": k, "setting": notes[k], "images_per_s_rounds": v,
@@ -189,21 +199,12 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in rates.items()]
     report = {"benchmark": "onnxruntime-cpu-variants",
               "date": datetime.now(timezone.utc).date().isoformat(),
-              "command": "python benchmarks/bench_ort_cpu.py " + " ".join(
-                  sys.argv[1:] if argv is None else argv),
+              "command": command_line("bench_ort_cpu.py", argv),
               "device": device_name("cpu"), "onnxruntime": ort.__version__,
               "model": args.artifact.name, "batch": args.batch, "threads": args.threads,
               "rounds": args.rounds, "iterations": args.iterations, "variants": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, report)
-    print(f"{report['device']}; onnxruntime {ort.__version__}; batch {args.batch}, "
-          f"{args.threads} threads; images/s, median of {args.rounds} rounds\n")
-    print("| variant | setting | images/s | rounds | vs default | max rel. diff |")
-    print("|---|---|---:|---|---:|---:|")
-    for r in rows:
-        rounds = " / ".join(f"{v:.0f}" for v in r["images_per_s_rounds"])
-        print(f"| {r['variant']} | {r['setting']} | {r['images_per_s_median']:.1f} | {rounds} | "
-              f"{r['vs_default']:.2f}x | {r['max_rel_diff_vs_default']:.1e} |")
+    print(markdown(report))
     return 0
 
 

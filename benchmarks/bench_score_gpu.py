@@ -13,7 +13,6 @@ H100/H200) over the model's FLOPs per image.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from datetime import date
@@ -21,20 +20,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _harness import RESULTS, device_name, log, md_table
 
-ROOT = Path(__file__).resolve().parent
-if str(ROOT.parent) not in sys.path:
-    sys.path.insert(0, str(ROOT.parent))
-
-from _common import device_name  # noqa: E402
-
-from oecl_runtime import bench as B  # noqa: E402
-from oecl_train.model import Architecture, OECLNet, ScoreModel  # noqa: E402
+from oecl_runtime import bench as B
+from oecl_runtime.atomic import write_json
+from oecl_train.model import Architecture, OECLNet, ScoreModel
 
 # Measured dense bf16 matmul rate of an H100 / H200 (ENVIRONMENT of this project).
 H100_BF16_FLOPS = 790e12
 # ResNet-18, CIFAR stem, 32x32, 3 channels: 0.555 G multiply-adds per image.
 RESNET18_CIFAR_FLOP = 1.11e9
+
+
+def markdown_table(results: dict[str, list[dict]]) -> str:
+    rows = [[name, r["batch_size"], f"{r['images_per_s']:.0f}",
+             f"{r['share_of_ceiling']:.1%}" if r.get("share_of_ceiling") else "-"]
+            for name, rs in results.items() for r in rs]
+    return "\n".join(md_table(["scorer", "batch", "images/s", "share of ceiling"], rows))
 
 
 class GraphScorer:
@@ -109,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seconds", type=float, default=5.0)
     p.add_argument("--ort-threads", type=int, default=16)
     p.add_argument("--ort-batches", type=int, nargs="+", default=[1, 64, 256])
-    p.add_argument("--out", type=Path, default=ROOT / "results")
+    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.smoke:
         args.batches, args.ort_batches = [1, 4], [1, 4]
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         args.iterations, args.max_seconds, args.ort_threads = 2, 1.0, 1
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
-        print("bench_score_gpu.py: no CUDA device (use --smoke on a CPU)", file=sys.stderr)
+        log("bench_score_gpu.py: no CUDA device (use --smoke on a CPU)")
         return 2
     device = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(0)
@@ -133,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, run in runs.items():
         results[name] = B.bench_backend(run, chw, args.batches, iterations=args.iterations,
                                         warmup=3, max_seconds=args.max_seconds)
-        print(f"{name}: " + ", ".join(f"b{r['batch_size']} {r['images_per_s']:.0f} img/s"
-                                      for r in results[name]), flush=True)
+        log(f"{name}: " + ", ".join(f"b{r['batch_size']} {r['images_per_s']:.0f} img/s"
+                                    for r in results[name]))
     with tempfile.TemporaryDirectory() as scratch:
         ort_run = ort_scorer(ScoreModel(net).eval(), chw, args.ort_threads, Path(scratch))
         results[f"onnxruntime-cpu-{args.ort_threads}t"] = B.bench_backend(
@@ -154,14 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                   "flop_per_image": flop},
         "ceiling_images_per_s": ceiling, "results": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / ("score-smoke.json" if args.smoke else "score-gpu.json")
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print("| scorer | batch | images/s | share of ceiling |\n|---|---|---|---|")
-    for name, rows in results.items():
-        for r in rows:
-            share = f"{r['share_of_ceiling']:.1%}" if r["share_of_ceiling"] else "-"
-            print(f"| {name} | {r['batch_size']} | {r['images_per_s']:.0f} | {share} |")
+    write_json(path, record)
+    print(markdown_table(results))
     print(f"wrote {path}")
     return 0
 

@@ -25,25 +25,19 @@ import io
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _harness import RESULTS, command_line, device_name, log, md_table
+from _server_process import Server, oecl_serve, serving
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
+from oecl_runtime.atomic import write_json
 
 # ----------------------------------------------------------------------------- bare servers
 
@@ -95,26 +89,6 @@ def ensure_wrk() -> str:
     return found
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("server did not become healthy")
-
-
 def wrk_script(body_path: Path) -> Path:
     script = body_path.with_suffix(".lua")
     script.write_text(
@@ -153,29 +127,18 @@ def drive(wrk: str, url: str, script: Path, concurrency: int, seconds: float) ->
     return parse_wrk(out)
 
 
-def start(kind: str, port: int, args: argparse.Namespace, workers: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+def start(kind: str, args: argparse.Namespace, workers: int
+          ) -> AbstractContextManager[Server]:
+    timeouts = {"ready_timeout": 60.0, "stop_timeout": 30.0}
     if kind.startswith("bare"):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve-bare", kind,
-               "--port", str(port)]
-    else:
-        cmd = [sys.executable, "-m", "oecl_runtime", "serve", "--model", str(args.model),
-               "--port", str(port), "--log-level", "warning", "--workers", str(workers)]
-        if args.precision:
-            cmd += ["--precision", args.precision]
-        if args.threads:
-            cmd += ["--threads", str(args.threads)]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(30)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        return serving(lambda port: [sys.executable, str(Path(__file__).resolve()),
+                                     "--serve-bare", kind, "--port", str(port)], **timeouts)
+    options = ["--log-level", "warning", "--workers", str(workers)]
+    if args.precision:
+        options += ["--precision", args.precision]
+    if args.threads:
+        options += ["--threads", str(args.threads)]
+    return oecl_serve(args.model, options, **timeouts)
 
 
 # ----------------------------------------------------------------------------- in-process
@@ -213,6 +176,15 @@ def request_bodies(model: Path, count: int) -> list[bytes]:
     return request_images(Artifact.open(model, verify=False).spec, count)
 
 
+def markdown(report: dict[str, Any]) -> str:
+    rows = [[name, f"{s['best_requests_per_s']:.0f}",
+             ", ".join(f"{x:.0f}" for x in s["all_requests_per_s"]), f"{s['p99_ms_of_best']:.2f}",
+             s["failures"], f"{s['ratio_to_in_process']:.2f}"]
+            for name, s in report["servers"].items()]
+    return "\n".join(md_table(["server", "best req/s", "all rounds", "p99 ms", "failures",
+                               "/ in-process"], rows, "lrlrrr"))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path)
@@ -223,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--workers", default="2", help="extra `oecl serve --workers` counts")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "serve-cpu.json")
+    p.add_argument("--out", type=Path, default=RESULTS / "serve-cpu.json")
     p.add_argument("--serve-bare", choices=["bare-json", "bare-decode"], help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -234,37 +206,32 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--model is required")
     wrk = ensure_wrk()
     bodies = request_bodies(args.model, 1024)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    body_path = tmp / "image.png"
-    body_path.write_bytes(bodies[0])
-    script = wrk_script(body_path)
     refs: list[dict[str, float]] = []
     servers = [("bare-json", 1), ("bare-decode", 1), ("oecl-serve", 1)]
     servers += [("oecl-serve", int(w)) for w in args.workers.split(",") if w.strip() and
                 int(w) > 1]
     rows: dict[str, list[dict[str, Any]]] = {}
-    for r in range(args.rounds):
-        # In-process is measured in every round too, so that it sees the same load from other
-        # jobs as the servers around it; the best round of each is compared.
-        refs.append(in_process(args, bodies))
-        log(f"round {r} in-process: {refs[-1]['decode_and_score_images_per_s']:.0f} images/s "
-            f"decode + score, {refs[-1]['score_array_images_per_s']:.0f} score_array")
-        for kind, workers in servers:
-            name = kind if kind != "oecl-serve" else f"oecl-serve --workers {workers}"
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            proc = start(kind, port, args, workers)
-            try:
-                wait_healthy(url, proc)
-                drive(wrk, url, script, args.concurrency, args.warmup)
-                row = drive(wrk, url, script, args.concurrency, args.duration)
-            finally:
-                stop(proc)
-            row["round"] = r
-            rows.setdefault(name, []).append(row)
-            log(f"round {r} {name}: {row['requests_per_s']:.0f} req/s, p99 "
-                f"{row['latency_ms'].get('p99', float('nan')):.2f} ms, "
-                f"{row['failures']} failures")
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        body_path = Path(tmp) / "image.png"
+        body_path.write_bytes(bodies[0])
+        script = wrk_script(body_path)
+        for r in range(args.rounds):
+            # In-process is measured in every round too, so that it sees the same load from
+            # other jobs as the servers around it; the best round of each is compared.
+            refs.append(in_process(args, bodies))
+            log(f"round {r} in-process: {refs[-1]['decode_and_score_images_per_s']:.0f} "
+                f"images/s decode + score, {refs[-1]['score_array_images_per_s']:.0f} "
+                "score_array")
+            for kind, workers in servers:
+                name = kind if kind != "oecl-serve" else f"oecl-serve --workers {workers}"
+                with start(kind, args, workers) as server:
+                    drive(wrk, server.url, script, args.concurrency, args.warmup)
+                    row = drive(wrk, server.url, script, args.concurrency, args.duration)
+                row["round"] = r
+                rows.setdefault(name, []).append(row)
+                log(f"round {r} {name}: {row['requests_per_s']:.0f} req/s, p99 "
+                    f"{row['latency_ms'].get('p99', float('nan')):.2f} ms, "
+                    f"{row['failures']} failures")
     ref = {k: max(x[k] for x in refs) for k in refs[0]}
     summary = {}
     for name, rs in rows.items():
@@ -275,27 +242,16 @@ def main(argv: list[str] | None = None) -> int:
                          "failures": sum(x["failures"] for x in rs),
                          "ratio_to_in_process": best["requests_per_s"]
                          / ref["decode_and_score_images_per_s"]}
-    from _common import device_name
-
     report = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "device": device_name("cpu"), "model": str(args.model),
               "precision": args.precision, "concurrency": args.concurrency,
               "duration_s": args.duration, "in_process": ref, "in_process_rounds": refs,
               "servers": summary, "rows": rows,
-              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    from oecl_runtime.atomic import write_json
-
+              "command": command_line("bench_serve.py", argv)}
     write_json(args.out, report)
-    print("| server | best req/s | all rounds | p99 ms | failures | / in-process |")
-    print("|---|---:|---|---:|---:|---:|")
-    for name, s in summary.items():
-        rounds = ", ".join(f"{x:.0f}" for x in s["all_requests_per_s"])
-        print(f"| {name} | {s['best_requests_per_s']:.0f} | {rounds} | "
-              f"{s['p99_ms_of_best']:.2f} | {s['failures']} | {s['ratio_to_in_process']:.2f} |")
+    print(markdown(report))
     print(f"in-process: {ref['decode_and_score_images_per_s']:.0f} images/s decode + score, "
           f"{ref['score_array_images_per_s']:.0f} images/s score_array; wrote {args.out}")
-    shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

@@ -15,7 +15,6 @@ Images/s counts source images (ID + OE) per second; each gives two augmented vie
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -25,16 +24,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import device_name
+from _harness import REPO, RESULTS, device_name, log, md_table
 from PIL import Image, ImageEnhance
 
 from kernels import ntxent_oe_dense
+from oecl_runtime.atomic import write_json
 from oecl_train.config import TrainConfig
 from oecl_train.data import Splits
 from oecl_train.model import OECLNet
 from oecl_train.trainer import Trainer, architecture_for
-
-ROOT = Path(__file__).resolve().parent
 
 
 class PerImageViews(torch.utils.data.Dataset):
@@ -149,13 +147,20 @@ def _summary(times: list[float], images_per_step: int) -> dict:
 
 def _relative(path: str | None) -> str | None:
     """Record data locations relative to the repository, so results carry no machine paths."""
-    return None if path is None else os.path.relpath(path, ROOT.parent)
+    return None if path is None else os.path.relpath(path, REPO)
+
+
+def markdown(record: dict) -> str:
+    rows = [[name, f"{r['images_per_s']:.1f}", f"{r['median_step_s'] * 1e3:.0f}",
+             "-" if r["speedup_vs_reference"] is None else f"{r['speedup_vs_reference']:.2f}x"]
+            for name, r in record["results"].items()]
+    return "\n".join(md_table(["pipeline", "images/s", "median step ms", "vs reference"], rows))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="mnist")
-    p.add_argument("--data-root", default=str(ROOT.parent.parent / "shared" / "data" / "mnist"))
+    p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "mnist"))
     p.add_argument("--image-size", type=int, default=None,
                    help="resize the images to this (default: native; 16 for digits)")
     p.add_argument("--depth", default="resnet10")
@@ -166,7 +171,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (reference).")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--variants", default="reference,ours-fp32,ours-fp32-compiled,ours")
-    p.add_argument("--out", default=str(ROOT / "results"))
+    p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args()
 
     base = dict(
@@ -194,20 +199,15 @@ def main() -> None:
     results = {}
     for name in args.variants.split(","):
         cfg = TrainConfig.from_dict({**base, **variants[name]})
-        print(f"timing {name} ...", flush=True)
+        log(f"timing {name} ...")
         if name == "reference":
             results[name] = time_reference(cfg, splits, args.steps, args.warmup, args.workers)
         else:
             results[name] = time_ours(cfg, splits, args.steps, args.warmup)
-        print(f"  {results[name]['images_per_s']:.1f} images/s", flush=True)
+        log(f"  {results[name]['images_per_s']:.1f} images/s")
     ref = results.get("reference", {}).get("images_per_s")
-    rows = []
-    for name, r in results.items():
+    for r in results.values():
         r["speedup_vs_reference"] = r["images_per_s"] / ref if ref else None
-        rows.append(
-            f"| {name} | {r['images_per_s']:.1f} | {r['median_step_s'] * 1e3:.0f} | "
-            + (f"{r['speedup_vs_reference']:.2f}x |" if ref else "- |")
-        )
     dev = device_name(args.device)
     record = {
         "benchmark": "train-throughput",
@@ -225,16 +225,13 @@ def main() -> None:
         },
         "results": results,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     tag = "gpu" if args.device.startswith("cuda") else "cpu"
-    (out / f"train-{tag}.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json(Path(args.out) / f"train-{tag}.json", record)
     print(
         f"\n{dev}, {args.depth} width {args.width}, batch {args.batch_size} ID + "
         f"{args.batch_size} OE, {splits.spec.height}x{splits.spec.width}x{splits.spec.channels}"
     )
-    print("| pipeline | images/s | median step ms | vs reference |\n|---|---|---|---|")
-    print("\n".join(rows))
+    print(markdown(record))
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_loss import markdown_table  # noqa: E402
+from _harness import md_table
+from bench_loss import markdown_table
+from bench_score_gpu import markdown_table as score_table
 
 
 def _load(path: Path) -> dict | None:
@@ -25,14 +25,18 @@ def _newest(folder: Path, pattern: str) -> Path | None:
     return found[-1] if found else None
 
 
+def _times(result: dict) -> str:
+    sp = result.get("speedup_vs_reference")
+    return f"{sp:.2f}x" if sp else "-"
+
+
 def summarize(folder: Path) -> tuple[str, bool]:
     lines, ok = ["# GPU check", ""], True
     steps = [json.loads(ln) for ln in (folder / "gpu-check-steps.jsonl").read_text().splitlines()
              if ln.strip()]
-    lines += ["| step | exit code | seconds |", "|---|---|---|"]
-    for s in steps:
-        lines.append(f"| {s['step']} | {s['rc']} | {s['seconds']} |")
-        ok &= s["rc"] == 0
+    lines += md_table(["step", "exit code", "seconds"],
+                      [[s["step"], s["rc"], s["seconds"]] for s in steps])
+    ok &= all(s["rc"] == 0 for s in steps)
     loss_path = _newest(folder, "loss-*.json")
     if loss_path is not None:
         loss = _load(loss_path)
@@ -48,11 +52,9 @@ def summarize(folder: Path) -> tuple[str, bool]:
         lines += ["", f"## Training ({train['device']}, {c['depth']} width {c['width']}, "
                   f"{c['image_size']}x{c['image_size']}x{c['channels']}, batch "
                   f"{c['batch_size']} ID + {c['batch_size']} OE)", "",
-                  "| pipeline | images/s | vs reference |", "|---|---|---|"]
-        for name, r in train["results"].items():
-            sp = r.get("speedup_vs_reference")
-            lines.append(f"| {name} | {r['images_per_s']:.1f} | "
-                         f"{f'{sp:.2f}x' if sp else '-'} |")
+                  *md_table(["pipeline", "images/s", "vs reference"],
+                            [[name, f"{r['images_per_s']:.1f}", _times(r)]
+                             for name, r in train["results"].items()])]
     else:
         ok = False
     score_path = _newest(folder, "score-*.json")
@@ -61,12 +63,7 @@ def summarize(folder: Path) -> tuple[str, bool]:
         ceiling = score["ceiling_images_per_s"]
         lines += ["", f"## Scoring ({score['device']}; onnxruntime on {score['cpu']}; "
                   f"ceiling {f'{ceiling:,.0f} images/s' if ceiling else 'n/a'})", "",
-                  "| scorer | batch | images/s | share of ceiling |", "|---|---|---|---|"]
-        for name, rows in score["results"].items():
-            for r in rows:
-                share = r.get("share_of_ceiling")
-                lines.append(f"| {name} | {r['batch_size']} | {r['images_per_s']:.0f} | "
-                             f"{f'{share:.1%}' if share else '-'} |")
+                  score_table(score["results"])]
     else:
         ok = False
     return "\n".join(lines) + "\n", ok

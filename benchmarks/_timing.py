@@ -1,37 +1,16 @@
-"""Helpers shared by the benchmark scripts (run as `python benchmarks/<script>.py`, which puts
-this directory on sys.path)."""
+"""Timing shared by the benchmark scripts: rotated rounds of `oecl_runtime.bench`'s backend
+timing, and the best of a few repeats of one call."""
 
 from __future__ import annotations
 
-import os
-import platform
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+import _harness  # noqa: F401  (puts the repository on sys.path)
 import numpy as np
 
 from oecl_runtime import bench as B
-
-
-def device_name(device: str) -> str:
-    """The GPU's name for a CUDA device ("auto": CUDA when present), else "<n>-core <CPU model>"
-    from /proc/cpuinfo."""
-    if device.startswith("cuda") or device == "auto":
-        import torch
-
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    model = platform.processor() or "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()}-core {model}"
 
 
 def rotated_rounds(runs: dict[str, Callable[[np.ndarray], Any]], chw: tuple[int, int, int],
@@ -52,3 +31,15 @@ def rotated_rounds(runs: dict[str, Callable[[np.ndarray], Any]], chw: tuple[int,
             log(f"  round {r + 1}: {label}: {row['images_per_s']:.1f} images/s "
                 f"({row['count']} calls, p50 {row['latency_ms']['p50']:.1f} ms)")
     return rows
+
+
+def best_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    """The fastest of `repeats` timed calls after one untimed call: other jobs on the machine
+    only ever slow a call down."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
