@@ -20,6 +20,7 @@ from .names import BACKEND_CHOICES, ENGINE_PRECISIONS, IMAGE_EXTENSIONS, PRECISI
 
 if TYPE_CHECKING:
     from .artifact import Artifact
+    from .scorer import FileResult
 
 _GLOB_CHARS = set("*?[")
 
@@ -121,20 +122,19 @@ class _RowWriter:
             self._csv = csv.writer(stream, lineterminator="\n")
             self._csv.writerow(self.FIELDS)
 
-    def write(self, path: str, norm: Any = None, is_anomaly: bool | None = None,
-              error: str | None = None) -> None:
+    def write(self, r: FileResult) -> None:
         import json
 
         import numpy as np
 
         # str(float32) is the shortest text that reads back as the same float32.
-        text = None if norm is None else str(np.float32(norm))
+        text = None if r.norm is None else str(np.float32(r.norm))
         if self.fmt == "csv":
-            flag = "" if is_anomaly is None else str(is_anomaly).lower()
-            self._csv.writerow((path, text or "", flag, error or ""))
+            flag = "" if r.is_anomaly is None else str(r.is_anomaly).lower()
+            self._csv.writerow((r.path, text or "", flag, r.error or ""))
         else:
-            row = {"path": path, "norm": None if text is None else float(text),
-                   "is_anomaly": is_anomaly, "error": error}
+            row = {"path": r.path, "norm": None if text is None else float(text),
+                   "is_anomaly": r.is_anomaly, "error": r.error}
             self.stream.write(json.dumps(row) + "\n")
 
 
@@ -170,13 +170,14 @@ def score(paths: tuple[str, ...], model_dir: Path, out: Path | None, threshold: 
     scorer = _open_scorer(model_dir, backend, precision, threshold, batch_size, threads)
     _say(f"scoring {len(files)} images with {scorer.backend.name} ({scorer.backend.precision}), "
          f"threshold {scorer.threshold:g}; {_direction(scorer)}")
+    results = scorer.score_files(files, workers=workers)
     if out is None:
-        counts = _score_files(scorer, files, _RowWriter(sys.stdout, fmt), workers)
+        counts = _write_rows(results, len(files), _RowWriter(sys.stdout, fmt))
     else:
         from .atomic import atomic_path
 
         with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8", newline="") as stream:
-            counts = _score_files(scorer, files, _RowWriter(stream, fmt), workers)
+            counts = _write_rows(results, len(files), _RowWriter(stream, fmt))
     n, anomalies, errors, seconds = counts
     _say(f"{n} images: {n - errors} scored, {anomalies} anomalies (norm < {scorer.threshold:g}), "
          f"{errors} errors; {n / seconds:.1f} images/s; {_direction(scorer)}"
@@ -186,47 +187,21 @@ def score(paths: tuple[str, ...], model_dir: Path, out: Path | None, threshold: 
         raise SystemExit(1)
 
 
-def _score_files(scorer: Any, files: list[str], writer: _RowWriter,
-                 workers: int) -> tuple[int, int, int, float]:
-    from concurrent.futures import Future, ThreadPoolExecutor
-
-    import numpy as np
+def _write_rows(results: Iterator[FileResult], total: int,
+                writer: _RowWriter) -> tuple[int, int, int, float]:
+    """Rows for `results` under a progress bar: (images, anomalies, errors, seconds)."""
     from tqdm import tqdm
 
-    from .preprocess import ImageError, load
-
-    spec = scorer.spec
-
-    def read(path: str) -> Any:
-        try:
-            return load(path, spec)
-        except ImageError as e:
-            return e
-
-    bs = scorer.batch_size
-    chunks = [files[i:i + bs] for i in range(0, len(files), bs)]
-    anomalies = errors = 0
+    n = anomalies = errors = 0
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(workers) as pool, \
-            tqdm(total=len(files), unit="img", file=sys.stderr, disable=None) as bar:
-        # Decoding of the next chunk overlaps inference on the current one.
-        pending: list[Future] | None = [pool.submit(read, p) for p in chunks[0]] if chunks else None
-        for k, chunk in enumerate(chunks):
-            loaded = [f.result() for f in pending or []]
-            pending = [pool.submit(read, p) for p in chunks[k + 1]] if k + 1 < len(chunks) else None
-            good = [i for i, x in enumerate(loaded) if isinstance(x, np.ndarray)]
-            norms = scorer.score_array(np.stack([loaded[i] for i in good])) if good else []
-            results = dict(zip(good, scorer.decide(norms), strict=True))
-            for i, path in enumerate(chunk):
-                if i in results:
-                    r = results[i]
-                    anomalies += r.is_anomaly
-                    writer.write(path, r.norm, r.is_anomaly)
-                else:
-                    errors += 1
-                    writer.write(path, error=str(loaded[i]))
-            bar.update(len(chunk))
-    return len(files), anomalies, errors, max(time.perf_counter() - t0, 1e-9)
+    with tqdm(total=total, unit="img", file=sys.stderr, disable=None) as bar:
+        for r in results:
+            writer.write(r)
+            n += 1
+            anomalies += bool(r.is_anomaly)
+            errors += r.error is not None
+            bar.update()
+    return n, anomalies, errors, max(time.perf_counter() - t0, 1e-9)
 
 
 # ----------------------------------------------------------------------------- serve
