@@ -51,7 +51,8 @@ from oecl_runtime import bench as B
 from oecl_runtime.atomic import write_json
 from oecl_runtime.backends import Backend, open_backend
 from oecl_runtime.backends.ort import OnnxRuntimeBackend, session_options
-from oecl_runtime.cli import _server_runtime, request_images
+from oecl_runtime.bench import request_images
+from oecl_runtime.bench import server_runtime as _server_runtime
 from oecl_runtime.flops import graph_macs
 from oecl_runtime.server import http_stack
 

@@ -355,8 +355,11 @@ def bench(model_dir: Path, backend: str, precision: str | None, threads: int | N
             iterations=iterations, warmup=warmup, max_seconds=max_seconds, progress=show,
             macs_per_image=macs)
     if url:
-        report["server"] = _server_runtime(url)
-        bodies = request_images(spec, count=min(requests, 256))
+        try:
+            report["server"] = B.server_runtime(url)
+        except B.HTTPClientError as e:
+            raise click.ClickException(str(e)) from None
+        bodies = B.request_images(spec, count=min(requests, 256))
         _say(f"HTTP sweep against {url}: {requests} one-image requests per level")
         report["results"] += B.bench_http(url, bodies, levels, requests, warmup=warmup,
                                           time_limit_s=max_seconds * 6, progress=show)
@@ -381,39 +384,10 @@ def _macs_per_image(artifact: Artifact) -> int | None:
         return None
 
 
-def _server_runtime(url: str) -> dict[str, Any]:
-    """The server's own account of its backend and batching, recorded beside its numbers."""
-    import json
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url.rstrip("/") + "/v1/model", timeout=10) as r:
-            return json.loads(r.read()).get("runtime", {})
-    except OSError as e:
-        raise click.ClickException(f"cannot reach the server at {url}: {e}") from None
-
-
 def _direction(scorer: Any) -> str:
     """What the `norm` column holds, and which way is normal."""
     name = scorer.artifact.score_name
     return "norm: higher = normal" if name == "norm" else f"norm = {name}: higher = normal"
-
-
-def request_images(spec: Any, count: int) -> list[bytes]:
-    """Distinct PNG images of the model's input size, so no cache can flatter the numbers."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(count):
-        arr = rng.integers(0, 256, (spec.height, spec.width, spec.channels), dtype=np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(arr[:, :, 0] if spec.channels == 1 else arr).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
 
 
 # ----------------------------------------------------------------------------- edge box
