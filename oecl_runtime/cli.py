@@ -1,7 +1,8 @@
-"""`oecl score`, `oecl serve` and `oecl bench`: click commands over the runtime.
+"""The runtime's click commands (`oecl score`, `serve`, `bench`, `verify`, `engine`,
+`triton-repo`) over the library.
 
-Registered in the main `oecl` group; `python -m oecl_runtime` runs them on a box that has the
-runtime alone. Everything heavier than click is imported inside the command bodies.
+Both `oecl` and `python -m oecl_runtime` (a box that has the runtime alone) list them from
+`verbs.RUNTIME_VERBS`. Everything heavier than click is imported inside the command bodies.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .names import BACKEND_CHOICES, ENGINE_PRECISIONS, IMAGE_EXTENSIONS, PRECISIONS
+from .verbs import RUNTIME_VERBS, VerbGroup
 
 if TYPE_CHECKING:
     from .artifact import Artifact
@@ -509,14 +511,10 @@ def triton_repo(artifact: Path, out: Path, name: str, fmt: str, precision: str |
     click.echo(json.dumps(summary))
 
 
-@click.group("oecl-runtime")
+class _RuntimeGroup(VerbGroup):
+    verbs = RUNTIME_VERBS
+
+
+@click.group("oecl-runtime", cls=_RuntimeGroup)
 def main() -> None:
     """Score, serve and benchmark OECL model artifacts (no torch needed)."""
-
-
-main.add_command(score)
-main.add_command(serve)
-main.add_command(bench)
-main.add_command(verify)
-main.add_command(engine)
-main.add_command(triton_repo)

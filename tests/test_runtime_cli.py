@@ -1,11 +1,14 @@
 """`oecl score` and `oecl bench` through click's CliRunner; `Scorer.score_files` beneath
-`oecl score`."""
+`oecl score`; the runtime verbs as both entry points list them."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +24,7 @@ from oecl_runtime import Scorer
 from oecl_runtime.cli import bench, expand_paths, score
 from oecl_runtime.flops import graph_macs
 from oecl_runtime.scorer import FileResult
+from oecl_runtime.verbs import RUNTIME_VERBS
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +79,30 @@ def test_score_files_stops_decoding_when_the_caller_stops(artifact_dir: Path,
         assert next(results).path == files[0]
         results.close()
     assert threading.active_count() == before
+
+
+def _verb_lines(help_text: str) -> list[str]:
+    return [line for line in help_text.splitlines()
+            if line.startswith("  ") and line.split()[0] in RUNTIME_VERBS]
+
+
+def test_both_entry_points_list_the_runtime_verbs_alike_without_heavy_imports() -> None:
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom oecl_train.cli import main\n"
+            "r = CliRunner().invoke(main, ['--help'], terminal_width=100)\n"
+            "print(sorted({'numpy', 'onnxruntime', 'torch'} & set(sys.modules)))\n"
+            "print(r.output)")
+    oecl = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout
+    heavy, oecl_help = oecl.split("\n", 1)
+    assert heavy == "[]"
+    runtime = subprocess.run([sys.executable, "-m", "oecl_runtime", "--help"],
+                             capture_output=True, text=True, check=True,
+                             env={**os.environ, "COLUMNS": "100"}).stdout
+    lines = _verb_lines(oecl_help)
+    assert [line.split()[0] for line in lines] == list(RUNTIME_VERBS)
+    assert lines == _verb_lines(runtime)
+    for line, (_, _, short_help) in zip(lines, RUNTIME_VERBS.values(), strict=True):
+        assert line.endswith(short_help)
 
 
 def test_score_directory_with_a_corrupt_file(artifact_dir: Path, image_dir: Path,
