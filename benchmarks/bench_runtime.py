@@ -49,7 +49,7 @@ from oecl_runtime import bench as B
 from oecl_runtime.atomic import write_json
 from oecl_runtime.backends import Backend, open_backend
 from oecl_runtime.backends.ort import OnnxRuntimeBackend
-from oecl_runtime.cli import _server_runtime, request_images
+from oecl_runtime.bench import request_images, server_runtime
 from oecl_runtime.flops import graph_macs
 from oecl_runtime.server import http_stack
 
@@ -257,7 +257,7 @@ def time_http(artifact: Artifact, args: argparse.Namespace) -> dict[str, Any]:
     log(f"HTTP: oecl serve {' '.join(options)}")
     with oecl_serve(artifact.directory, options) as server:
         url = server.url
-        runtime = _server_runtime(url)
+        runtime = server_runtime(url)
         bodies = request_images(artifact.spec, count=min(args.requests, 256))
         warm = [bodies[i % len(bodies)] for i in range(args.http_warmup)]
         warm_replies, _ = asyncio.run(B.http_load(url, warm, args.concurrency,

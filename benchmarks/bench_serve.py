@@ -171,7 +171,7 @@ def in_process(args: argparse.Namespace, bodies: list[bytes]) -> dict[str, float
 def request_bodies(model: Path, count: int) -> list[bytes]:
     """The same distinct PNG bodies `oecl bench --url` sends."""
     from oecl_runtime.artifact import Artifact
-    from oecl_runtime.cli import request_images
+    from oecl_runtime.bench import request_images
 
     return request_images(Artifact.open(model, verify=False).spec, count)
 

@@ -1,4 +1,5 @@
-"""`python -m oecl_runtime score|serve|bench`: the runtime's commands without the training CLI."""
+"""`python -m oecl_runtime`: the runtime's verbs (`verbs.RUNTIME_VERBS`) without the training
+CLI."""
 
 from .cli import main
 

@@ -276,6 +276,32 @@ def bench_http(
     return rows
 
 
+def request_images(spec: Any, count: int) -> list[bytes]:
+    """Distinct PNG images of the model's input size, so no cache can flatter the numbers."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(count):
+        arr = rng.integers(0, 256, (spec.height, spec.width, spec.channels), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr[:, :, 0] if spec.channels == 1 else arr).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def server_runtime(url: str) -> dict[str, Any]:
+    """The server's own account of its backend and batching, recorded beside its numbers."""
+    import json
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/v1/model", timeout=10) as r:
+            return json.loads(r.read()).get("runtime", {})
+    except OSError as e:
+        raise HTTPClientError(f"cannot reach the server at {url}: {e}") from None
+
+
 # ----------------------------------------------------------------------------- reports
 
 CSV_FIELDS = ("mode", "batch_size", "concurrency", "count", "errors", "seconds", "images_per_s",

@@ -1,7 +1,8 @@
-"""`oecl score`, `oecl serve` and `oecl bench`: click commands over the runtime.
+"""The runtime's click commands (`oecl score`, `serve`, `bench`, `verify`, `engine`,
+`triton-repo`) over the library.
 
-Registered in the main `oecl` group; `python -m oecl_runtime` runs them on a box that has the
-runtime alone. Everything heavier than click is imported inside the command bodies.
+Both `oecl` and `python -m oecl_runtime` (a box that has the runtime alone) list them from
+`verbs.RUNTIME_VERBS`. Everything heavier than click is imported inside the command bodies.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .names import BACKEND_CHOICES, ENGINE_PRECISIONS, IMAGE_EXTENSIONS, PRECISIONS
+from .verbs import RUNTIME_VERBS, VerbGroup
 
 if TYPE_CHECKING:
     from .artifact import Artifact
+    from .scorer import FileResult
 
 _GLOB_CHARS = set("*?[")
 
@@ -121,20 +124,19 @@ class _RowWriter:
             self._csv = csv.writer(stream, lineterminator="\n")
             self._csv.writerow(self.FIELDS)
 
-    def write(self, path: str, norm: Any = None, is_anomaly: bool | None = None,
-              error: str | None = None) -> None:
+    def write(self, r: FileResult) -> None:
         import json
 
         import numpy as np
 
         # str(float32) is the shortest text that reads back as the same float32.
-        text = None if norm is None else str(np.float32(norm))
+        text = None if r.norm is None else str(np.float32(r.norm))
         if self.fmt == "csv":
-            flag = "" if is_anomaly is None else str(is_anomaly).lower()
-            self._csv.writerow((path, text or "", flag, error or ""))
+            flag = "" if r.is_anomaly is None else str(r.is_anomaly).lower()
+            self._csv.writerow((r.path, text or "", flag, r.error or ""))
         else:
-            row = {"path": path, "norm": None if text is None else float(text),
-                   "is_anomaly": is_anomaly, "error": error}
+            row = {"path": r.path, "norm": None if text is None else float(text),
+                   "is_anomaly": r.is_anomaly, "error": r.error}
             self.stream.write(json.dumps(row) + "\n")
 
 
@@ -170,13 +172,14 @@ def score(paths: tuple[str, ...], model_dir: Path, out: Path | None, threshold: 
     scorer = _open_scorer(model_dir, backend, precision, threshold, batch_size, threads)
     _say(f"scoring {len(files)} images with {scorer.backend.name} ({scorer.backend.precision}), "
          f"threshold {scorer.threshold:g}; {_direction(scorer)}")
+    results = scorer.score_files(files, workers=workers)
     if out is None:
-        counts = _score_files(scorer, files, _RowWriter(sys.stdout, fmt), workers)
+        counts = _write_rows(results, len(files), _RowWriter(sys.stdout, fmt))
     else:
         from .atomic import atomic_path
 
         with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8", newline="") as stream:
-            counts = _score_files(scorer, files, _RowWriter(stream, fmt), workers)
+            counts = _write_rows(results, len(files), _RowWriter(stream, fmt))
     n, anomalies, errors, seconds = counts
     _say(f"{n} images: {n - errors} scored, {anomalies} anomalies (norm < {scorer.threshold:g}), "
          f"{errors} errors; {n / seconds:.1f} images/s; {_direction(scorer)}"
@@ -186,47 +189,21 @@ def score(paths: tuple[str, ...], model_dir: Path, out: Path | None, threshold: 
         raise SystemExit(1)
 
 
-def _score_files(scorer: Any, files: list[str], writer: _RowWriter,
-                 workers: int) -> tuple[int, int, int, float]:
-    from concurrent.futures import Future, ThreadPoolExecutor
-
-    import numpy as np
+def _write_rows(results: Iterator[FileResult], total: int,
+                writer: _RowWriter) -> tuple[int, int, int, float]:
+    """Rows for `results` under a progress bar: (images, anomalies, errors, seconds)."""
     from tqdm import tqdm
 
-    from .preprocess import ImageError, load
-
-    spec = scorer.spec
-
-    def read(path: str) -> Any:
-        try:
-            return load(path, spec)
-        except ImageError as e:
-            return e
-
-    bs = scorer.batch_size
-    chunks = [files[i:i + bs] for i in range(0, len(files), bs)]
-    anomalies = errors = 0
+    n = anomalies = errors = 0
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(workers) as pool, \
-            tqdm(total=len(files), unit="img", file=sys.stderr, disable=None) as bar:
-        # Decoding of the next chunk overlaps inference on the current one.
-        pending: list[Future] | None = [pool.submit(read, p) for p in chunks[0]] if chunks else None
-        for k, chunk in enumerate(chunks):
-            loaded = [f.result() for f in pending or []]
-            pending = [pool.submit(read, p) for p in chunks[k + 1]] if k + 1 < len(chunks) else None
-            good = [i for i, x in enumerate(loaded) if isinstance(x, np.ndarray)]
-            norms = scorer.score_array(np.stack([loaded[i] for i in good])) if good else []
-            results = dict(zip(good, scorer.decide(norms), strict=True))
-            for i, path in enumerate(chunk):
-                if i in results:
-                    r = results[i]
-                    anomalies += r.is_anomaly
-                    writer.write(path, r.norm, r.is_anomaly)
-                else:
-                    errors += 1
-                    writer.write(path, error=str(loaded[i]))
-            bar.update(len(chunk))
-    return len(files), anomalies, errors, max(time.perf_counter() - t0, 1e-9)
+    with tqdm(total=total, unit="img", file=sys.stderr, disable=None) as bar:
+        for r in results:
+            writer.write(r)
+            n += 1
+            anomalies += bool(r.is_anomaly)
+            errors += r.error is not None
+            bar.update()
+    return n, anomalies, errors, max(time.perf_counter() - t0, 1e-9)
 
 
 # ----------------------------------------------------------------------------- serve
@@ -380,8 +357,11 @@ def bench(model_dir: Path, backend: str, precision: str | None, threads: int | N
             iterations=iterations, warmup=warmup, max_seconds=max_seconds, progress=show,
             macs_per_image=macs)
     if url:
-        report["server"] = _server_runtime(url)
-        bodies = request_images(spec, count=min(requests, 256))
+        try:
+            report["server"] = B.server_runtime(url)
+        except B.HTTPClientError as e:
+            raise click.ClickException(str(e)) from None
+        bodies = B.request_images(spec, count=min(requests, 256))
         _say(f"HTTP sweep against {url}: {requests} one-image requests per level")
         report["results"] += B.bench_http(url, bodies, levels, requests, warmup=warmup,
                                           time_limit_s=max_seconds * 6, progress=show)
@@ -406,39 +386,10 @@ def _macs_per_image(artifact: Artifact) -> int | None:
         return None
 
 
-def _server_runtime(url: str) -> dict[str, Any]:
-    """The server's own account of its backend and batching, recorded beside its numbers."""
-    import json
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url.rstrip("/") + "/v1/model", timeout=10) as r:
-            return json.loads(r.read()).get("runtime", {})
-    except OSError as e:
-        raise click.ClickException(f"cannot reach the server at {url}: {e}") from None
-
-
 def _direction(scorer: Any) -> str:
     """What the `norm` column holds, and which way is normal."""
     name = scorer.artifact.score_name
     return "norm: higher = normal" if name == "norm" else f"norm = {name}: higher = normal"
-
-
-def request_images(spec: Any, count: int) -> list[bytes]:
-    """Distinct PNG images of the model's input size, so no cache can flatter the numbers."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(count):
-        arr = rng.integers(0, 256, (spec.height, spec.width, spec.channels), dtype=np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(arr[:, :, 0] if spec.channels == 1 else arr).save(buf, format="PNG")
-        out.append(buf.getvalue())
-    return out
 
 
 # ----------------------------------------------------------------------------- edge box
@@ -560,14 +511,10 @@ def triton_repo(artifact: Path, out: Path, name: str, fmt: str, precision: str |
     click.echo(json.dumps(summary))
 
 
-@click.group("oecl-runtime")
+class _RuntimeGroup(VerbGroup):
+    verbs = RUNTIME_VERBS
+
+
+@click.group("oecl-runtime", cls=_RuntimeGroup)
 def main() -> None:
     """Score, serve and benchmark OECL model artifacts (no torch needed)."""
-
-
-main.add_command(score)
-main.add_command(serve)
-main.add_command(bench)
-main.add_command(verify)
-main.add_command(engine)
-main.add_command(triton_repo)

@@ -8,7 +8,9 @@ if it fires first, the client gets a 408 and the connection is closed. The body'
 the app's (it reads the body).
 
 The header timeout travels on the uvicorn `Config` as `header_timeout_s`, so worker processes
-started by uvicorn's supervisor get it with the rest of the configuration.
+started by uvicorn's supervisor get it with the rest of the configuration. Each 408 is told to
+the app being served, if it has an `on_header_timeout()` (to count it): the app, unlike the
+protocol class, is one per server, so two servers in one process count apart.
 """
 
 from __future__ import annotations
@@ -38,8 +40,6 @@ class _HeaderDeadline:
     """Mixed in before a uvicorn protocol class (httptools or h11)."""
 
     _header_timer: asyncio.TimerHandle | None = None
-    # Called with no arguments when a 408 is sent (e.g. to count it); set per process.
-    on_timeout: Any = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
@@ -76,8 +76,20 @@ class _HeaderDeadline:
         timeout = getattr(self.config, "header_timeout_s", DEFAULT_HEADER_TIMEOUT_S)  # type: ignore[attr-defined]
         transport.write(timeout_response(f"request headers not received within {timeout:g} s"))
         transport.close()
-        if type(self).on_timeout is not None:
-            type(self).on_timeout()
+        hook = _timeout_hook(self.app)  # type: ignore[attr-defined]
+        if hook is not None:
+            hook()
+
+
+def _timeout_hook(app: Any) -> Any:
+    """The served app's `on_header_timeout`, found under uvicorn's middleware (each wrapper
+    keeps the app it wraps as `.app`)."""
+    while app is not None:
+        hook = getattr(app, "on_header_timeout", None)
+        if hook is not None:
+            return hook
+        app = getattr(app, "app", None)
+    return None
 
 
 class H11TimeoutProtocol(_HeaderDeadline, H11Protocol):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -12,7 +14,7 @@ import numpy as np
 from .artifact import Artifact
 from .backends import Backend, open_backend
 from .inputs import iter_items, prepare
-from .preprocess import ImageError, InputSpec
+from .preprocess import ImageError, InputSpec, load
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,16 @@ class ScoreResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """One file of `Scorer.score_files`: its norm and decision, or why it could not be read."""
+
+    path: str
+    norm: float | None = None
+    is_anomaly: bool | None = None
+    error: str | None = None
 
 
 class Scorer:
@@ -121,6 +133,45 @@ class Scorer:
             norms.append(self.score_array(buf[:n]))
         flat = np.concatenate(norms) if norms else np.empty(0, np.float32)
         return self.decide(flat, threshold)
+
+    def score_files(self, paths: Iterable[str], *, workers: int | None = None,
+                    threshold: float | None = None) -> Iterator[FileResult]:
+        """One `FileResult` per path, in order; an unreadable file is an error result, not a raise.
+
+        `workers` threads decode (default: one per core, at most 8). The next batch is decoded
+        while this one is scored, so at most two batches of decoded images are held.
+        """
+        spec = self.spec
+
+        def read(path: str) -> np.ndarray | ImageError:
+            try:
+                return load(path, spec)
+            except ImageError as e:
+                return e
+
+        files = list(paths)
+        bs = self.batch_size
+        chunks = [files[i:i + bs] for i in range(0, len(files), bs)]
+        pool = ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1))
+
+        def submit(k: int) -> list[Future]:
+            return [pool.submit(read, p) for p in chunks[k]] if k < len(chunks) else []
+
+        try:
+            pending = submit(0)
+            for k, chunk in enumerate(chunks):
+                loaded = [f.result() for f in pending]
+                pending = submit(k + 1)
+                good = [i for i, x in enumerate(loaded) if isinstance(x, np.ndarray)]
+                norms = self.score_array(np.stack([loaded[i] for i in good])) if good else []
+                decided = dict(zip(good, self.decide(norms, threshold), strict=True))
+                for i, path in enumerate(chunk):
+                    r = decided.get(i)
+                    yield (FileResult(path, r.norm, r.is_anomaly) if r is not None
+                           else FileResult(path, error=str(loaded[i])))
+        finally:
+            # A caller that stops early leaves no decoding behind.
+            pool.shutdown(cancel_futures=True)
 
     @property
     def _chw(self) -> tuple[int, int, int]:

@@ -172,6 +172,11 @@ class ScoringApp:
         else:
             await self.inner(scope, receive, send)
 
+    def on_header_timeout(self) -> None:
+        """Counts a 408 for late headers, sent by the HTTP protocol (`http_timeouts`) before
+        the request could reach the app."""
+        self.metrics.error("timeout")
+
     # ---- POST /v1/score
 
     async def _score_endpoint(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -499,12 +504,6 @@ def _uvicorn_config(app: Any, host: str, port: int, cfg: ServerConfig, log_level
     return uv
 
 
-def _count_header_timeouts(metrics: ServerMetrics) -> None:
-    from .http_timeouts import _HeaderDeadline
-
-    _HeaderDeadline.on_timeout = staticmethod(lambda: metrics.error("timeout"))
-
-
 def serve(
     scorer: Scorer,
     host: str = "127.0.0.1",
@@ -521,7 +520,6 @@ def serve(
     """
     cfg = config or ServerConfig()
     app = create_app(scorer, cfg)
-    _count_header_timeouts(app.metrics)
     uv_config = _uvicorn_config(app, host, port, cfg, log_level, graceful_timeout_s, access_log)
     stack = http_stack()
     log.info("uvicorn %s, http %s, event loop %s", stack["uvicorn"], stack["http"], stack["loop"])
@@ -588,7 +586,6 @@ def worker_app() -> ScoringApp:
     scorer = Scorer.open(opts["model"], backend=opts["backend"], precision=opts["precision"],
                          threshold=opts["threshold"], threads=opts["threads"])
     app = ScoringApp(scorer, ServerConfig(**opts["config"]), close_scorer=True)
-    _count_header_timeouts(app.metrics)
     return app
 
 

@@ -3,15 +3,15 @@ and `oecl score/serve/bench` never import torch."""
 
 from __future__ import annotations
 
-import importlib
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
 import click
 
 from oecl_runtime import __version__
+from oecl_runtime.verbs import RUNTIME_VERBS, VerbGroup
 
-# verb -> "module:attribute" of its click command
+# verb -> (module, attribute of its click command, short help): training's, then the runtime's
 VERBS = {
     "quickstart": (
         "oecl_train.quickstart",
@@ -25,33 +25,12 @@ VERBS = {
         "export_cmd",
         "Export a run to ONNX / TensorRT + oecl.json.",
     ),
-    "score": ("oecl_runtime.cli", "score", "Score images with an exported model (no torch)."),
-    "serve": ("oecl_runtime.cli", "serve", "Serve an exported model over HTTP."),
-    "bench": ("oecl_runtime.cli", "bench", "Measure scoring latency and throughput."),
-    "verify": ("oecl_runtime.cli", "verify", "Check a backend here on the artifact's golden set."),
-    "engine": ("oecl_runtime.cli", "engine", "Build and record TensorRT engines on this GPU."),
-    "triton-repo": ("oecl_runtime.cli", "triton_repo", "Write a Triton Inference Server model "
-                    "repository."),
+    **RUNTIME_VERBS,
 }
 
 
-class LazyGroup(click.Group):
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return list(VERBS)
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in VERBS:
-            return None
-        module, attr, _ = VERBS[name]
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise click.ClickException(f"'oecl {name}' is unavailable: {e}") from e
-
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        # Short help from the table, so listing the verbs imports nothing heavy.
-        with formatter.section("Commands"):
-            formatter.write_dl([(name, VERBS[name][2]) for name in VERBS])
+class LazyGroup(VerbGroup):
+    verbs = VERBS
 
 
 def version_text() -> str:

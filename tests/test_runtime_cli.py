@@ -1,10 +1,14 @@
-"""`oecl score` and `oecl bench` through click's CliRunner."""
+"""`oecl score` and `oecl bench` through click's CliRunner; `Scorer.score_files` beneath
+`oecl score`; the runtime verbs as both entry points list them."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +23,8 @@ from PIL import Image
 from oecl_runtime import Scorer
 from oecl_runtime.cli import bench, expand_paths, score
 from oecl_runtime.flops import graph_macs
+from oecl_runtime.scorer import FileResult
+from oecl_runtime.verbs import RUNTIME_VERBS
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +40,64 @@ def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _rows(text: str) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_score_files_in_order_with_an_unreadable_file(artifact_dir: Path,
+                                                     image_dir: Path) -> None:
+    files = expand_paths((str(image_dir),))
+    files.insert(1, str(image_dir / "missing.png"))
+    # batch_size 2: several batches, one of them holding both unreadable files.
+    with Scorer.open(artifact_dir, backend="onnxruntime-cpu", batch_size=2) as s:
+        results = list(s.score_files(files, workers=2))
+        good = [p for p in files if p.endswith(".png") and "missing" not in p]
+        want = s.score(good)
+        high = list(s.score_files(good[:1], threshold=1e9))
+    assert [r.path for r in results] == files
+    corrupt = str(image_dir / "corrupt.jpg")
+    bad = {r.path: r.error for r in results if r.error is not None}
+    assert set(bad) == {files[1], corrupt}
+    assert "no such file" in bad[files[1]] and "cannot decode" in bad[corrupt]
+    assert all(r.norm is None and r.is_anomaly is None for r in results if r.error)
+    scored = [r for r in results if r.error is None]
+    assert [r.path for r in scored] == good
+    for r, w in zip(scored, want, strict=True):
+        assert r.norm == pytest.approx(w.norm, rel=1e-6) and r.is_anomaly == w.is_anomaly
+    assert high == [FileResult(good[0], scored[0].norm, True)]
+
+
+def test_score_files_stops_decoding_when_the_caller_stops(artifact_dir: Path,
+                                                         image_dir: Path) -> None:
+    files = expand_paths((str(image_dir),)) * 20
+    before = threading.active_count()
+    with Scorer.open(artifact_dir, backend="onnxruntime-cpu", batch_size=2) as s:
+        results = s.score_files(files, workers=3)
+        assert next(results).path == files[0]
+        results.close()
+    assert threading.active_count() == before
+
+
+def _verb_lines(help_text: str) -> list[str]:
+    return [line for line in help_text.splitlines()
+            if line.startswith("  ") and line.split()[0] in RUNTIME_VERBS]
+
+
+def test_both_entry_points_list_the_runtime_verbs_alike_without_heavy_imports() -> None:
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom oecl_train.cli import main\n"
+            "r = CliRunner().invoke(main, ['--help'], terminal_width=100)\n"
+            "print(sorted({'numpy', 'onnxruntime', 'torch'} & set(sys.modules)))\n"
+            "print(r.output)")
+    oecl = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout
+    heavy, oecl_help = oecl.split("\n", 1)
+    assert heavy == "[]"
+    runtime = subprocess.run([sys.executable, "-m", "oecl_runtime", "--help"],
+                             capture_output=True, text=True, check=True,
+                             env={**os.environ, "COLUMNS": "100"}).stdout
+    lines = _verb_lines(oecl_help)
+    assert [line.split()[0] for line in lines] == list(RUNTIME_VERBS)
+    assert lines == _verb_lines(runtime)
+    for line, (_, _, short_help) in zip(lines, RUNTIME_VERBS.values(), strict=True):
+        assert line.endswith(short_help)
 
 
 def test_score_directory_with_a_corrupt_file(artifact_dir: Path, image_dir: Path,
