@@ -349,3 +349,15 @@ def test_gpu_peak_memory_is_linear_in_n(triton_ready):
     # an N x N fp32 matrix at N = 16384 alone would be 1 GiB.
     assert large <= 2.2 * small + (1 << 20)
     assert large < 64 * (1 << 20)
+
+
+def test_package_names_are_the_functions():
+    """`kernels.ntxent_oe_torch` names both a module and the twin's entry point; the package
+    must export the function even after the module has been imported lazily."""
+    import importlib
+
+    import kernels
+
+    importlib.import_module("kernels.ntxent_oe_torch")
+    assert callable(kernels.ntxent_oe_torch) and callable(kernels.ntxent_oe)
+    assert kernels.ntxent_oe_torch is ntxent_oe_torch
