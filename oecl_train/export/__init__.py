@@ -17,6 +17,7 @@ Stages, each timed on stderr (`export_run` in `run.py` calls them in this order)
 5. verify (`verify`): held-out ID and OOD images scored by the PyTorch model and by every
    exported file through the runtime's backends, compared by `oecl_runtime.golden.compare` (the
    check `oecl verify` makes), written to `verify.json`; an export outside the tolerances fails.
+   `verify_export` makes the same check on an artifact exported without it.
 
 Everything is built in a temporary directory and renamed into place only when all stages
 pass, so a crash or a failed check leaves nothing under the output name.
@@ -44,6 +45,7 @@ from oecl_train.export.verify import (
     FP32_REL_TOL,
     VERIFY_FILE,
     verify_artifact,
+    verify_export,
 )
 
 __all__ = [
@@ -71,4 +73,5 @@ __all__ = [
     "quantize_int8",
     "torch_norms",
     "verify_artifact",
+    "verify_export",
 ]

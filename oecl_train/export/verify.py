@@ -12,13 +12,15 @@ import torch
 from torch import nn
 
 from oecl_runtime import golden
-from oecl_runtime.artifact import write_metadata
+from oecl_runtime.artifact import Artifact, write_metadata
 from oecl_runtime.atomic import write_json
+from oecl_train.data import Splits
 from oecl_train.export.errors import VerificationFailed
 from oecl_train.export.norms import held_out, torch_norms, verification_images
-from oecl_train.export.progress import Log, Progress
+from oecl_train.export.progress import Log, Progress, stderr
 from oecl_train.export.source import Source
-from oecl_train.views import View
+from oecl_train.trainer import load_trained, resolve_device
+from oecl_train.views import View, views_from_json
 
 # Verification fails beyond these (module constants so tests can tighten them).
 FP32_REL_TOL = 1e-4  # largest |norm - norm_torch| / norm_torch of the fp32 files
@@ -61,6 +63,19 @@ def check_against_torch(directory: Path, net: nn.Module, images: np.ndarray,
     report = verify_artifact(directory, ref, images, is_id, log)
     write_json(directory / VERIFY_FILE, report)
     return report
+
+
+def verify_export(run_dir: str | Path, artifact_dir: str | Path, *, device: str = "cpu",
+                  log: Log = stderr) -> dict[str, Any]:
+    """Verify an artifact exported from `run_dir` as the exporter does (e.g. one exported
+    with verify=False): same images, same reference, same tolerances. Writes `verify.json`
+    into the artifact and returns the report; a failing report is returned, not raised."""
+    artifact_dir = Path(artifact_dir)
+    dev = resolve_device(device)
+    cfg, net, _ = load_trained(run_dir, dev)
+    views = views_from_json(Artifact.open(artifact_dir, verify=False).views)
+    images, is_id = verification_images(Splits.from_config(cfg), cfg.seed)
+    return check_against_torch(artifact_dir, net, images, is_id, dev, views, log)
 
 
 def verify_or_fail(src: Source, directory: Path, meta: dict[str, Any],
