@@ -156,10 +156,9 @@ def export(run_dir: Path, out: Path) -> tuple[dict[str, Any], str | None]:
 
     The exporter refuses a file outside its tolerances and writes nothing. The speed of such a
     file is still worth knowing, so then it exports unchecked and runs the same check (same
-    images, same reference, `verify_artifact`) to record the figures; the failure is kept.
+    images, same reference, `verify_export`) to record the figures; the failure is kept.
     """
     from oecl_train import export as E
-    from oecl_train.data import Splits
 
     formats = ["onnx", "onnx-int8"]
 
@@ -175,15 +174,9 @@ def export(run_dir: Path, out: Path) -> tuple[dict[str, Any], str | None]:
         failure = str(e)
     log(f"export verification failed ({failure}); exporting unchecked to measure it anyway")
     E.export_run(run_dir, out, formats=formats, verify=False, views=1, log=say)
-    from oecl_train.trainer import load_trained
-
-    cfg, net, _ = load_trained(run_dir, "cpu")
-    images, is_id = E._verification_images(Splits.from_config(cfg), cfg.seed)
-    ref = E.torch_norms(net, images, torch.device("cpu"))
-    report = E.verify_artifact(out, ref, images, is_id, say)
-    # Kept beside the files (its "pass" is false) so that a rerun with --artifact reports it.
-    write_json(out / E.VERIFY_FILE, report)
-    return report, failure
+    # Writes verify.json beside the files (its "pass" is false) so that a rerun with
+    # --artifact reports it.
+    return E.verify_export(run_dir, out, log=say), failure
 
 
 def verify_summary(report: dict[str, Any] | None, failure: str | None) -> dict[str, Any]:

@@ -85,10 +85,10 @@ def ort_scorer(model: torch.nn.Module, chw: tuple[int, int, int], threads: int, 
     import onnxruntime as ort
 
     from oecl_runtime.backends.ort import session_options
-    from oecl_train.export import _export_onnx
+    from oecl_train.export import export_onnx
 
     path = scratch / "score.onnx"
-    _export_onnx(model.cpu().eval(), path, chw, embedding=False)
+    export_onnx(model.cpu().eval(), path, chw, embedding=False)
     sess = ort.InferenceSession(str(path), sess_options=session_options("cpu", threads),
                                 providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name

@@ -28,6 +28,7 @@ from oecl_runtime.golden import GOLDEN_FILES  # noqa: E402
 from oecl_train import export  # noqa: E402
 from oecl_train.data import Splits  # noqa: E402
 from oecl_train.export import ExportError, VerificationFailed, export_run  # noqa: E402
+from oecl_train.export.norms import oe_images  # noqa: E402
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 TRT_REASON = "tensorrt is not installed" if not HAVE_TRT else "no NVIDIA GPU is visible"
@@ -274,7 +275,7 @@ def test_tensorrt_without_tensorrt_fails_first(trained, tmp_path):
 
 def test_failed_verification_leaves_nothing(trained, tmp_path, monkeypatch):
     run_dir, splits = trained
-    monkeypatch.setattr(export, "AUROC_TOL", -1.0)  # no AUROC can be within a negative bound
+    monkeypatch.setattr(export.verify, "AUROC_TOL", -1.0)  # no AUROC can be within a negative bound
     out = tmp_path / "model"
     with pytest.raises(VerificationFailed, match=r"model\.onnx.*AUROC"):
         export_run(run_dir, out, "onnx", max_batch=16, views=1, splits=splits, log=lambda m: None)
@@ -324,11 +325,11 @@ def test_self_oe_statistics_use_rotated_validation_images():
         oe_mode, oe = "self", None
         id_val = np.arange(2 * 1 * 4 * 4, dtype=np.uint8).reshape(2, 1, 4, 4)
 
-    oe = export._oe_images(S, seed=0)
+    oe = oe_images(S, seed=0)
     assert oe.shape == (4, 1, 4, 4)
     np.testing.assert_array_equal(oe[0], S.id_val[0, :, ::-1, ::-1])
     S.oe_mode = "none"
-    assert export._oe_images(S, seed=0) is None
+    assert oe_images(S, seed=0) is None
 
 
 # ---------------------------------------------------------------- golden set, int8 forms

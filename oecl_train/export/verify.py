@@ -1,0 +1,115 @@
+"""Verification: held-out ID and OOD images scored by the PyTorch model and by every exported
+file through the runtime's backends, compared by `oecl_runtime.golden` (the check `oecl verify`
+makes) and written to `verify.json`; and the golden set that lets any machine repeat it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from oecl_runtime import golden
+from oecl_runtime.artifact import Artifact, write_metadata
+from oecl_runtime.atomic import write_json
+from oecl_train.data import Splits
+from oecl_train.export.errors import VerificationFailed
+from oecl_train.export.norms import held_out, torch_norms, verification_images
+from oecl_train.export.progress import Log, Progress, stderr
+from oecl_train.export.source import Source
+from oecl_train.trainer import load_trained, resolve_device
+from oecl_train.views import View, views_from_json
+
+# Verification fails beyond these (module constants so tests can tighten them).
+FP32_REL_TOL = 1e-4  # largest |norm - norm_torch| / norm_torch of the fp32 files
+AUROC_TOL = 0.005  # largest |AUROC - AUROC_torch| of any file
+VERIFY_FILE = "verify.json"
+
+
+def tolerances() -> dict[str, float]:
+    """The tolerances as `oecl_runtime.golden` takes them (read at call time)."""
+    return {"fp32_max_rel_diff": FP32_REL_TOL, "AUROC_diff": AUROC_TOL}
+
+
+def write_golden(src: Source, directory: Path,
+                 progress: Progress) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The golden set's files and their PyTorch fp32 norms; returns their `files[]` entries
+    and the `golden` section of oecl.json."""
+    with progress.stage("golden: held-out images and their PyTorch fp32 norms", "golden"):
+        images, is_id = golden.select(*held_out(src.splits), src.cfg.seed)
+        return golden.write(directory, images, is_id,
+                            torch_norms(src.net, images, src.device, views=src.views),
+                            tolerances())
+
+
+def verify_artifact(
+    directory: Path, ref_norms: np.ndarray, images: np.ndarray, is_id: np.ndarray, log: Log
+) -> dict[str, Any]:
+    """Score `images` with every file of the artifact through the runtime; compare to torch."""
+    report = golden.verify_files(directory, images, is_id, ref_norms, tolerances(), log)
+    report["images"] = "held-out ID validation + ID test images vs non-ID test images of the run"
+    report["reference"]["model"] = "PyTorch eval fp32"
+    return report
+
+
+def check_against_torch(directory: Path, net: nn.Module, images: np.ndarray,
+                        is_id: np.ndarray, device: torch.device, views: tuple[View, ...],
+                        log: Log) -> dict[str, Any]:
+    """The PyTorch reference of `images`, every file compared to it, and the report written
+    to `verify.json` beside the files (whether or not it passes)."""
+    ref = torch_norms(net, images, device, views=views)
+    report = verify_artifact(directory, ref, images, is_id, log)
+    write_json(directory / VERIFY_FILE, report)
+    return report
+
+
+def verify_export(run_dir: str | Path, artifact_dir: str | Path, *, device: str = "cpu",
+                  log: Log = stderr) -> dict[str, Any]:
+    """Verify an artifact exported from `run_dir` as the exporter does (e.g. one exported
+    with verify=False): same images, same reference, same tolerances. Writes `verify.json`
+    into the artifact and returns the report; a failing report is returned, not raised."""
+    artifact_dir = Path(artifact_dir)
+    dev = resolve_device(device)
+    cfg, net, _ = load_trained(run_dir, dev)
+    views = views_from_json(Artifact.open(artifact_dir, verify=False).views)
+    images, is_id = verification_images(Splits.from_config(cfg), cfg.seed)
+    return check_against_torch(artifact_dir, net, images, is_id, dev, views, log)
+
+
+def verify_or_fail(src: Source, directory: Path, meta: dict[str, Any],
+                   progress: Progress) -> dict[str, Any]:
+    """The exporter's check: raises VerificationFailed outside the tolerances, else records
+    the summary in oecl.json and returns the report."""
+    images, is_id = verification_images(src.splits, src.cfg.seed)
+    with progress.stage(f"verify: {len(images)} held-out images through oecl_runtime",
+                        "verify"):
+        report = check_against_torch(directory, src.net, images, is_id, src.device, src.views,
+                             progress.log)
+    if not report["pass"]:
+        bad = next(r for r in report["files"] if not r["pass"])
+        raise VerificationFailed(
+            f"verification failed for {bad['path']} ({bad['format']} {bad['precision']}"
+            f" on {bad['backend']}): {bad['problems'][0]}; nothing was written"
+        )
+    meta["verification"] = verification_summary(report)
+    write_metadata(directory, meta)
+    return report
+
+
+def verification_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The `verification` section of oecl.json: the report's figures, file by file."""
+    fp32 = [r for r in report["files"] if r["format"] == "onnx" and r["precision"] == "fp32"]
+    return {
+        "passed": report["pass"],
+        "n_images": report["n_images"],
+        "max_abs_diff_fp32": fp32[0]["max_abs_diff"] if fp32 else None,
+        "max_rel_diff_fp32": fp32[0]["max_rel_diff"] if fp32 else None,
+        "reference_AUROC": report["reference"]["AUROC"],
+        "tolerances": report["tolerances"],
+        "files": {r["path"]: {"backend": r["backend"], "max_abs_diff": r["max_abs_diff"],
+                              "max_rel_diff": r["max_rel_diff"], "AUROC": r["AUROC"]}
+                  for r in report["files"]},
+        "report": VERIFY_FILE,
+    }
