@@ -249,9 +249,10 @@ def validation_report(run_dir: Path, splits, k: int, args) -> dict[str, Any]:
     the parts of `evaluate_run`'s report this benchmark reads, plus the view study."""
     from _served import view_study
 
+    from oecl_train.devices import resolve_device
     from oecl_train.evaluate import run_budget, score_model
     from oecl_train.metrics import ood_metrics
-    from oecl_train.trainer import load_trained, resolve_device
+    from oecl_train.trainer import load_trained
 
     dev = resolve_device(args.device)
     cfg, net, meta = load_trained(run_dir, dev)

@@ -16,9 +16,10 @@ from oecl_runtime.atomic import with_file
 from oecl_runtime.preprocess import InputSpec
 from oecl_train.config import TrainConfig
 from oecl_train.data import Splits
+from oecl_train.devices import resolve_device
 from oecl_train.export.errors import ExportError
 from oecl_train.export.progress import Progress
-from oecl_train.trainer import load_trained, resolve_device
+from oecl_train.trainer import load_trained
 from oecl_train.views import View, views_for
 
 WEIGHTS_FILE = "model.safetensors"

@@ -15,11 +15,12 @@ from oecl_runtime import golden
 from oecl_runtime.artifact import Artifact, write_metadata
 from oecl_runtime.atomic import write_json
 from oecl_train.data import Splits
+from oecl_train.devices import resolve_device
 from oecl_train.export.errors import VerificationFailed
 from oecl_train.export.norms import held_out, torch_norms, verification_images
 from oecl_train.export.progress import Log, Progress, stderr
 from oecl_train.export.source import Source
-from oecl_train.trainer import load_trained, resolve_device
+from oecl_train.trainer import load_trained
 from oecl_train.views import View, views_from_json
 
 # Verification fails beyond these (module constants so tests can tighten them).
