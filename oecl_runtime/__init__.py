@@ -15,11 +15,11 @@ _LAZY = {
     "SCHEMA_VERSION": "artifact", "Artifact": "artifact", "ArtifactError": "artifact",
     "Backend": "backends", "BackendUnavailable": "backends",
     "ImageError": "preprocess", "InputSpec": "preprocess",
-    "Scorer": "scorer", "ScoreResult": "scorer",
+    "FileResult": "scorer", "Scorer": "scorer", "ScoreResult": "scorer",
 }
 
 __all__ = [
-    "SCHEMA_VERSION", "Artifact", "ArtifactError", "Backend", "BackendUnavailable",
+    "SCHEMA_VERSION", "Artifact", "ArtifactError", "Backend", "BackendUnavailable", "FileResult",
     "ImageError", "InputSpec", "Scorer", "ScoreResult", "__version__",
 ]
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .artifact import SCHEMA_VERSION, Artifact, ArtifactError
     from .backends import Backend, BackendUnavailable
     from .preprocess import ImageError, InputSpec
-    from .scorer import Scorer, ScoreResult
+    from .scorer import FileResult, Scorer, ScoreResult
 
 
 def __getattr__(name: str) -> Any:
