@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import time
 from datetime import date
@@ -143,11 +142,6 @@ def time_ours(cfg: TrainConfig, splits, steps: int, warmup: int) -> dict:
 def _summary(times: list[float], images_per_step: int) -> dict:
     med = statistics.median(times)
     return {"steps": len(times), "median_step_s": med, "images_per_s": images_per_step / med}
-
-
-def _relative(path: str | None) -> str | None:
-    """Record data locations relative to the repository, so results carry no machine paths."""
-    return None if path is None else os.path.relpath(path, REPO)
 
 
 def markdown(record: dict) -> str:

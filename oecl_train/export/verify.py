@@ -86,8 +86,8 @@ def verify_or_fail(src: Source, directory: Path, meta: dict[str, Any],
     images, is_id = verification_images(src.splits, src.cfg.seed)
     with progress.stage(f"verify: {len(images)} held-out images through oecl_runtime",
                         "verify"):
-        report = check_against_torch(directory, src.net, images, is_id, src.device, src.views,
-                             progress.log)
+        report = check_against_torch(directory, src.net, images, is_id, src.device,
+                                     src.views, progress.log)
     if not report["pass"]:
         bad = next(r for r in report["files"] if not r["pass"])
         raise VerificationFailed(
