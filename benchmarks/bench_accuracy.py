@@ -151,6 +151,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs-dir", default="benchmarks/runs", help="Where the deep runs are kept.")
+    p.add_argument("--extend", action="store_true",
+                   help="Continue a finished run with fewer --steps (same settings otherwise) "
+                        "to --steps, instead of refusing it.")
     p.add_argument("--out", default=None, help="Result JSON (default benchmarks/results/...).")
     p.add_argument("--progress", action="store_true", help="Progress bars while training.")
     return p.parse_args(argv)
@@ -305,7 +308,7 @@ def run_deep(args, data_root: str, cls: str, method: str, k: int, val_splits=Non
     from oecl_train.sweep import train_or_reuse
 
     cfg = base_config(args, data_root, cls, method)
-    what, seconds = train_or_reuse(cfg, args.progress)
+    what, seconds = train_or_reuse(cfg, args.progress, extend=args.extend)
     run_dir = Path(cfg.out_dir) / cfg.run_name()
     if val_splits is not None:
         report = validation_report(run_dir, val_splits, k, args)
@@ -314,7 +317,8 @@ def run_deep(args, data_root: str, cls: str, method: str, k: int, val_splits=Non
             run_dir, SCORES, k, device=args.device, batch_size=args.eval_batch_size
         )
     b = report["budget"]
-    wall = round(seconds, 2) if seconds is not None and what == "trained" else b["wall_time_s"]
+    trained_here = seconds is not None and what in ("trained", "extended")
+    wall = round(seconds, 2) if trained_here else b["wall_time_s"]
     extra: dict[str, Any] = {}
     if val_splits is not None:
         extra["view_study"] = report["view_study"]
@@ -329,7 +333,7 @@ def run_deep(args, data_root: str, cls: str, method: str, k: int, val_splits=Non
             "epochs": b["epochs"],
             "batch_size": cfg.batch_size,
             "train_wall_s": wall,
-            "train_wall_source": "measured" if what == "trained" else b["wall_time_source"],
+            "train_wall_source": "measured" if trained_here else b["wall_time_source"],
             "eval_wall_s": report["evaluation"]["seconds"],
             "k": k,
         },

@@ -1,32 +1,55 @@
 """The OE chosen per class on the validation split, and what the chosen runs serve on the test set.
 
-Reads `bench_accuracy.py` results: for each OE variant, its validation runs (`--eval-split
-val`) and its test runs through the runtime (`--serve-views`), any number of files each, e.g.
-one per class subset. Per class it picks the variant whose validation mean-view-norm AUROC is
-highest (never looking at the test set), then reports the chosen runs' served test metrics
-beside the raw-pixel baselines of the same images, and writes one JSON and a markdown table.
+Two ways in, one choice and one report:
+
+- From files: `bench_accuracy.py` results, for each OE variant its validation runs
+  (`--eval-split val`) and its test runs through the runtime (`--serve-views`), any number of
+  files each, e.g. one per class subset.
+- Probe, then continue (`--probe-steps`): for every class, a short run of each variant
+  (`--variant NAME=OVERLAY`, the share of ID overlays in the OE batch) is scored on the
+  validation split; only the variant chosen there is continued to `--steps` (the same run
+  extended, so the probe's steps are not thrown away) and scored on the test set through the
+  runtime, beside the raw-pixel baselines. The `bench_accuracy.py` jobs run `--jobs` at a time,
+  single-threaded each (on a small CPU two one-thread processes train faster than one
+  two-thread process). Their JSON and logs go under --runs-dir; a job whose JSON exists is not
+  run again, so a stopped invocation is picked up by running it again.
+
+Per class the choice is the variant whose validation mean-view-norm AUROC is highest (never
+looking at the test set). The report gives the chosen runs' served test metrics beside the
+baselines, and what training and scoring cost (core-seconds, and the wall time of a --probe-steps
+invocation), as one JSON and a markdown table.
 
     python benchmarks/oe_choice.py \\
         --val photos=VAL_PHOTOS.json --val overlay=VAL_OVERLAY.json \\
         --test photos=TEST_PHOTOS.json --test overlay=TEST_OVERLAY.json \\
         --out benchmarks/results/accuracy-mnist-oe-choice.json
+    python benchmarks/oe_choice.py --probe-steps 600 --steps 3600 --classes all \\
+        --variant photos=0 --variant overlay=0.5 --runs-dir benchmarks/runs/oe-probe \\
+        --out benchmarks/results/accuracy-mnist-oe-probe.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from _harness import command_line, log, md_table, shown
+from _harness import BENCHMARKS, command_line, log, md_table, shown
 
 from oecl_runtime.atomic import write_json
 
 METHOD = "oecl-photos"
 CHOICE_SCORE = "mean-view-norm"
 METRICS = ("AUROC", "AUPR-IN", "AUPR-OUT", "FPR@95TPR", "TPR", "FPR")
+# One thread per job: the jobs, not torch's intra-op threads, fill the cores.
+ONE_THREAD = {v: "1" for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
 
 
 def _variants(specs: list[str], flag: str) -> dict[str, list[dict[str, Any]]]:
@@ -52,8 +75,13 @@ def _by_class(docs: list[dict[str, Any]], split: str) -> dict[str, dict[str, Any
             raise SystemExit(f"a --{split} file holds a {doc.get('eval_split')!r} run")
         for cls, rec in doc["per_class"].items():
             served = (doc.get("served") or {}).get("per_class", {}).get(cls)
-            out[cls] = {**rec, "served": served, "protocol": doc["protocol"],
-                        "device": doc["device"]}
+            out[cls] = {
+                **rec,
+                "served": served,
+                "served_k": (doc.get("served") or {}).get("k"),
+                "protocol": doc["protocol"],
+                "device": doc["device"],
+            }
     return out
 
 
@@ -67,61 +95,333 @@ def choose(val: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--val", action="append", required=True, metavar="NAME=FILE[,FILE]")
-    p.add_argument("--test", action="append", required=True, metavar="NAME=FILE[,FILE]")
-    p.add_argument("--out", type=Path, required=True)
-    args = p.parse_args(argv)
+def _train_s(rec: dict[str, Any]) -> float:
+    return float(rec[METHOD]["budget"].get("train_wall_s") or 0.0)
 
-    val = {n: _by_class(d, "val") for n, d in _variants(args.val, "--val").items()}
-    test = {n: _by_class(d, "test") for n, d in _variants(args.test, "--test").items()}
-    if set(val) != set(test):
-        raise SystemExit(f"variants differ: --val {sorted(val)}, --test {sorted(test)}")
+
+def _eval_s(rec: dict[str, Any]) -> float:
+    return float(rec[METHOD]["budget"].get("eval_wall_s") or 0.0)
+
+
+def budget(
+    val: dict[str, dict[str, dict[str, Any]]],
+    test: dict[str, dict[str, dict[str, Any]]],
+    picks: dict[str, dict[str, Any]],
+) -> dict[str, Any] | None:
+    """Core-seconds of every run behind the choice, where the records carry them: all
+    variants' validation runs, and the chosen runs' test training (an extension, when the
+    test run continued the probe) and scoring."""
+    try:
+        probes = sum(_train_s(v[c]) for v in val.values() for c in picks)
+        val_eval = sum(_eval_s(v[c]) for v in val.values() for c in picks)
+        chosen = [test[p["chosen"]][c] for c, p in picks.items()]
+        cont = sum(_train_s(r) for r in chosen)
+        test_eval = sum(_eval_s(r) for r in chosen)
+    except KeyError:
+        return None
+    # The probes were spent whichever run the test scored, so they count.
+    train = probes + cont
+    return {
+        "probe_train_s": round(probes, 1),
+        "validation_eval_s": round(val_eval, 1),
+        "test_train_s": round(cont, 1),
+        "test_eval_s": round(test_eval, 1),
+        "test_runs_extended_probes": all(r[METHOD].get("run") == "extended" for r in chosen),
+        "train_core_s": round(train, 1),
+        "core_s": round(train + val_eval + test_eval, 1),
+    }
+
+
+def report(
+    val_docs: dict[str, list[dict]],
+    test_docs: dict[str, list[dict]],
+    command: str,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The choice from validation and the chosen runs' served test metrics, as one record.
+    The test files need to hold only the chosen variant of each class."""
+    val = {n: _by_class(d, "val") for n, d in val_docs.items()}
+    test = {n: _by_class(d, "test") for n, d in test_docs.items()}
+    unknown = sorted(set(test) - set(val))
+    if unknown:
+        raise SystemExit(f"--test variant {unknown[0]!r} has no --val results")
     picks = choose(val)
     per_class: dict[str, Any] = {}
     for cls, pick in picks.items():
-        rec = test[pick["chosen"]].get(cls)
+        rec = test.get(pick["chosen"], {}).get(cls)
         if rec is None or rec["served"] is None:
             raise SystemExit(f"class {cls}: no served test result for {pick['chosen']}")
         per_class[cls] = {
             **pick,
             "served": rec["served"],
-            "other_test_auroc": {n: t[cls]["served"]["fp32"]["AUROC"] for n, t in test.items()
-                                 if n != pick["chosen"] and t.get(cls, {}).get("served")},
-            "nn": rec["nn"]["auroc"], "pca": rec["pca"]["auroc"],
+            "other_test_auroc": {
+                n: t[cls]["served"]["fp32"]["AUROC"]
+                for n, t in test.items()
+                if n != pick["chosen"] and t.get(cls, {}).get("served")
+            },
+            "nn": rec["nn"]["auroc"],
+            "pca": rec["pca"]["auroc"],
         }
     precisions = sorted({p for r in per_class.values() for p in r["served"]})
-    mean = {prec: {m: statistics.fmean(r["served"][prec][m] for r in per_class.values())
-                   for m in METRICS} for prec in precisions}
-    first = next(iter(test.values()))[next(iter(picks))]
-    record = {
+    mean = {
+        prec: {
+            m: statistics.fmean(r["served"][prec][m] for r in per_class.values()) for m in METRICS
+        }
+        for prec in precisions
+    }
+    first = test[picks[next(iter(picks))]["chosen"]][next(iter(picks))]
+    return {
         "benchmark": "accuracy-mnist-oe-choice",
         "protocol": first["protocol"],
         "device": first["device"],
         "rule": f"per class, the variant with the highest validation {CHOICE_SCORE} AUROC",
-        "served": {"method": METHOD, "score": CHOICE_SCORE, "precisions": precisions,
-                   "per_class": per_class, "mean": mean},
-        "baselines_mean": {b: statistics.fmean(r[b] for r in per_class.values())
-                           for b in ("nn", "pca")},
-        "command": command_line("oe_choice.py", argv),
+        "served": {
+            "method": METHOD,
+            "score": CHOICE_SCORE,
+            "k": first["served_k"],
+            "precisions": precisions,
+            "per_class": per_class,
+            "mean": mean,
+        },
+        "baselines_mean": {
+            b: statistics.fmean(r[b] for r in per_class.values()) for b in ("nn", "pca")
+        },
+        "budget": budget(val, test, picks),
+        **(extra or {}),
+        "command": command,
     }
-    write_json(args.out, record)
 
+
+def markdown(record: dict[str, Any]) -> str:
+    served, base = record["served"], record["baselines_mean"]
     head = ["class", "OE", "precision", *METRICS, "NN", "PCA"]
     rows = []
-    for cls, r in per_class.items():
-        for i, prec in enumerate(precisions):
+    for cls, r in served["per_class"].items():
+        for i, prec in enumerate(served["precisions"]):
             m = r["served"][prec]
-            rows.append([cls if i == 0 else "", r["chosen"] if i == 0 else "", prec,
-                         *(f"{m[k]:.4f}" for k in METRICS),
-                         f"{r['nn']:.4f}" if i == 0 else "", f"{r['pca']:.4f}" if i == 0 else ""])
-    for i, prec in enumerate(precisions):
-        base = record["baselines_mean"]
-        rows.append(["**mean**" if i == 0 else "", "", prec,
-                     *(f"{mean[prec][k]:.4f}" for k in METRICS),
-                     f"{base['nn']:.4f}" if i == 0 else "", f"{base['pca']:.4f}" if i == 0 else ""])
-    print("\n".join(md_table(head, rows)))
+            rows.append(
+                [
+                    cls if i == 0 else "",
+                    r["chosen"] if i == 0 else "",
+                    prec,
+                    *(f"{m[k]:.4f}" for k in METRICS),
+                    f"{r['nn']:.4f}" if i == 0 else "",
+                    f"{r['pca']:.4f}" if i == 0 else "",
+                ]
+            )
+    for i, prec in enumerate(served["precisions"]):
+        rows.append(
+            [
+                "**mean**" if i == 0 else "",
+                "",
+                prec,
+                *(f"{served['mean'][prec][k]:.4f}" for k in METRICS),
+                f"{base['nn']:.4f}" if i == 0 else "",
+                f"{base['pca']:.4f}" if i == 0 else "",
+            ]
+        )
+    return "\n".join(md_table(head, rows))
+
+
+# -- probe, then continue ---------------------------------------------------------------------
+
+
+def _parse_variants(specs: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for spec in specs:
+        name, sep, share = spec.partition("=")
+        try:
+            value = float(share)
+        except ValueError:
+            value = -1.0
+        if not sep or not name or not 0.0 <= value <= 1.0:
+            raise SystemExit(f"--variant {spec!r}: expected NAME=OVERLAY_SHARE in [0, 1]")
+        out[name] = value
+    if len(out) < 2:
+        raise SystemExit("--variant: give at least two variants to choose between")
+    return out
+
+
+def _job(argv: list[str], out: Path, log_path: Path) -> Path:
+    """One `bench_accuracy.py` invocation writing `out`; skipped when `out` exists."""
+    if out.is_file():
+        log(f"reusing {shown(out)}")
+        return out
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with log_path.open("w") as f:
+        proc = subprocess.run(
+            [sys.executable, str(BENCHMARKS / "bench_accuracy.py"), *argv, "--out", str(out)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **ONE_THREAD},
+            check=False,
+        )
+    if proc.returncode != 0 or not out.is_file():
+        tail = log_path.read_text().strip().splitlines()[-1:] or ["(no output)"]
+        raise SystemExit(f"job failed ({shown(log_path)}): {tail[0]}")
+    log(f"done {shown(out)} in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def _pool(jobs: list[tuple[list[str], Path, Path]], workers: int) -> list[Path]:
+    with ThreadPoolExecutor(workers) as ex:
+        return list(ex.map(lambda j: _job(*j), jobs))
+
+
+def probe_and_continue(args: argparse.Namespace) -> tuple[dict, dict, dict]:
+    variants = _parse_variants(args.variant)
+    root = Path(args.runs_dir)
+    common = [
+        "--data-root",
+        args.data_root,
+        "--protocol",
+        args.protocol,
+        "--seed",
+        str(args.seed),
+        *args.bench_args,
+    ]
+    classes = (
+        [str(c) for c in range(10)]
+        if args.classes == "all"
+        else [c.strip() for c in args.classes.split(",") if c.strip()]
+    )
+
+    def variant_args(name: str, steps: int) -> list[str]:
+        return [
+            *common,
+            "--oe-overlay",
+            str(variants[name]),
+            "--steps",
+            f"{METHOD}={steps}",
+            "--runs-dir",
+            str(root / name),
+        ]
+
+    t0 = time.perf_counter()
+    probes = [
+        (
+            variant_args(name, args.probe_steps)
+            + [
+                "--classes",
+                c,
+                "--methods",
+                METHOD,
+                "--eval-split",
+                "val",
+                "--views",
+                str(args.served_k),
+                "--k",
+                str(args.served_k),
+            ],
+            root / "val" / f"{name}-class-{c}.json",
+            root / "logs" / f"val-{name}-class-{c}.log",
+        )
+        for c in classes
+        for name in variants
+    ]
+    log(f"probes: {len(probes)} runs of {args.probe_steps} steps, {args.jobs} at a time")
+    _pool(probes, args.jobs)
+    probe_wall = time.perf_counter() - t0
+    val_docs: dict[str, list[dict]] = {}
+    for (_, out, _), name in zip(probes, [n for _ in classes for n in variants], strict=True):
+        val_docs.setdefault(name, []).append(json.loads(out.read_text()))
+    picks = choose({n: _by_class(d, "val") for n, d in val_docs.items()})
+    for c, p in picks.items():
+        shown_scores = ", ".join(f"{n} {a:.4f}" for n, a in p["val_auroc"].items())
+        log(f"class {c}: validation {shown_scores} -> {p['chosen']}")
+
+    t1 = time.perf_counter()
+    tests = [
+        (
+            variant_args(p["chosen"], args.steps)
+            + [
+                "--classes",
+                c,
+                "--methods",
+                f"{METHOD},nn,pca",
+                "--extend",
+                "--serve-views",
+                str(args.served_k),
+                "--served-k",
+                str(args.served_k),
+            ],
+            root / "test" / f"{p['chosen']}-class-{c}.json",
+            root / "logs" / f"test-{p['chosen']}-class-{c}.log",
+        )
+        for c, p in picks.items()
+    ]
+    log(f"continuing the chosen runs to {args.steps} steps, {args.jobs} at a time")
+    _pool(tests, args.jobs)
+    test_docs: dict[str, list[dict]] = {}
+    for (_, out, _), p in zip(tests, picks.values(), strict=True):
+        test_docs.setdefault(p["chosen"], []).append(json.loads(out.read_text()))
+    extra = {
+        "settings": {
+            "variants": variants,
+            "probe_steps": args.probe_steps,
+            "steps": args.steps,
+            "served_k": args.served_k,
+            "jobs": args.jobs,
+            "threads_per_job": 1,
+            "bench_args": args.bench_args,
+        },
+        "wall_s": {
+            "probes": round(probe_wall, 1),
+            "continue_and_test": round(time.perf_counter() - t1, 1),
+        },
+    }
+    return val_docs, test_docs, extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    files = p.add_argument_group("from files")
+    files.add_argument("--val", action="append", metavar="NAME=FILE[,FILE]")
+    files.add_argument("--test", action="append", metavar="NAME=FILE[,FILE]")
+    run = p.add_argument_group("probe, then continue")
+    run.add_argument("--probe-steps", type=int, help="Steps of each variant's validation run.")
+    run.add_argument("--steps", type=int, help="Steps the chosen run is continued to.")
+    run.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=OVERLAY",
+        help="A variant and its --oe-overlay share (default photos=0, overlay=0.5).",
+    )
+    run.add_argument("--classes", default="all", help="'all' or e.g. '1,8'.")
+    run.add_argument("--protocol", default="one-vs-rest", choices=("one-vs-rest", "leave-one-out"))
+    run.add_argument("--served-k", type=int, default=8, help="Views of the served score.")
+    run.add_argument("--jobs", type=int, default=2, help="bench_accuracy.py jobs at a time.")
+    run.add_argument("--runs-dir", default="benchmarks/runs/oe-probe")
+    run.add_argument("--data-root", default="../shared/data/mnist")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument(
+        "--bench-args",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="The rest is passed to every bench_accuracy.py job.",
+    )
+    args = p.parse_args(argv)
+
+    if args.probe_steps is not None:
+        if args.val or args.test:
+            raise SystemExit("--probe-steps trains its own runs; --val/--test read files instead")
+        if args.steps is None or not 0 < args.probe_steps < args.steps:
+            raise SystemExit("--probe-steps needs --steps larger than it")
+        if args.jobs < 1:
+            raise SystemExit("--jobs must be at least 1")
+        args.variant = args.variant or ["photos=0", "overlay=0.5"]
+        val_docs, test_docs, extra = probe_and_continue(args)
+    else:
+        if not args.val or not args.test:
+            raise SystemExit("give --val and --test files, or --probe-steps and --steps")
+        val_docs, test_docs = _variants(args.val, "--val"), _variants(args.test, "--test")
+        extra = None
+    record = report(val_docs, test_docs, command_line("oe_choice.py", argv), extra)
+    write_json(args.out, record)
+    print(markdown(record))
     log(f"wrote {shown(args.out)}")
     return 0
 

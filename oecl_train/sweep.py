@@ -72,11 +72,16 @@ def class_dir_name(cls: str) -> str:
     return CLASS_PREFIX + re.sub(r"[^A-Za-z0-9._-]+", "_", cls)
 
 
-def _same_config(run_dir: Path, cfg) -> bool:
+def _saved_config(run_dir: Path) -> TrainConfig | None:
     # Through TrainConfig, so a run saved before an option existed reads as its default.
     try:
-        saved = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+        return TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     except (ValueError, TypeError):
+        return None
+
+
+def _same_config(saved: TrainConfig | None, cfg) -> bool:
+    if saved is None:
         return False
     # A saved config records what ran ("auto" resolved for its device): compare like with like.
     want, device = dataclasses.replace(cfg), resolve_device(cfg.device)
@@ -85,29 +90,52 @@ def _same_config(run_dir: Path, cfg) -> bool:
     return json.loads(json.dumps(saved.to_json())) == json.loads(json.dumps(want.to_json()))
 
 
-def train_or_reuse(cfg, progress: bool) -> tuple[str, float | None]:
+def train_or_reuse(cfg, progress: bool, extend: bool = False) -> tuple[str, float | None]:
     """Train (or resume, or reuse) the run of `cfg`; returns what was done and the seconds
-    training took (None when nothing was trained here)."""
+    training took (None when nothing was trained here).
+
+    `extend`: a finished run whose settings differ from `cfg` only in a shorter --steps is
+    continued to cfg.steps (the cosine schedule is stretched to the new length from where the
+    run stopped) instead of refused, as `oecl train --resume RUN --steps N` does."""
     run_dir = Path(cfg.out_dir) / cfg.run_name()
+    longer = False
     if (run_dir / "config.json").exists():
-        if not _same_config(run_dir, cfg):
-            raise EvalError(
-                f"{run_dir} holds a run with different settings; pick another --name or remove it"
+        saved = _saved_config(run_dir)
+        if not _same_config(saved, cfg):
+            shorter = (
+                extend
+                and saved is not None
+                and cfg.steps is not None
+                and saved.steps is not None
+                and saved.steps < cfg.steps
+                and _same_config(saved, dataclasses.replace(cfg, steps=saved.steps))
             )
+            if not shorter:
+                raise EvalError(
+                    f"{run_dir} holds a run with different settings; pick another --name or "
+                    "remove it"
+                )
+            longer = True
         found = checkpoint.list_checkpoints(run_dir / "checkpoints")
-        if found and json.loads(found[-1].read_text()).get("complete"):
-            return "reused", None
+        last = json.loads(found[-1].read_text()) if found else {}
+        if last.get("complete") and not longer:
+            # An extension stopped before its first checkpoint: config.json already says the
+            # new length, the newest checkpoint is still the shorter run's last.
+            if not extend or cfg.steps is None or int(last.get("step", cfg.steps)) >= cfg.steps:
+                return "reused", None
+            longer = True
         if not found:
             # Stopped before its first checkpoint: start over without the stale log lines.
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            longer = False
         resume = bool(found)
     else:
         resume = False
     t0 = time.perf_counter()
-    result = run_training(cfg, resume=resume, progress=progress, quick_eval=False)
+    result = run_training(cfg, resume=resume, progress=progress, quick_eval=False, extend=longer)
     if result.get("rank", 0) != 0:
         return "trained on a non-zero rank", None  # under torchrun, rank 0 evaluates
-    return ("resumed" if resume else "trained"), time.perf_counter() - t0
+    return ("extended" if longer else "resumed" if resume else "trained"), time.perf_counter() - t0
 
 
 def _entry(cls: str, run_name: str, report: dict[str, Any]) -> dict[str, Any]:
