@@ -20,7 +20,8 @@ Methods:
   images per step; self-OECL's steps carry 4x the views, OECL's 2x, as in the paper) and
   evaluated by `evaluate_run` with all three scores (higher = normal). Runs are kept under
   --runs-dir (one per method and class: other settings need another --runs-dir); a run that
-  finished with the same settings is reused, not retrained.
+  finished with the same settings is reused, not retrained, and with --extend one that
+  finished with fewer --steps is continued to --steps (benchmarks/oe_choice.py probes that way).
 - nn: raw pixels in [0, 1], score = -(L2 distance to the nearest ID training image).
 - pca: raw pixels, PCA fitted on the ID training images with as many components as explain
   --pca-variance of their variance (default 0.9, fixed in advance); score = -(squared

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from oecl_train import checkpoint
 from oecl_train.augment import SimCLRAugment
 from oecl_train.config import TrainConfig
 from oecl_train.evaluate import REPORT_SCHEMA, evaluate_run
@@ -282,6 +284,37 @@ def test_sweep_reuses_only_runs_with_the_same_settings(tmp_path: Path) -> None:
     (run_dir / "config.json").write_text(json.dumps({**saved, "oe_overlay": 0.5}))
     with pytest.raises(EvalError, match="different settings"):
         train_or_reuse(cfg, progress=False)
+
+
+def test_sweep_extends_a_shorter_finished_run_only_when_asked(tmp_path: Path) -> None:
+    """A probe-then-continue benchmark extends the probe's run in place: the same steps are
+    not trained twice, the extension ends at the new length, and a stop before its first
+    checkpoint (config.json already says the new length) is picked up on the next call."""
+    from oecl_train.sweep import EvalError, train_or_reuse
+
+    short = TrainConfig(data="digits", out_dir=str(tmp_path), name="run", steps=2,
+                        image_size=16, depth="resnet10", width=8, batch_size=8, oe="none",
+                        precision="fp32", device="cpu")
+    assert train_or_reuse(short, progress=False)[0] == "trained"
+    longer = dataclasses.replace(short, steps=4)
+    with pytest.raises(EvalError, match="different settings"):
+        train_or_reuse(longer, progress=False)
+    with pytest.raises(EvalError, match="different settings"):  # only --steps may differ
+        train_or_reuse(dataclasses.replace(longer, lr=0.5), progress=False, extend=True)
+    run = tmp_path / "run"
+    # config.json saying 4 steps beside the 2-step run's last checkpoint: an extension that
+    # stopped before it wrote anything.
+    (run / "config.json").write_text(json.dumps(longer.to_json()))
+    what, seconds = train_or_reuse(longer, progress=False, extend=True)
+    assert what == "extended" and seconds is not None
+    meta = json.loads(checkpoint.latest(run / "checkpoints").read_text())
+    assert meta["complete"] and meta["step"] == 4 and meta["total_steps"] == 4
+    steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 4
+    assert train_or_reuse(longer, progress=False, extend=True) == ("reused", None)
+    # Shorter than what ran is never "extended".
+    with pytest.raises(EvalError, match="different settings"):
+        train_or_reuse(short, progress=False, extend=True)
 
 
 def test_view_score_in_eval_is_the_exported_score(tiny_run):

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 METRICS = ("AUROC", "AUPR-IN", "AUPR-OUT", "FPR@95TPR", "TPR", "FPR")
 
@@ -54,3 +56,68 @@ def test_bad_variant_argument_is_one_line(tmp_path: Path) -> None:
                            str(tmp_path / "o.json")], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "expected NAME=FILE" in proc.stderr
     assert not (tmp_path / "o.json").exists()
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "oe_choice.py"), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_test_files_need_only_the_chosen_variant_and_the_cost_adds_up(tmp_path: Path) -> None:
+    """Probe-then-continue scores only the chosen variant on the test set; the budget counts
+    every variant's probe and the chosen runs' extension."""
+    va, vb = _val(tmp_path / "va.json", {"1": 0.9, "2": 0.6}), _val(tmp_path / "vb.json",
+                                                                      {"1": 0.7, "2": 0.8})
+    ta, tb = _test(tmp_path / "ta.json", {"1": 0.95}), _test(tmp_path / "tb.json", {"2": 0.85})
+    for path, train_s in ((va, 10.0), (vb, 20.0), (ta, 100.0), (tb, 200.0)):
+        doc = json.loads(Path(path).read_text())
+        for rec in doc["per_class"].values():
+            rec["oecl-photos"] = {**rec.get("oecl-photos", {}), "run": "extended",
+                                  "budget": {"train_wall_s": train_s, "eval_wall_s": 1.0}}
+        Path(path).write_text(json.dumps(doc))
+    out = tmp_path / "out.json"
+    proc = _run("--val", f"a={va}", "--val", f"b={vb}", "--test", f"a={ta}", "--test",
+                f"b={tb}", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads(out.read_text())
+    assert {c: r["chosen"] for c, r in rec["served"]["per_class"].items()} == {"1": "a", "2": "b"}
+    assert rec["served"]["per_class"]["1"]["other_test_auroc"] == {}
+    # Probes: both variants of both classes (2 x 10 + 2 x 20); extensions: 100 + 200.
+    assert rec["budget"]["probe_train_s"] == 60.0 and rec["budget"]["test_train_s"] == 300.0
+    assert rec["budget"]["train_core_s"] == 360.0 and rec["budget"]["core_s"] == 366.0
+    assert rec["budget"]["test_runs_extended_probes"] is True
+    # A class whose chosen variant has no test result is an error, not a silent gap.
+    proc = _run("--val", f"a={va}", "--val", f"b={vb}", "--test", f"a={ta}", "--out",
+                str(tmp_path / "gap.json"))
+    assert proc.returncode != 0 and "class 2: no served test result for b" in proc.stderr
+    assert not (tmp_path / "gap.json").exists()
+
+
+def test_probe_mode_refuses_bad_arguments_before_training(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    for args, msg in (
+        (["--probe-steps", "600", "--steps", "600"], "--probe-steps needs --steps larger"),
+        (["--probe-steps", "6", "--steps", "9", "--variant", "a=0"], "at least two variants"),
+        (["--probe-steps", "6", "--steps", "9", "--variant", "a=2", "--variant", "b=0"],
+         "expected NAME=OVERLAY_SHARE in [0, 1]"),
+        (["--probe-steps", "6", "--steps", "9", "--val", "a=x.json"], "--val/--test read files"),
+        ([], "give --val and --test files, or --probe-steps"),
+    ):
+        proc = _run(*args, "--runs-dir", str(runs), "--out", str(tmp_path / "o.json"))
+        assert proc.returncode != 0 and msg in proc.stderr, (args, proc.stderr)
+    assert not runs.exists() and not (tmp_path / "o.json").exists()
+
+
+def test_a_failed_job_names_its_log_and_an_existing_result_is_reused(tmp_path: Path) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import oe_choice
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    out, log_path = tmp_path / "val" / "a.json", tmp_path / "logs" / "a.log"
+    with pytest.raises(SystemExit, match=r"job failed .*a\.log.*: error: --steps"):
+        oe_choice._job(["--steps", "oecl-photos=0"], out, log_path)
+    assert not out.exists() and "error: --steps" in log_path.read_text()
+    out.parent.mkdir()
+    out.write_text("{}")
+    assert oe_choice._job(["--steps", "oecl-photos=0"], out, log_path) == out  # not run again
