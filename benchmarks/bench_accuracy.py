@@ -334,6 +334,9 @@ def run_deep(args, data_root: str, cls: str, method: str, k: int, val_splits=Non
             "epochs": b["epochs"],
             "batch_size": cfg.batch_size,
             "train_wall_s": wall,
+            # The whole run's training time from its epoch log: for an extended run, the
+            # steps it had before this invocation too.
+            "run_wall_s": b["wall_time_s"],
             "train_wall_source": "measured" if trained_here else b["wall_time_source"],
             "eval_wall_s": report["evaluation"]["seconds"],
             "k": k,

@@ -103,33 +103,34 @@ def _eval_s(rec: dict[str, Any]) -> float:
     return float(rec[METHOD]["budget"].get("eval_wall_s") or 0.0)
 
 
-def budget(
-    val: dict[str, dict[str, dict[str, Any]]],
-    test: dict[str, dict[str, dict[str, Any]]],
-    picks: dict[str, dict[str, Any]],
-) -> dict[str, Any] | None:
+def budget(val: dict[str, dict[str, dict[str, Any]]], test: dict[str, dict[str, dict[str, Any]]],
+           picks: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     """Core-seconds of every run behind the choice, where the records carry them: all
-    variants' validation runs, and the chosen runs' test training (an extension, when the
-    test run continued the probe) and scoring."""
+    variants' validation runs, and the chosen runs' test training and scoring. A chosen run
+    that continued its probe counts once: its whole training (`run_wall_s`, the probe and
+    every extension) plus the other variants' probes."""
     try:
-        probes = sum(_train_s(v[c]) for v in val.values() for c in picks)
+        probes = {c: {n: _train_s(v[c]) for n, v in val.items()} for c in picks}
         val_eval = sum(_eval_s(v[c]) for v in val.values() for c in picks)
-        chosen = [test[p["chosen"]][c] for c, p in picks.items()]
-        cont = sum(_train_s(r) for r in chosen)
-        test_eval = sum(_eval_s(r) for r in chosen)
+        chosen = {c: test[p["chosen"]][c][METHOD] for c, p in picks.items()}
     except KeyError:
         return None
-    # The probes were spent whichever run the test scored, so they count.
-    train = probes + cont
-    return {
-        "probe_train_s": round(probes, 1),
-        "validation_eval_s": round(val_eval, 1),
-        "test_train_s": round(cont, 1),
-        "test_eval_s": round(test_eval, 1),
-        "test_runs_extended_probes": all(r[METHOD].get("run") == "extended" for r in chosen),
-        "train_core_s": round(train, 1),
-        "core_s": round(train + val_eval + test_eval, 1),
-    }
+    train = 0.0
+    for c, p in picks.items():
+        whole = chosen[c]["budget"].get("run_wall_s")
+        if chosen[c].get("run") in ("extended", "reused") and whole is not None:
+            train += float(whole) + sum(t for n, t in probes[c].items() if n != p["chosen"])
+        else:
+            train += sum(probes[c].values()) + float(chosen[c]["budget"].get("train_wall_s") or 0)
+    test_eval = sum(float(r["budget"].get("eval_wall_s") or 0) for r in chosen.values())
+    return {"probe_train_s": round(sum(sum(v.values()) for v in probes.values()), 1),
+            "validation_eval_s": round(val_eval, 1),
+            "test_train_s": round(sum(float(r["budget"].get("train_wall_s") or 0)
+                                      for r in chosen.values()), 1),
+            "test_eval_s": round(test_eval, 1),
+            "test_runs_extended_probes": all(r.get("run") == "extended" for r in chosen.values()),
+            "train_core_s": round(train, 1),
+            "core_s": round(train + val_eval + test_eval, 1)}
 
 
 def report(
@@ -314,8 +315,8 @@ def probe_and_continue(args: argparse.Namespace) -> tuple[dict, dict, dict]:
                 "--k",
                 str(args.served_k),
             ],
-            root / "val" / f"{name}-class-{c}.json",
-            root / "logs" / f"val-{name}-class-{c}.log",
+            root / "val" / f"{name}-class-{c}-steps-{args.probe_steps}.json",
+            root / "logs" / f"val-{name}-class-{c}-steps-{args.probe_steps}.log",
         )
         for c in classes
         for name in variants
@@ -346,8 +347,8 @@ def probe_and_continue(args: argparse.Namespace) -> tuple[dict, dict, dict]:
                 "--served-k",
                 str(args.served_k),
             ],
-            root / "test" / f"{p['chosen']}-class-{c}.json",
-            root / "logs" / f"test-{p['chosen']}-class-{c}.log",
+            root / "test" / f"{p['chosen']}-class-{c}-steps-{args.steps}.json",
+            root / "logs" / f"test-{p['chosen']}-class-{c}-steps-{args.steps}.log",
         )
         for c, p in picks.items()
     ]

@@ -69,11 +69,14 @@ def test_test_files_need_only_the_chosen_variant_and_the_cost_adds_up(tmp_path: 
     va, vb = _val(tmp_path / "va.json", {"1": 0.9, "2": 0.6}), _val(tmp_path / "vb.json",
                                                                       {"1": 0.7, "2": 0.8})
     ta, tb = _test(tmp_path / "ta.json", {"1": 0.95}), _test(tmp_path / "tb.json", {"2": 0.85})
-    for path, train_s in ((va, 10.0), (vb, 20.0), (ta, 100.0), (tb, 200.0)):
+    # Class 1's test record also says how long its run trained in all (the probe, an earlier
+    # extension and this one): that counts instead of probe + this extension.
+    for path, train_s, whole in ((va, 10.0, None), (vb, 20.0, None), (ta, 100.0, 150.0),
+                                 (tb, 200.0, None)):
         doc = json.loads(Path(path).read_text())
         for rec in doc["per_class"].values():
-            rec["oecl-photos"] = {**rec.get("oecl-photos", {}), "run": "extended",
-                                  "budget": {"train_wall_s": train_s, "eval_wall_s": 1.0}}
+            rec["oecl-photos"] = {**rec.get("oecl-photos", {}), "run": "extended", "budget": {
+                "train_wall_s": train_s, "eval_wall_s": 1.0, "run_wall_s": whole}}
         Path(path).write_text(json.dumps(doc))
     out = tmp_path / "out.json"
     proc = _run("--val", f"a={va}", "--val", f"b={vb}", "--test", f"a={ta}", "--test",
@@ -82,9 +85,10 @@ def test_test_files_need_only_the_chosen_variant_and_the_cost_adds_up(tmp_path: 
     rec = json.loads(out.read_text())
     assert {c: r["chosen"] for c, r in rec["served"]["per_class"].items()} == {"1": "a", "2": "b"}
     assert rec["served"]["per_class"]["1"]["other_test_auroc"] == {}
-    # Probes: both variants of both classes (2 x 10 + 2 x 20); extensions: 100 + 200.
+    # Probes: both variants of both classes (2 x 10 + 2 x 20); extensions: 100 + 200. In all:
+    # class 1 = b's probe + a's whole run (20 + 150), class 2 = both probes + b's extension.
     assert rec["budget"]["probe_train_s"] == 60.0 and rec["budget"]["test_train_s"] == 300.0
-    assert rec["budget"]["train_core_s"] == 360.0 and rec["budget"]["core_s"] == 366.0
+    assert rec["budget"]["train_core_s"] == 400.0 and rec["budget"]["core_s"] == 406.0
     assert rec["budget"]["test_runs_extended_probes"] is True
     # A class whose chosen variant has no test result is an error, not a silent gap.
     proc = _run("--val", f"a={va}", "--val", f"b={vb}", "--test", f"a={ta}", "--out",
