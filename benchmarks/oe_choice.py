@@ -79,6 +79,11 @@ def _by_class(docs: list[dict[str, Any]], split: str) -> dict[str, dict[str, Any
                 **rec,
                 "served": served,
                 "served_k": (doc.get("served") or {}).get("k"),
+                # Measured on the first class's files of each file: this class's own
+                # throughput only where the file holds this class alone.
+                "images_per_s": (doc.get("served") or {}).get("images_per_s")
+                if len(doc["per_class"]) == 1
+                else None,
                 "protocol": doc["protocol"],
                 "device": doc["device"],
             }
@@ -183,6 +188,13 @@ def report(
             "precisions": precisions,
             "per_class": per_class,
             "mean": mean,
+            "images_per_s": {
+                cls: test[pick["chosen"]][cls]["images_per_s"]
+                for cls, pick in picks.items()
+                if test[pick["chosen"]][cls]["images_per_s"]
+            },
+            "images_per_s_note": "per K and precision, onnxruntime CPU, batch 64, each class's "
+            "own files, measured inside its bench_accuracy.py job (beside the other jobs)",
         },
         "baselines_mean": {
             b: statistics.fmean(r[b] for r in per_class.values()) for b in ("nn", "pca")
