@@ -98,39 +98,32 @@ def train_or_reuse(cfg, progress: bool, extend: bool = False) -> tuple[str, floa
     continued to cfg.steps (the cosine schedule is stretched to the new length from where the
     run stopped) instead of refused, as `oecl train --resume RUN --steps N` does."""
     run_dir = Path(cfg.out_dir) / cfg.run_name()
-    longer = False
+    resume = longer = False
     if (run_dir / "config.json").exists():
         saved = _saved_config(run_dir)
+        if extend and saved is not None and None not in (saved.steps, cfg.steps):
+            # Only the length may differ, and only upwards.
+            longer = saved.steps < cfg.steps
+            if longer:
+                saved = dataclasses.replace(saved, steps=cfg.steps)
         if not _same_config(saved, cfg):
-            shorter = (
-                extend
-                and saved is not None
-                and cfg.steps is not None
-                and saved.steps is not None
-                and saved.steps < cfg.steps
-                and _same_config(saved, dataclasses.replace(cfg, steps=saved.steps))
+            raise EvalError(
+                f"{run_dir} holds a run with different settings; pick another --name or remove it"
             )
-            if not shorter:
-                raise EvalError(
-                    f"{run_dir} holds a run with different settings; pick another --name or "
-                    "remove it"
-                )
-            longer = True
         found = checkpoint.list_checkpoints(run_dir / "checkpoints")
         last = json.loads(found[-1].read_text()) if found else {}
-        if last.get("complete") and not longer:
-            # An extension stopped before its first checkpoint: config.json already says the
-            # new length, the newest checkpoint is still the shorter run's last.
-            if not extend or cfg.steps is None or int(last.get("step", cfg.steps)) >= cfg.steps:
-                return "reused", None
-            longer = True
         if not found:
             # Stopped before its first checkpoint: start over without the stale log lines.
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
             longer = False
+        elif last.get("complete"):
+            # The newest checkpoint says how far the run got; an extension stopped before its
+            # first checkpoint has config.json at the new length and the short run's last here.
+            step = int(last.get("step", cfg.steps or 0))
+            if not (extend and cfg.steps is not None and step < cfg.steps):
+                return "reused", None
+            longer = True
         resume = bool(found)
-    else:
-        resume = False
     t0 = time.perf_counter()
     result = run_training(cfg, resume=resume, progress=progress, quick_eval=False, extend=longer)
     if result.get("rank", 0) != 0:
