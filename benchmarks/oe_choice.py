@@ -73,20 +73,14 @@ def _by_class(docs: list[dict[str, Any]], split: str) -> dict[str, dict[str, Any
     for doc in docs:
         if doc.get("eval_split", "test") != split:
             raise SystemExit(f"a --{split} file holds a {doc.get('eval_split')!r} run")
+        served = doc.get("served") or {}
         for cls, rec in doc["per_class"].items():
-            served = (doc.get("served") or {}).get("per_class", {}).get(cls)
-            out[cls] = {
-                **rec,
-                "served": served,
-                "served_k": (doc.get("served") or {}).get("k"),
-                # Measured on the first class's files of each file: this class's own
-                # throughput only where the file holds this class alone.
-                "images_per_s": (doc.get("served") or {}).get("images_per_s")
-                if len(doc["per_class"]) == 1
-                else None,
-                "protocol": doc["protocol"],
-                "device": doc["device"],
-            }
+            # Throughput is measured on the first class's files of each file: this class's
+            # own only where the file holds this class alone.
+            ips = served.get("images_per_s") if len(doc["per_class"]) == 1 else None
+            out[cls] = {**rec, "served": served.get("per_class", {}).get(cls),
+                        "served_k": served.get("k"), "images_per_s": ips,
+                        "protocol": doc["protocol"], "device": doc["device"]}
     return out
 
 
@@ -100,12 +94,9 @@ def choose(val: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any
     return out
 
 
-def _train_s(rec: dict[str, Any]) -> float:
-    return float(rec[METHOD]["budget"].get("train_wall_s") or 0.0)
-
-
-def _eval_s(rec: dict[str, Any]) -> float:
-    return float(rec[METHOD]["budget"].get("eval_wall_s") or 0.0)
+def _seconds(rec: dict[str, Any], key: str) -> float:
+    """A `bench_accuracy.py` method record's budget entry in seconds (0 when not recorded)."""
+    return float(rec["budget"].get(key) or 0.0)
 
 
 def budget(val: dict[str, dict[str, dict[str, Any]]], test: dict[str, dict[str, dict[str, Any]]],
@@ -113,37 +104,37 @@ def budget(val: dict[str, dict[str, dict[str, Any]]], test: dict[str, dict[str, 
     """Core-seconds of every run behind the choice, where the records carry them: all
     variants' validation runs, and the chosen runs' test training and scoring. A chosen run
     that continued its probe counts once: its whole training (`run_wall_s`, the probe and
-    every extension) plus the other variants' probes."""
+    every extension, as the sum of its logged epoch times, so without each process's start-up
+    and data loading) plus the other variants' probes (measured around the whole training)."""
     try:
-        probes = {c: {n: _train_s(v[c]) for n, v in val.items()} for c in picks}
-        val_eval = sum(_eval_s(v[c]) for v in val.values() for c in picks)
+        probes = {c: {n: v[c][METHOD] for n, v in val.items()} for c in picks}
         chosen = {c: test[p["chosen"]][c][METHOD] for c, p in picks.items()}
     except KeyError:
         return None
     train = 0.0
     for c, p in picks.items():
         whole = chosen[c]["budget"].get("run_wall_s")
+        probe_s = {n: _seconds(r, "train_wall_s") for n, r in probes[c].items()}
         if chosen[c].get("run") in ("extended", "reused") and whole is not None:
-            train += float(whole) + sum(t for n, t in probes[c].items() if n != p["chosen"])
+            train += float(whole) + sum(t for n, t in probe_s.items() if n != p["chosen"])
         else:
-            train += sum(probes[c].values()) + float(chosen[c]["budget"].get("train_wall_s") or 0)
-    test_eval = sum(float(r["budget"].get("eval_wall_s") or 0) for r in chosen.values())
-    return {"probe_train_s": round(sum(sum(v.values()) for v in probes.values()), 1),
-            "validation_eval_s": round(val_eval, 1),
-            "test_train_s": round(sum(float(r["budget"].get("train_wall_s") or 0)
-                                      for r in chosen.values()), 1),
-            "test_eval_s": round(test_eval, 1),
-            "test_runs_extended_probes": all(r.get("run") == "extended" for r in chosen.values()),
-            "train_core_s": round(train, 1),
-            "core_s": round(train + val_eval + test_eval, 1)}
+            train += sum(probe_s.values()) + _seconds(chosen[c], "train_wall_s")
+    val_eval = sum(_seconds(r, "eval_wall_s") for per in probes.values() for r in per.values())
+    test_eval = sum(_seconds(r, "eval_wall_s") for r in chosen.values())
+    return {
+        "probe_train_s": round(sum(_seconds(r, "train_wall_s") for per in probes.values()
+                                   for r in per.values()), 1),
+        "validation_eval_s": round(val_eval, 1),
+        "test_train_s": round(sum(_seconds(r, "train_wall_s") for r in chosen.values()), 1),
+        "test_eval_s": round(test_eval, 1),
+        "test_runs_extended_probes": all(r.get("run") == "extended" for r in chosen.values()),
+        "train_core_s": round(train, 1),
+        "core_s": round(train + val_eval + test_eval, 1),
+    }
 
 
-def report(
-    val_docs: dict[str, list[dict]],
-    test_docs: dict[str, list[dict]],
-    command: str,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+def report(val_docs: dict[str, list[dict]], test_docs: dict[str, list[dict]], command: str,
+           extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The choice from validation and the chosen runs' served test metrics, as one record.
     The test files need to hold only the chosen variant of each class."""
     val = {n: _by_class(d, "val") for n, d in val_docs.items()}
@@ -160,45 +151,30 @@ def report(
         per_class[cls] = {
             **pick,
             "served": rec["served"],
-            "other_test_auroc": {
-                n: t[cls]["served"]["fp32"]["AUROC"]
-                for n, t in test.items()
-                if n != pick["chosen"] and t.get(cls, {}).get("served")
-            },
-            "nn": rec["nn"]["auroc"],
-            "pca": rec["pca"]["auroc"],
+            "other_test_auroc": {n: t[cls]["served"]["fp32"]["AUROC"] for n, t in test.items()
+                                 if n != pick["chosen"] and t.get(cls, {}).get("served")},
+            "nn": rec["nn"]["auroc"], "pca": rec["pca"]["auroc"],
         }
+    chosen = {cls: test[pick["chosen"]][cls] for cls, pick in picks.items()}
     precisions = sorted({p for r in per_class.values() for p in r["served"]})
-    mean = {
-        prec: {
-            m: statistics.fmean(r["served"][prec][m] for r in per_class.values()) for m in METRICS
-        }
-        for prec in precisions
-    }
-    first = test[picks[next(iter(picks))]["chosen"]][next(iter(picks))]
+    mean = {prec: {m: statistics.fmean(r["served"][prec][m] for r in per_class.values())
+                   for m in METRICS} for prec in precisions}
+    first = next(iter(chosen.values()))
     return {
         "benchmark": "accuracy-mnist-oe-choice",
         "protocol": first["protocol"],
         "device": first["device"],
         "rule": f"per class, the variant with the highest validation {CHOICE_SCORE} AUROC",
         "served": {
-            "method": METHOD,
-            "score": CHOICE_SCORE,
-            "k": first["served_k"],
-            "precisions": precisions,
-            "per_class": per_class,
-            "mean": mean,
-            "images_per_s": {
-                cls: test[pick["chosen"]][cls]["images_per_s"]
-                for cls, pick in picks.items()
-                if test[pick["chosen"]][cls]["images_per_s"]
-            },
+            "method": METHOD, "score": CHOICE_SCORE, "k": first["served_k"],
+            "precisions": precisions, "per_class": per_class, "mean": mean,
+            "images_per_s": {c: r["images_per_s"] for c, r in chosen.items() if r["images_per_s"]},
             "images_per_s_note": "per K and precision, onnxruntime CPU, batch 64, each class's "
-            "own files, measured inside its bench_accuracy.py job (beside the other jobs)",
+                                 "own files, measured inside its bench_accuracy.py job (beside "
+                                 "the other jobs)",
         },
-        "baselines_mean": {
-            b: statistics.fmean(r[b] for r in per_class.values()) for b in ("nn", "pca")
-        },
+        "baselines_mean": {b: statistics.fmean(r[b] for r in per_class.values())
+                           for b in ("nn", "pca")},
         "budget": budget(val, test, picks),
         **(extra or {}),
         "command": command,
@@ -212,27 +188,13 @@ def markdown(record: dict[str, Any]) -> str:
     for cls, r in served["per_class"].items():
         for i, prec in enumerate(served["precisions"]):
             m = r["served"][prec]
-            rows.append(
-                [
-                    cls if i == 0 else "",
-                    r["chosen"] if i == 0 else "",
-                    prec,
-                    *(f"{m[k]:.4f}" for k in METRICS),
-                    f"{r['nn']:.4f}" if i == 0 else "",
-                    f"{r['pca']:.4f}" if i == 0 else "",
-                ]
-            )
+            rows.append([cls if i == 0 else "", r["chosen"] if i == 0 else "", prec,
+                         *(f"{m[k]:.4f}" for k in METRICS),
+                         f"{r['nn']:.4f}" if i == 0 else "", f"{r['pca']:.4f}" if i == 0 else ""])
     for i, prec in enumerate(served["precisions"]):
-        rows.append(
-            [
-                "**mean**" if i == 0 else "",
-                "",
-                prec,
-                *(f"{served['mean'][prec][k]:.4f}" for k in METRICS),
-                f"{base['nn']:.4f}" if i == 0 else "",
-                f"{base['pca']:.4f}" if i == 0 else "",
-            ]
-        )
+        rows.append(["**mean**" if i == 0 else "", "", prec,
+                     *(f"{served['mean'][prec][k]:.4f}" for k in METRICS),
+                     f"{base['nn']:.4f}" if i == 0 else "", f"{base['pca']:.4f}" if i == 0 else ""])
     return "\n".join(md_table(head, rows))
 
 
@@ -265,11 +227,7 @@ def _job(argv: list[str], out: Path, log_path: Path) -> Path:
     with log_path.open("w") as f:
         proc = subprocess.run(
             [sys.executable, str(BENCHMARKS / "bench_accuracy.py"), *argv, "--out", str(out)],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **ONE_THREAD},
-            check=False,
-        )
+            stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **ONE_THREAD}, check=False)
     if proc.returncode != 0 or not out.is_file():
         tail = log_path.read_text().strip().splitlines()[-1:] or ["(no output)"]
         raise SystemExit(f"job failed ({shown(log_path)}): {tail[0]}")
@@ -277,112 +235,62 @@ def _job(argv: list[str], out: Path, log_path: Path) -> Path:
     return out
 
 
-def _pool(jobs: list[tuple[list[str], Path, Path]], workers: int) -> list[Path]:
+def _run_all(jobs: dict[Any, tuple[list[str], Path, Path]], workers: int) -> dict[Any, dict]:
+    """Run the jobs `workers` at a time; each key's loaded result JSON."""
     with ThreadPoolExecutor(workers) as ex:
-        return list(ex.map(lambda j: _job(*j), jobs))
+        outs = list(ex.map(lambda j: _job(*j), jobs.values()))
+    return {key: json.loads(out.read_text()) for key, out in zip(jobs, outs, strict=True)}
 
 
 def probe_and_continue(args: argparse.Namespace) -> tuple[dict, dict, dict]:
-    variants = _parse_variants(args.variant)
-    root = Path(args.runs_dir)
-    common = [
-        "--data-root",
-        args.data_root,
-        "--protocol",
-        args.protocol,
-        "--seed",
-        str(args.seed),
-        *args.bench_args,
-    ]
-    classes = (
-        [str(c) for c in range(10)]
-        if args.classes == "all"
-        else [c.strip() for c in args.classes.split(",") if c.strip()]
-    )
+    from oecl_train.data import DataError
+    from oecl_train.sweep import parse_classes
 
-    def variant_args(name: str, steps: int) -> list[str]:
-        return [
-            *common,
-            "--oe-overlay",
-            str(variants[name]),
-            "--steps",
-            f"{METHOD}={steps}",
-            "--runs-dir",
-            str(root / name),
-        ]
+    variants = _parse_variants(args.variant)
+    try:
+        classes = parse_classes(args.classes, [str(i) for i in range(10)])
+    except DataError as e:
+        raise SystemExit(str(e)) from None
+    root = Path(args.runs_dir)
+    common = ["--data-root", args.data_root, "--protocol", args.protocol, "--seed",
+              str(args.seed), *args.bench_args]
+    k = str(args.served_k)
+
+    def job(name: str, cls: str, split: str, steps: int, extra: list[str]) -> tuple:
+        stem = f"{name}-class-{cls}-steps-{steps}"
+        return ([*common, "--oe-overlay", str(variants[name]), "--steps", f"{METHOD}={steps}",
+                 "--runs-dir", str(root / name), "--classes", cls, *extra],
+                root / split / f"{stem}.json", root / "logs" / f"{split}-{stem}.log")
 
     t0 = time.perf_counter()
-    probes = [
-        (
-            variant_args(name, args.probe_steps)
-            + [
-                "--classes",
-                c,
-                "--methods",
-                METHOD,
-                "--eval-split",
-                "val",
-                "--views",
-                str(args.served_k),
-                "--k",
-                str(args.served_k),
-            ],
-            root / "val" / f"{name}-class-{c}-steps-{args.probe_steps}.json",
-            root / "logs" / f"val-{name}-class-{c}-steps-{args.probe_steps}.log",
-        )
-        for c in classes
-        for name in variants
-    ]
-    log(f"probes: {len(probes)} runs of {args.probe_steps} steps, {args.jobs} at a time")
-    _pool(probes, args.jobs)
+    log(f"probes: {len(classes) * len(variants)} runs of {args.probe_steps} steps, "
+        f"{args.jobs} at a time")
+    probed = _run_all({(c, n): job(n, c, "val", args.probe_steps, [
+        "--methods", METHOD, "--eval-split", "val", "--views", k, "--k", k])
+        for c in classes for n in variants}, args.jobs)
     probe_wall = time.perf_counter() - t0
     val_docs: dict[str, list[dict]] = {}
-    for (_, out, _), name in zip(probes, [n for _ in classes for n in variants], strict=True):
-        val_docs.setdefault(name, []).append(json.loads(out.read_text()))
+    for (_, name), doc in probed.items():
+        val_docs.setdefault(name, []).append(doc)
     picks = choose({n: _by_class(d, "val") for n, d in val_docs.items()})
     for c, p in picks.items():
         shown_scores = ", ".join(f"{n} {a:.4f}" for n, a in p["val_auroc"].items())
         log(f"class {c}: validation {shown_scores} -> {p['chosen']}")
 
     t1 = time.perf_counter()
-    tests = [
-        (
-            variant_args(p["chosen"], args.steps)
-            + [
-                "--classes",
-                c,
-                "--methods",
-                f"{METHOD},nn,pca",
-                "--extend",
-                "--serve-views",
-                str(args.served_k),
-                "--served-k",
-                str(args.served_k),
-            ],
-            root / "test" / f"{p['chosen']}-class-{c}-steps-{args.steps}.json",
-            root / "logs" / f"test-{p['chosen']}-class-{c}-steps-{args.steps}.log",
-        )
-        for c, p in picks.items()
-    ]
     log(f"continuing the chosen runs to {args.steps} steps, {args.jobs} at a time")
-    _pool(tests, args.jobs)
+    tested = _run_all({c: job(p["chosen"], c, "test", args.steps, [
+        "--methods", f"{METHOD},nn,pca", "--extend", "--serve-views", k, "--served-k", k])
+        for c, p in picks.items()}, args.jobs)
     test_docs: dict[str, list[dict]] = {}
-    for (_, out, _), p in zip(tests, picks.values(), strict=True):
-        test_docs.setdefault(p["chosen"], []).append(json.loads(out.read_text()))
+    for c, doc in tested.items():
+        test_docs.setdefault(picks[c]["chosen"], []).append(doc)
     extra = {
-        "settings": {
-            "variants": variants,
-            "probe_steps": args.probe_steps,
-            "steps": args.steps,
-            "served_k": args.served_k,
-            "jobs": args.jobs,
-            "threads_per_job": 1,
-            "bench_args": args.bench_args,
-        },
-        "wall_s": {
-            "probes": round(probe_wall, 1),
-            "continue_and_test": round(time.perf_counter() - t1, 1),
-        },
+        "settings": {"variants": variants, "probe_steps": args.probe_steps, "steps": args.steps,
+                     "served_k": args.served_k, "jobs": args.jobs, "threads_per_job": 1,
+                     "bench_args": args.bench_args},
+        "wall_s": {"probes": round(probe_wall, 1),
+                   "continue_and_test": round(time.perf_counter() - t1, 1)},
     }
     return val_docs, test_docs, extra
 
@@ -396,13 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     run = p.add_argument_group("probe, then continue")
     run.add_argument("--probe-steps", type=int, help="Steps of each variant's validation run.")
     run.add_argument("--steps", type=int, help="Steps the chosen run is continued to.")
-    run.add_argument(
-        "--variant",
-        action="append",
-        default=[],
-        metavar="NAME=OVERLAY",
-        help="A variant and its --oe-overlay share (default photos=0, overlay=0.5).",
-    )
+    run.add_argument("--variant", action="append", default=[], metavar="NAME=OVERLAY",
+                     help="A variant and its --oe-overlay share (default photos=0, overlay=0.5).")
     run.add_argument("--classes", default="all", help="'all' or e.g. '1,8'.")
     run.add_argument("--protocol", default="one-vs-rest", choices=("one-vs-rest", "leave-one-out"))
     run.add_argument("--served-k", type=int, default=8, help="Views of the served score.")
@@ -410,12 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--runs-dir", default="benchmarks/runs/oe-probe")
     run.add_argument("--data-root", default="../shared/data/mnist")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument(
-        "--bench-args",
-        nargs=argparse.REMAINDER,
-        default=[],
-        help="The rest is passed to every bench_accuracy.py job.",
-    )
+    run.add_argument("--bench-args", nargs=argparse.REMAINDER, default=[],
+                     help="The rest is passed to every bench_accuracy.py job.")
     args = p.parse_args(argv)
 
     if args.probe_steps is not None:
