@@ -80,14 +80,16 @@ def _saved_config(run_dir: Path) -> TrainConfig | None:
         return None
 
 
-def _same_config(saved: TrainConfig | None, cfg) -> bool:
+def _config_differences(saved: TrainConfig | None, cfg) -> list[str]:
+    """The settings in which `saved` differs from `cfg` (['config.json'] when unreadable)."""
     if saved is None:
-        return False
+        return ["config.json"]
     # A saved config records what ran ("auto" resolved for its device): compare like with like.
     want, device = dataclasses.replace(cfg), resolve_device(cfg.device)
     resolve_execution(want, device)
     resolve_execution(saved, device)
-    return json.loads(json.dumps(saved.to_json())) == json.loads(json.dumps(want.to_json()))
+    a, b = (json.loads(json.dumps(c.to_json())) for c in (saved, want))
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
 def train_or_reuse(cfg, progress: bool, extend: bool = False) -> tuple[str, float | None]:
@@ -106,9 +108,10 @@ def train_or_reuse(cfg, progress: bool, extend: bool = False) -> tuple[str, floa
             longer = saved.steps < cfg.steps
             if longer:
                 saved = dataclasses.replace(saved, steps=cfg.steps)
-        if not _same_config(saved, cfg):
+        if differ := _config_differences(saved, cfg):
             raise EvalError(
-                f"{run_dir} holds a run with different settings; pick another --name or remove it"
+                f"{run_dir} holds a run with different settings ({', '.join(differ)}); pick "
+                "another --name or remove it"
             )
         found = checkpoint.list_checkpoints(run_dir / "checkpoints")
         last = json.loads(found[-1].read_text()) if found else {}

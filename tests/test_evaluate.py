@@ -282,7 +282,7 @@ def test_sweep_reuses_only_runs_with_the_same_settings(tmp_path: Path) -> None:
     (run_dir / "config.json").write_text(json.dumps(saved))
     assert train_or_reuse(cfg, progress=False) == ("reused", None)
     (run_dir / "config.json").write_text(json.dumps({**saved, "oe_overlay": 0.5}))
-    with pytest.raises(EvalError, match="different settings"):
+    with pytest.raises(EvalError, match=r"different settings \(oe_overlay\)"):
         train_or_reuse(cfg, progress=False)
 
 
@@ -297,9 +297,9 @@ def test_sweep_extends_a_shorter_finished_run_only_when_asked(tmp_path: Path) ->
                         precision="fp32", device="cpu")
     assert train_or_reuse(short, progress=False)[0] == "trained"
     longer = dataclasses.replace(short, steps=4)
-    with pytest.raises(EvalError, match="different settings"):
+    with pytest.raises(EvalError, match=r"different settings \(steps\)"):
         train_or_reuse(longer, progress=False)
-    with pytest.raises(EvalError, match="different settings"):  # only --steps may differ
+    with pytest.raises(EvalError, match=r"settings \(lr\)"):  # only --steps may differ
         train_or_reuse(dataclasses.replace(longer, lr=0.5), progress=False, extend=True)
     run = tmp_path / "run"
     # config.json saying 4 steps beside the 2-step run's last checkpoint: an extension that
