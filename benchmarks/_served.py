@@ -112,28 +112,68 @@ def parse_ks(text: str) -> list[int]:
     return ks
 
 
-def view_study(net: Any, cfg: Any, images: np.ndarray, is_id: np.ndarray, ks: Sequence[int],
-               families: Sequence[tuple[float, float] | None]
+# Named families of the view study; any other entry is a square-crop range 'lo-hi'.
+#   train: the run's own square crops (what `views_for` exports); aspect: the same area range
+#   with RandomResizedCrop's aspect ratios; random / random-crops: the plain image and K - 1
+#   random SimCLR views per image (the paper's ensemble; -crops without colour jitter), the
+#   reference a fixed set is measured against.
+VIEW_FAMILIES = ("train", "aspect", "random", "random-crops")
+
+
+def parse_families(text: str) -> list[str | tuple[float, float]]:
+    """'train,aspect,0.75-1' → ['train', 'aspect', (0.75, 1.0)]."""
+    out: list[str | tuple[float, float]] = []
+    for f in (t.strip() for t in text.split(",")):
+        if f in VIEW_FAMILIES:
+            out.append(f)
+        elif f:
+            try:
+                lo, hi = (float(x) for x in f.split("-"))
+            except ValueError:
+                raise ValueError(f"view family {f!r} is not one of {', '.join(VIEW_FAMILIES)} "
+                                 "or a crop-scale range 'lo-hi'") from None
+            out.append((lo, hi))
+    if not out:
+        raise ValueError("no view family given")
+    return out
+
+
+def view_study(net: Any, cfg: Any, spec: Any, images: np.ndarray, is_id: np.ndarray,
+               ks: Sequence[int], families: Sequence[str | tuple[float, float]]
                ) -> dict[str, dict[str, float | None]]:
-    """Validation AUROC of mean-view-norm for each K and crop-scale family (None = the run's
-    own, the one `views_for` exports), scored in PyTorch by the code the graph is built from."""
+    """Validation AUROC of the K-view score for each K and family (`VIEW_FAMILIES`) on the
+    images of `spec`, the fixed sets scored in PyTorch by the code the graph is built from."""
+    import copy
+
+    from oecl_train.augment import CROP_RATIO
+    from oecl_train.evaluate import augment_for
     from oecl_train.metrics import ood_metrics
-    from oecl_train.scores import view_scores
+    from oecl_train.scores import compute_scores, view_scores
     from oecl_train.views import make_views
 
     h, w = images.shape[2], images.shape[3]
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, float | None]] = {}
     for fam in families:
-        scale = tuple(cfg.crop_scale) if fam is None else fam
-        label = "train" if fam is None else f"{fam[0]:g}-{fam[1]:g}"
-        row = {}
+        label = fam if isinstance(fam, str) else f"{fam[0]:g}-{fam[1]:g}"
+        row: dict[str, float | None] = {}
         for k in ks:
-            try:
-                views = make_views(k, h, w, scale, bool(cfg.hflip))
-            except ValueError:  # a narrow family on a small input has fewer distinct views
-                row[str(k)] = None
-                continue
-            s = view_scores(net, images, views, precision="fp32", batch=1024)
+            if label.startswith("random"):
+                run = copy.copy(cfg)
+                if label == "random-crops":
+                    run.jitter_p = 0.0
+                s = compute_scores(net, images, scores=("mean-aug-norm",), k=k - 1,
+                                   augment=augment_for(run, spec, "cpu"), precision="fp32",
+                                   batch=1024)["mean-aug-norm"] if k > 1 else \
+                    view_scores(net, images, make_views(1, h, w), precision="fp32")
+            else:
+                scale = fam if isinstance(fam, tuple) else tuple(cfg.crop_scale)
+                ratio = CROP_RATIO if fam == "aspect" else (1.0, 1.0)
+                try:
+                    views = make_views(k, h, w, scale, bool(cfg.hflip), ratio)
+                except ValueError:  # a narrow family on a small input has fewer distinct views
+                    row[str(k)] = None
+                    continue
+                s = view_scores(net, images, views, precision="fp32", batch=1024)
             row[str(k)] = ood_metrics(s, is_id)["AUROC"]
         out[label] = row
     return out

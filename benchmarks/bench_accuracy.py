@@ -47,7 +47,7 @@ AUPR-IN, AUPR-OUT, FPR@95TPR, and the TPR / FPR the artifact's own threshold giv
 and mean; then the served images/s of each K (first class's files, batch 64). The `served`
 entry of the JSON is K = --served-k (default: the exporter's DEFAULT_VIEWS). On the
 validation split, --views and --view-families instead compare the K-view score (in PyTorch,
-from the code the graph is built with) for each K and crop-scale family, to choose K there.
+from the code the graph is built with) for each K and view family, to choose K there.
 
 Writes benchmarks/results/accuracy-mnist[-leave-one-out][-val].json (per class and mean
 AUROC, the device, each method's budget: steps, epochs, wall time, and `served`) and prints
@@ -146,8 +146,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--views", default="1,2,4,8,16",
                    help="Validation split only: K values of the view study.")
     p.add_argument("--view-families", default="train",
-                   help="Validation split only: crop-scale families of the view study, 'train' "
-                   "(the run's own, what export uses) or 'lo-hi', comma-separated.")
+                   help="Validation split only: view families of the study, comma-separated: "
+                   "'train' (the run's own square crops, what export uses), 'aspect' (with "
+                   "RandomResizedCrop's aspect ratios), 'random' / 'random-crops' (K - 1 random "
+                   "SimCLR views with / without colour jitter), or square crops 'lo-hi'.")
     p.add_argument("--pca-variance", default="0.9", help="Explained-variance share, or 'val'.")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -264,7 +266,7 @@ def validation_report(run_dir: Path, splits, k: int, args) -> dict[str, Any]:
     scores, _ = score_model(net, cfg, splits, k=k, device=dev, batch_size=args.eval_batch_size)
     seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    study = view_study(net, cfg, splits.test_images, splits.test_is_id, args.views,
+    study = view_study(net, cfg, splits.spec, splits.test_images, splits.test_is_id, args.views,
                        args.view_families)
     return {
         "scores": {s: {"metrics": ood_metrics(v, splits.test_is_id)} for s, v in scores.items()},
@@ -515,7 +517,7 @@ def view_study_markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.steps = parse_steps(args.steps)
-    from _served import parse_ks
+    from _served import parse_families, parse_ks
 
     from oecl_train.views import DEFAULT_VIEWS
 
@@ -523,9 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.views = parse_ks(args.views)
         args.serve_views = parse_ks(args.serve_views or f"1,{args.served_k}")
-        args.view_families = [None if f.strip() == "train" else
-                              tuple(float(x) for x in f.strip().split("-"))
-                              for f in args.view_families.split(",") if f.strip()]
+        args.view_families = parse_families(args.view_families)
     except ValueError as e:
         sys.exit(f"error: {e}")
     args.serve_methods = [m.strip() for m in args.serve_methods.split(",") if m.strip()]
@@ -539,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from oecl_runtime.atomic import write_json
+    from oecl_train.evaluate import EvalError
     from oecl_train.sweep import parse_classes
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -606,8 +607,11 @@ def main(argv: list[str] | None = None) -> int:
             extra = f" ({entry['n_components']} components)" if m == "pca" else ""
             log(f"class {cls} {m}: AUROC {entry['auroc']:.4f}{extra}")
         for m in (m for m in methods if m in DEEP):
-            log(f"class {cls} {m}: training {args.steps[m]} steps")
-            per[m] = run_deep(args, data_root, cls, m, k, splits if validate else None)
+            log(f"class {cls} {m}: {args.steps[m]} steps (a finished run is reused)")
+            try:
+                per[m] = run_deep(args, data_root, cls, m, k, splits if validate else None)
+            except EvalError as e:  # e.g. --runs-dir holds this run with other settings
+                sys.exit(f"error: {e}")
             b = per[m]["budget"]
             aurocs = ", ".join(f"{s} {a:.4f}" for s, a in per[m]["auroc"].items())
             log(

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+# RandomResizedCrop's width/height range (torchvision's and kornia's default, as in SimCLR).
+CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
 
 @dataclass
 class AugmentConfig:
@@ -30,7 +33,8 @@ class SimCLRAugment(nn.Module):
 
         cfg = cfg or AugmentConfig()
         b, c, s, h = cfg.jitter
-        ops: list[nn.Module] = [K.RandomResizedCrop(size, scale=tuple(cfg.crop_scale))]
+        crop = K.RandomResizedCrop(size, scale=tuple(cfg.crop_scale), ratio=CROP_RATIO)
+        ops: list[nn.Module] = [crop]
         if cfg.hflip:
             ops.append(K.RandomHorizontalFlip())
         if channels == 3:

@@ -5,16 +5,18 @@ views make a served score that changes from call to call, so the served form rep
 with a fixed set of K views drawn once from the training augmentation's geometric family:
 square crops whose area is a share of the image inside the run's crop-scale range, resized
 back to the input size, mirrored when training mirrored. View 0 is always the plain image, so
-K = 1 is the single-pass norm.
+K = 1 is the single-pass norm. Crops of other aspect ratios (`make_views(ratio=...)`, as
+RandomResizedCrop draws them) were measured on the validation split and did not score better
+than squares (benchmarks/RESULTS.md), so the served set stays square.
 
 Every view is a separable linear map of the image: a crop-and-bilinear-resize along rows (an
 H x H matrix) and along columns (a W x W matrix, which also carries the flip). Applying the
 views is two batched matrix products, so the same code runs in eager PyTorch and exports to
 plain ONNX MatMuls (no Resize op whose rounding differs between backends).
 
-Crop positions and sizes come from a Halton sequence (bases 2, 3, 5): deterministic,
-spread evenly over the family for any K, and the first K views of a larger set are the
-K-view set (a K sweep compares nested sets).
+Crop positions and sizes come from a Halton sequence (bases 2, 3, 5), aspect ratios from the
+Weyl sequence of sqrt(2): deterministic, spread evenly over the family for any K, and the
+first K views of a larger set are the K-view set (a K sweep compares nested sets).
 """
 
 from __future__ import annotations
@@ -64,21 +66,25 @@ def _halton(i: int, base: int) -> float:
 
 def make_views(
     k: int, height: int, width: int, crop_scale: Sequence[float] = (0.5, 1.0),
-    hflip: bool = False,
+    hflip: bool = False, ratio: Sequence[float] = (1.0, 1.0),
 ) -> tuple[View, ...]:
     """The K-view set: the plain view, then K - 1 crops from the training family.
 
-    Draw i (1, 2, ...) takes area share lo + (hi - lo) * halton(i, 5) of the image (square
-    relative to the image, as RandomResizedCrop's aspect ratio 1) and top-left offsets at
-    halton(i, 2) and halton(i, 3) of the free range; when training flipped, every other view
-    is mirrored. Boxes are whole pixels so a client in any language reproduces them; a draw
-    that rounds to a view already in the set is skipped.
+    Draw i (1, 2, ...) takes area share lo + (hi - lo) * halton(i, 5) of the image, with
+    width/height (relative to the image's) log-uniform in `ratio` at frac(i * sqrt(2)) (the
+    default 1 gives squares), and top-left offsets at halton(i, 2) and halton(i, 3) of the
+    free range; when training flipped, every other view is mirrored. Boxes are whole pixels
+    so a client in any language reproduces them; a draw that rounds to a view already in the
+    set is skipped.
     """
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"the number of views must be a positive integer, got {k!r}")
     lo, hi = (float(s) for s in crop_scale)
     if not 0.0 < lo <= hi <= 1.0:
         raise ValueError(f"crop scale must satisfy 0 < lo <= hi <= 1, got {crop_scale}")
+    r_lo, r_hi = (float(r) for r in ratio)
+    if not 0.0 < r_lo <= r_hi:
+        raise ValueError(f"aspect ratio range must satisfy 0 < lo <= hi, got {ratio}")
     views = [View(0, 0, height, width, False)]
     i = 0
     while len(views) < k:
@@ -87,9 +93,11 @@ def make_views(
             raise ValueError(f"a {height}x{width} input at crop scale {lo}-{hi} has fewer than "
                              f"{k} distinct whole-pixel views")
         share = lo + (hi - lo) * _halton(i, 5)
-        side = math.sqrt(share)
-        h = min(height, max(1, round(side * height)))
-        w = min(width, max(1, round(side * width)))
+        # Weyl, not a fourth Halton base: for small i, halton(i, 7) rises with halton(i, 5),
+        # which would tie wide crops to large ones.
+        aspect = math.exp(math.log(r_lo) + math.log(r_hi / r_lo) * (i * math.sqrt(2.0) % 1.0))
+        h = min(height, max(1, round(math.sqrt(share / aspect) * height)))
+        w = min(width, max(1, round(math.sqrt(share * aspect) * width)))
         top = round(_halton(i, 2) * (height - h))
         left = round(_halton(i, 3) * (width - w))
         view = View(top, left, h, w, hflip and len(views) % 2 == 1)

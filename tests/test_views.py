@@ -4,6 +4,7 @@ oecl.json checks of `score.views`. No training: a fixed random network."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,6 +44,72 @@ def test_view_set_is_deterministic_nested_and_inside_the_family():
         make_views(0, 16, 16)
     with pytest.raises(ValueError, match="crop scale"):
         make_views(4, 16, 16, (0.0, 1.0))
+
+
+def test_aspect_ratio_views_stay_nested_inside_the_box_and_default_to_squares():
+    from oecl_train.augment import CROP_RATIO
+
+    square = make_views(16, 16, 16, (0.5, 1.0))
+    assert make_views(16, 16, 16, (0.5, 1.0), ratio=(1.0, 1.0)) == square
+    assert all(v.height == v.width for v in square)
+    views = make_views(16, 16, 16, (0.5, 1.0), ratio=CROP_RATIO)
+    assert views[0] == View(0, 0, 16, 16, False) and views[:6] == make_views(
+        6, 16, 16, (0.5, 1.0), ratio=CROP_RATIO)
+    aspects = [v.width / v.height for v in views[1:]]
+    # whole-pixel sides of a drawn ratio in 3/4..4/3 (a side clipped to the image can push a
+    # box further out, never past one pixel of rounding on each side)
+    assert all(0.75 * 14 / 16 <= a <= 4 / 3 * 16 / 14 for a in aspects)
+    assert min(aspects) < 0.9 and max(aspects) > 1.1  # both sides of square are drawn
+    for v in views[1:]:
+        assert 0 <= v.top and v.top + v.height <= 16 and 0 <= v.left and v.left + v.width <= 16
+    with pytest.raises(ValueError, match="aspect ratio"):
+        make_views(4, 16, 16, ratio=(1.2, 0.8))
+
+
+def test_view_study_families(net):
+    """The study's rows: fixed sets scored as the graph scores them, the random references
+    drawn as `mean-aug-norm` draws them (K - 1 views beside the plain image)."""
+    import sys
+
+    from oecl_train.augment import CROP_RATIO
+    from oecl_train.config import TrainConfig
+    from oecl_train.evaluate import augment_for
+    from oecl_train.metrics import ood_metrics
+    REPO = Path(__file__).resolve().parents[1]
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from _served import parse_families, view_study
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert parse_families("train, aspect,0.75-1,random") == ["train", "aspect", (0.75, 1.0),
+                                                              "random"]
+    for bad in ("crops", "0.5", ","):
+        with pytest.raises(ValueError, match="view family"):
+            parse_families(bad)
+
+    class Spec:
+        channels, height, width = 1, 16, 16
+
+    cfg = TrainConfig(crop_scale=(0.5, 1.0), hflip=False, jitter_p=0.8)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 1, 16, 16), dtype=np.uint8)
+    is_id = np.arange(40) < 20
+    fams = parse_families("train,aspect,random,random-crops,0.75-1")
+    study = view_study(net, cfg, Spec, images, is_id, (1, 4), fams)
+    assert list(study) == ["train", "aspect", "random", "random-crops", "0.75-1"]
+    auroc = lambda s: ood_metrics(s, is_id)["AUROC"]  # noqa: E731
+    plain = auroc(view_scores(net, images, make_views(1, 16, 16), precision="fp32"))
+    assert all(row["1"] == pytest.approx(plain) for row in study.values())
+    for label, views in (("train", make_views(4, 16, 16, (0.5, 1.0))),
+                         ("aspect", make_views(4, 16, 16, (0.5, 1.0), ratio=CROP_RATIO)),
+                         ("0.75-1", make_views(4, 16, 16, (0.75, 1.0)))):
+        assert study[label]["4"] == pytest.approx(
+            auroc(view_scores(net, images, views, precision="fp32")))
+    random = compute_scores(net, images, scores=("mean-aug-norm",), k=3, precision="fp32",
+                            augment=augment_for(cfg, Spec, "cpu"), batch=1024)
+    assert study["random"]["4"] == pytest.approx(auroc(random["mean-aug-norm"]))
+    assert study["random-crops"]["4"] != study["random"]["4"]  # no colour jitter there
 
 
 def test_plain_view_is_the_identity():
