@@ -89,7 +89,8 @@ def _config_differences(saved: TrainConfig | None, cfg) -> list[str]:
     resolve_execution(want, device)
     resolve_execution(saved, device)
     a, b = (json.loads(json.dumps(c.to_json())) for c in (saved, want))
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    # out_dir is where the run was found, however it is spelled (relative, moved): not a setting.
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k != "out_dir")
 
 
 def train_or_reuse(cfg, progress: bool, extend: bool = False) -> tuple[str, float | None]:

@@ -281,6 +281,9 @@ def test_sweep_reuses_only_runs_with_the_same_settings(tmp_path: Path) -> None:
     del saved["oe_overlay"]  # written before the option existed: reads as its default
     (run_dir / "config.json").write_text(json.dumps(saved))
     assert train_or_reuse(cfg, progress=False) == ("reused", None)
+    # The same directory spelled another way (saved relative, asked absolute): the same run.
+    (run_dir / "config.json").write_text(json.dumps({**saved, "out_dir": "elsewhere/.."}))
+    assert train_or_reuse(cfg, progress=False) == ("reused", None)
     (run_dir / "config.json").write_text(json.dumps({**saved, "oe_overlay": 0.5}))
     with pytest.raises(EvalError, match=r"different settings \(oe_overlay\)"):
         train_or_reuse(cfg, progress=False)
