@@ -63,8 +63,13 @@ def test_detached_logging_outputs_and_backend_choice_in_fake_mode():
 
 
 def _net() -> OECLNet:
+    # Width 8, not 4: with 4 input channels, oneDNN's channels_last backward of the 1x1
+    # stride-2 shortcut convolution gave wrong weight gradients in eager mode on a 2-thread
+    # AVX2 CPU (torch 2.13; right at one thread and at 8 or more channels), and the compiled
+    # step of a width-4 network differed from eager in that one layer: a library fault, not
+    # the compile of this project's step.
     torch.manual_seed(0)
-    return OECLNet(Architecture(depth="resnet10", width=4, stem="cifar", in_channels=3,
+    return OECLNet(Architecture(depth="resnet10", width=8, stem="cifar", in_channels=3,
                                 proj_dim=16, mean=[0.5] * 3, std=[0.5] * 3))
 
 
