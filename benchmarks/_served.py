@@ -143,7 +143,7 @@ def view_study(net: Any, cfg: Any, spec: Any, images: np.ndarray, is_id: np.ndar
                ) -> dict[str, dict[str, float | None]]:
     """Validation AUROC of the K-view score for each K and family (`VIEW_FAMILIES`) on the
     images of `spec`, the fixed sets scored in PyTorch by the code the graph is built from."""
-    import copy
+    import dataclasses
 
     from oecl_train.augment import CROP_RATIO
     from oecl_train.evaluate import augment_for
@@ -155,19 +155,18 @@ def view_study(net: Any, cfg: Any, spec: Any, images: np.ndarray, is_id: np.ndar
     out: dict[str, dict[str, float | None]] = {}
     for fam in families:
         label = fam if isinstance(fam, str) else f"{fam[0]:g}-{fam[1]:g}"
+        augment = None
+        if label.startswith("random"):
+            run = dataclasses.replace(cfg, jitter_p=0.0) if label == "random-crops" else cfg
+            augment = augment_for(run, spec, "cpu")
+        scale = fam if isinstance(fam, tuple) else tuple(cfg.crop_scale)
+        ratio = CROP_RATIO if fam == "aspect" else (1.0, 1.0)
         row: dict[str, float | None] = {}
         for k in ks:
-            if label.startswith("random"):
-                run = copy.copy(cfg)
-                if label == "random-crops":
-                    run.jitter_p = 0.0
+            if augment is not None and k > 1:  # K = 1 is the plain image in every family
                 s = compute_scores(net, images, scores=("mean-aug-norm",), k=k - 1,
-                                   augment=augment_for(run, spec, "cpu"), precision="fp32",
-                                   batch=1024)["mean-aug-norm"] if k > 1 else \
-                    view_scores(net, images, make_views(1, h, w), precision="fp32")
+                                   augment=augment, precision="fp32", batch=1024)["mean-aug-norm"]
             else:
-                scale = fam if isinstance(fam, tuple) else tuple(cfg.crop_scale)
-                ratio = CROP_RATIO if fam == "aspect" else (1.0, 1.0)
                 try:
                     views = make_views(k, h, w, scale, bool(cfg.hflip), ratio)
                 except ValueError:  # a narrow family on a small input has fewer distinct views

@@ -3,9 +3,11 @@ training configuration. The fixtures built from them live in conftest.py."""
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import shutil
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,6 +26,18 @@ from oecl_runtime.artifact import (
 from oecl_runtime.preprocess import InputSpec, load
 from oecl_train.config import TrainConfig
 from oecl_train.data import Splits
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def import_benchmark(name: str):
+    """A module of benchmarks/ (scripts that import their siblings by bare name)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
 
 # -- the tiny artifact -------------------------------------------------------------------------
 

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO, import_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
 METRICS = ("AUROC", "AUPR-IN", "AUPR-OUT", "FPR@95TPR", "TPR", "FPR")
 
 
@@ -113,11 +113,7 @@ def test_probe_mode_refuses_bad_arguments_before_training(tmp_path: Path) -> Non
 
 
 def test_a_failed_job_names_its_log_and_an_existing_result_is_reused(tmp_path: Path) -> None:
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import oe_choice
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    oe_choice = import_benchmark("oe_choice")
     out, log_path = tmp_path / "val" / "a.json", tmp_path / "logs" / "a.log"
     with pytest.raises(SystemExit, match=r"job failed .*a\.log.*: error: --steps"):
         oe_choice._job(["--steps", "oecl-photos=0"], out, log_path)

@@ -4,7 +4,6 @@ oecl.json checks of `score.views`. No training: a fixed random network."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,19 +68,15 @@ def test_aspect_ratio_views_stay_nested_inside_the_box_and_default_to_squares():
 def test_view_study_families(net):
     """The study's rows: fixed sets scored as the graph scores them, the random references
     drawn as `mean-aug-norm` draws them (K - 1 views beside the plain image)."""
-    import sys
+    from helpers import import_benchmark
 
     from oecl_train.augment import CROP_RATIO
     from oecl_train.config import TrainConfig
     from oecl_train.evaluate import augment_for
     from oecl_train.metrics import ood_metrics
-    REPO = Path(__file__).resolve().parents[1]
 
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from _served import parse_families, view_study
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    served = import_benchmark("_served")
+    parse_families, view_study = served.parse_families, served.view_study
     assert parse_families("train, aspect,0.75-1,random") == ["train", "aspect", (0.75, 1.0),
                                                               "random"]
     for bad in ("crops", "0.5", ","):
