@@ -118,6 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--oe-overlay", type=float, default=0.0,
                    help="oecl-photos: share of each step's OE images made by overlaying two ID "
                    "images, one shifted (the rest are photo crops); 0 = photos alone.")
+    p.add_argument("--oe-jigsaw", type=float, default=0.0,
+                   help="oecl-photos: share of each step's OE images made by putting an ID "
+                   "image's quadrants in another order (the rest: photos and overlays).")
     p.add_argument("--jitter-p", type=float, default=0.8,
                    help="Probability of brightness/contrast jitter per view.")
     p.add_argument(
@@ -233,6 +236,7 @@ def base_config(args: argparse.Namespace, data_root: str, cls: str, method: str)
         protocol=args.protocol,
         oe=DEEP.get(method, "none"),
         oe_overlay=args.oe_overlay if method == "oecl-photos" else 0.0,
+        oe_jigsaw=args.oe_jigsaw if method == "oecl-photos" else 0.0,
         image_size=args.image_size,
         depth=args.depth,
         width=args.width,
@@ -577,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
             "crop_scale": list(args.crop_scale),
             "jitter_p": args.jitter_p,
             "oe_overlay": args.oe_overlay,
+            "oe_jigsaw": args.oe_jigsaw,
             "hflip": False,
             "k": k,
             "views": args.views if args.eval_split == "val" else None,

@@ -6,13 +6,13 @@ Two ways in, one choice and one report:
   (`--eval-split val`) and its test runs through the runtime (`--serve-views`), any number of
   files each, e.g. one per class subset.
 - Probe, then continue (`--probe-steps`): for every class, a short run of each variant
-  (`--variant NAME=OVERLAY`, the share of ID overlays in the OE batch) is scored on the
-  validation split; only the variant chosen there is continued to `--steps` (the same run
-  extended, so the probe's steps are not thrown away) and scored on the test set through the
-  runtime, beside the raw-pixel baselines. The `bench_accuracy.py` jobs run `--jobs` at a time,
-  single-threaded each (on a small CPU two one-thread processes train faster than one
-  two-thread process). Their JSON and logs go under --runs-dir; a job whose JSON exists is not
-  run again, so a stopped invocation is picked up by running it again.
+  (`--variant NAME=OVERLAY[,JIGSAW]`, the shares of ID overlays and jigsaws in the OE batch)
+  is scored on the validation split; only the variant chosen there is continued to `--steps`
+  (the same run extended, so the probe's steps are not thrown away) and scored on the test
+  set through the runtime, beside the raw-pixel baselines. The `bench_accuracy.py` jobs run
+  `--jobs` at a time, single-threaded each (on a small CPU two one-thread processes train
+  faster than one two-thread process). Their JSON and logs go under --runs-dir; a job whose
+  JSON exists is not run again, so a stopped invocation is picked up by running it again.
 
 Per class the choice is the variant whose validation mean-view-norm AUROC is highest (never
 looking at the test set). The report gives the chosen runs' served test metrics beside the
@@ -201,17 +201,24 @@ def markdown(record: dict[str, Any]) -> str:
 # -- probe, then continue ---------------------------------------------------------------------
 
 
-def _parse_variants(specs: list[str]) -> dict[str, float]:
-    out: dict[str, float] = {}
+# The self-made OE shares a variant sets, in the order `NAME=OVERLAY[,JIGSAW]` gives them.
+SHARES = ("oe_overlay", "oe_jigsaw")
+
+
+def _parse_variants(specs: list[str]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
     for spec in specs:
-        name, sep, share = spec.partition("=")
+        name, sep, shares = spec.partition("=")
         try:
-            value = float(share)
+            values = [float(v) for v in shares.split(",")]
         except ValueError:
-            value = -1.0
-        if not sep or not name or not 0.0 <= value <= 1.0:
-            raise SystemExit(f"--variant {spec!r}: expected NAME=OVERLAY_SHARE in [0, 1]")
-        out[name] = value
+            values = []
+        if (not sep or not name or not 1 <= len(values) <= len(SHARES)
+                or not all(0.0 <= v < 1.0 for v in values) or sum(values) >= 1.0):
+            raise SystemExit(f"--variant {spec!r}: expected NAME=OVERLAY[,JIGSAW], shares in "
+                             "[0, 1) that leave some photos")
+        values += [0.0] * (len(SHARES) - len(values))
+        out[name] = dict(zip(SHARES, values, strict=True))
     if len(out) < 2:
         raise SystemExit("--variant: give at least two variants to choose between")
     return out
@@ -258,7 +265,9 @@ def probe_and_continue(args: argparse.Namespace) -> tuple[dict, dict, dict]:
 
     def job(name: str, cls: str, split: str, steps: int, extra: list[str]) -> tuple:
         stem = f"{name}-class-{cls}-steps-{steps}"
-        return ([*common, "--oe-overlay", str(variants[name]), "--steps", f"{METHOD}={steps}",
+        shares = [a for key, v in variants[name].items()
+                  for a in (f"--{key.replace('_', '-')}", str(v))]
+        return ([*common, *shares, "--steps", f"{METHOD}={steps}",
                  "--runs-dir", str(root / name), "--classes", cls, *extra],
                 root / split / f"{stem}.json", root / "logs" / f"{split}-{stem}.log")
 
@@ -304,8 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     run = p.add_argument_group("probe, then continue")
     run.add_argument("--probe-steps", type=int, help="Steps of each variant's validation run.")
     run.add_argument("--steps", type=int, help="Steps the chosen run is continued to.")
-    run.add_argument("--variant", action="append", default=[], metavar="NAME=OVERLAY",
-                     help="A variant and its --oe-overlay share (default photos=0, overlay=0.5).")
+    run.add_argument("--variant", action="append", default=[], metavar="NAME=OVERLAY[,JIGSAW]",
+                     help="A variant and its --oe-overlay (and --oe-jigsaw) share (default "
+                     "photos=0, overlay=0.5).")
     run.add_argument("--classes", default="all", help="'all' or e.g. '1,8'.")
     run.add_argument("--protocol", default="one-vs-rest", choices=("one-vs-rest", "leave-one-out"))
     run.add_argument("--served-k", type=int, default=8, help="Views of the served score.")

@@ -7,6 +7,7 @@ batch into a batch of distinct views without leaving the device (no per-image CP
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import permutations
 
 import torch
 from torch import nn
@@ -78,3 +79,37 @@ def overlay(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     i = torch.arange(n, device=dev)[:, None, None]
     shifted = b[i, :, rows[:, :, None], cols[:, None, :]]  # (n, h, w, c)
     return torch.maximum(a, shifted.permute(0, 3, 1, 2))
+
+
+# The 23 orders of four quadrants other than the identity, as (top-left, top-right,
+# bottom-left, bottom-right) sources: a jigsaw image is never its own ID image.
+_QUADRANT_ORDERS = torch.tensor(
+    [p for p in permutations(range(4)) if p != (0, 1, 2, 3)]
+)
+
+
+def jigsaw(x: torch.Tensor) -> torch.Tensor:
+    """Self-made near-OE: each image's four quadrants in another order (one of the 23
+    non-identity orders, drawn per image from torch's default generator).
+
+    CSI's "permute" shifting transformation: every stroke of the ID image is kept, the
+    layout no ID image has is what the norm must learn to reject. Odd sizes leave the
+    last row / column in place.
+    """
+    n, _, h, w = x.shape
+    hh, hw = h // 2, w // 2
+    if hh == 0 or hw == 0:
+        raise ValueError(f"jigsaw needs images of at least 2x2 pixels, got {h}x{w}")
+    pick = torch.randint(len(_QUADRANT_ORDERS), (n,), device=x.device)
+    order = _QUADRANT_ORDERS.to(x.device)[pick]
+    quads = torch.stack(
+        [x[:, :, :hh, :hw], x[:, :, :hh, hw : 2 * hw], x[:, :, hh : 2 * hh, :hw],
+         x[:, :, hh : 2 * hh, hw : 2 * hw]], dim=1
+    )  # (n, 4, c, hh, hw)
+    picked = quads[torch.arange(n, device=x.device)[:, None], order]
+    out = x.clone()
+    out[:, :, :hh, :hw] = picked[:, 0]
+    out[:, :, :hh, hw : 2 * hw] = picked[:, 1]
+    out[:, :, hh : 2 * hh, :hw] = picked[:, 2]
+    out[:, :, hh : 2 * hh, hw : 2 * hw] = picked[:, 3]
+    return out

@@ -49,6 +49,11 @@ class TrainConfig:
         "Share of each step's OE images made by overlaying two ID images, one shifted (a "
         "self-made near-OE for light-on-dark images); the rest come from --oe.",
     )
+    oe_jigsaw: float = _opt(
+        0.0,
+        "Share of each step's OE images made by putting an ID image's four quadrants in "
+        "another order (a self-made near-OE); the rest come from --oe and --oe-overlay.",
+    )
     image_size: int | None = _opt(
         None, "Resize the shorter side to this and centre-crop (default: the native size)."
     )
@@ -136,10 +141,14 @@ class TrainConfig:
             raise ValueError("--alpha-warmup must be in [0, 1)")
         if self.channels not in (None, 1, 3):
             raise ValueError("--channels must be 1 or 3")
-        if not 0.0 <= self.oe_overlay < 1.0:
-            raise ValueError("--oe-overlay must be in [0, 1)")
-        if self.oe_overlay > 0 and self.oe in ("none", "self"):
-            raise ValueError("--oe-overlay mixes into an external OE source, not --oe none/self")
+        for key in ("oe_overlay", "oe_jigsaw"):
+            flag = f"--{key.replace('_', '-')}"
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"{flag} must be in [0, 1)")
+            if getattr(self, key) > 0 and self.oe in ("none", "self"):
+                raise ValueError(f"{flag} mixes into an external OE source, not --oe none/self")
+        if self.oe_overlay + self.oe_jigsaw >= 1.0:
+            raise ValueError("--oe-overlay and --oe-jigsaw must leave a share for --oe")
         if not self.checkpoint_minutes >= 0:
             raise ValueError("--checkpoint-minutes must be 0 (off) or positive")
         if not self.dist_timeout > 0:

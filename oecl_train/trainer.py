@@ -27,7 +27,7 @@ from tqdm import tqdm
 from kernels import NTXentOEOutput, ntxent_oe
 from oecl_runtime.atomic import write_json, write_text
 from oecl_train import checkpoint
-from oecl_train.augment import AugmentConfig, SimCLRAugment, overlay, rotate
+from oecl_train.augment import AugmentConfig, SimCLRAugment, jigsaw, overlay, rotate
 from oecl_train.config import TrainConfig
 from oecl_train.data import Splits
 from oecl_train.devices import resolve_device
@@ -195,6 +195,7 @@ class Trainer:
         self.batch = cfg.batch_size
         self.oe_batch = cfg.oe_batch_size or cfg.batch_size
         self.n_overlay = round(cfg.oe_overlay * self.oe_batch)
+        self.n_jigsaw = round(cfg.oe_jigsaw * self.oe_batch)
         n_id = len(self.id_data)
         if n_id == 0:
             raise ValueError("no ID training images")
@@ -265,13 +266,20 @@ class Trainer:
             # shuffled draw of the ID images at 180° and 270°.
             xo = self.id_data[oidx]
             return torch.cat([x, rotate(x, 1)]), torch.cat([rotate(xo, 2), rotate(xo, 3)])
-        if not self.n_overlay:
+        n_made = self.n_overlay + self.n_jigsaw
+        if not n_made:
             return x, self.oe_data[oidx]
-        # The overlays take the place of the external draw's tail; their ID pairs and shifts
-        # come from the epoch-seeded default generator, so a resumed run redraws them.
-        pick = torch.randint(len(self.id_data), (2, self.n_overlay), device=self.device)
-        made = overlay(self.id_data[pick[0]], self.id_data[pick[1]])
-        return x, torch.cat([self.oe_data[oidx[: len(oidx) - self.n_overlay]], made])
+        # Self-made near-OE takes the place of the external draw's tail (overlays, then
+        # jigsaws); its ID picks, shifts and orders come from the epoch-seeded default
+        # generator, so a resumed run redraws them.
+        parts = [self.oe_data[oidx[: len(oidx) - n_made]]]
+        if self.n_overlay:
+            pick = torch.randint(len(self.id_data), (2, self.n_overlay), device=self.device)
+            parts.append(overlay(self.id_data[pick[0]], self.id_data[pick[1]]))
+        if self.n_jigsaw:
+            pick = torch.randint(len(self.id_data), (self.n_jigsaw,), device=self.device)
+            parts.append(jigsaw(self.id_data[pick]))
+        return x, torch.cat(parts)
 
     # -- one step -----------------------------------------------------------------------------
     def _step(self, step: int, x_id: torch.Tensor, x_oe: torch.Tensor | None) -> dict:

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from helpers import splits_for, tiny_config
 
 from oecl_train import checkpoint
-from oecl_train.augment import AugmentConfig, SimCLRAugment, overlay, rotate
+from oecl_train.augment import AugmentConfig, SimCLRAugment, jigsaw, overlay, rotate
 from oecl_train.cli import main
 from oecl_train.data import build_splits
 from oecl_train.optim import LARS, build_optimizer, cosine_lr
@@ -96,6 +96,38 @@ def test_overlay_is_the_maximum_with_a_shifted_image():
     assert len(set(zip(dy.tolist(), dx.tolist(), strict=True))) > 20
 
 
+def test_jigsaw_puts_every_images_quadrants_in_another_order():
+    torch.manual_seed(0)
+    n, h, w = 2000, 5, 7  # odd sizes: 2x3 quadrants, the last row and column stay put
+    # Each quadrant of each image holds one distinct value: the output names its sources.
+    x = torch.zeros(n, 2, h, w, dtype=torch.uint8)
+    boxes = [(slice(0, 2), slice(0, 3)), (slice(0, 2), slice(3, 6)),
+             (slice(2, 4), slice(0, 3)), (slice(2, 4), slice(3, 6))]
+    for q, (r, c) in enumerate(boxes):
+        x[:, 0, r, c] = 10 + q
+        x[:, 1, r, c] = 20 + q  # both channels move together
+    x[:, :, 4, :] = 99
+    x[:, :, :, 6] = 99
+    out = jigsaw(x)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    assert (out[:, :, 4, :] == 99).all() and (out[:, :, :, 6] == 99).all()
+    orders = []
+    for r, c in boxes:
+        block = out[:, :, r, c]
+        src = block[:, 0, 0, 0] - 10
+        assert (block[:, 0] == (10 + src)[:, None, None]).all()  # a whole quadrant moved
+        assert (block[:, 1] == (20 + src)[:, None, None]).all()
+        orders.append(src)
+    orders = torch.stack(orders, 1)
+    assert (orders.sort(1).values == torch.arange(4)).all()  # a permutation, nothing lost
+    assert not (orders == torch.arange(4)).all(1).any()  # never the image itself
+    assert len({tuple(o) for o in orders.tolist()}) == 23  # every other order is drawn
+    torch.manual_seed(0)
+    assert torch.equal(jigsaw(x), out)  # drawn from the default generator
+    with pytest.raises(ValueError, match="at least 2x2"):
+        jigsaw(torch.zeros(1, 1, 1, 8))
+
+
 def test_overlay_share_replaces_the_tail_of_the_external_oe_draw(tmp_path):
     cfg = tiny_config(tmp_path, batch_size=4, oe_batch_size=8, oe_overlay=0.25)
     tr = Trainer(cfg, splits_for(cfg), tmp_path / "run", progress=False)
@@ -113,10 +145,28 @@ def test_overlay_share_replaces_the_tail_of_the_external_oe_draw(tmp_path):
     assert torch.equal(tr._batch(0, id_order, oe_order)[1], x_oe)
 
 
+def test_jigsaw_share_follows_the_overlays_in_the_oe_tail(tmp_path):
+    cfg = tiny_config(tmp_path, batch_size=4, oe_batch_size=8, oe_overlay=0.25, oe_jigsaw=0.25)
+    tr = Trainer(cfg, splits_for(cfg), tmp_path / "run", progress=False)
+    id_order, oe_order = tr._orders(0)
+    torch.manual_seed(5)
+    _, x_oe = tr._batch(0, id_order, oe_order)
+    assert x_oe.shape[0] == 8
+    assert torch.equal(x_oe[:4], tr.oe_data[oe_order[:4]])
+    torch.manual_seed(5)
+    pick = torch.randint(len(tr.id_data), (2, 2))
+    assert torch.equal(x_oe[4:6], overlay(tr.id_data[pick[0]], tr.id_data[pick[1]]))
+    pick = torch.randint(len(tr.id_data), (2,))
+    assert torch.equal(x_oe[6:], jigsaw(tr.id_data[pick]))
+
+
 @pytest.mark.parametrize(
     "kw, message",
     [({"oe_overlay": 1.0}, "--oe-overlay must be in"), ({"oe": "self", "oe_overlay": 0.5},
-                                                       "external OE source")],
+                                                       "external OE source"),
+     ({"oe_jigsaw": -0.1}, "--oe-jigsaw must be in"),
+     ({"oe": "none", "oe_jigsaw": 0.5}, "--oe-jigsaw mixes into an external OE source"),
+     ({"oe_overlay": 0.5, "oe_jigsaw": 0.5}, "must leave a share for --oe")],
 )
 def test_overlay_share_is_checked(tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):
