@@ -1,6 +1,7 @@
 """The OE chosen per class on the validation split, and what the chosen runs serve on the test set.
 
-Two ways in, one choice and one report:
+Two ways in, one choice and one report (or, from test files of one variant alone, the
+report of that variant over all its files, e.g. class subsets run side by side):
 
 - From files: `bench_accuracy.py` results, for each OE variant its validation runs
   (`--eval-split val`) and its test runs through the runtime (`--serve-views`), any number of
@@ -107,7 +108,8 @@ def budget(val: dict[str, dict[str, dict[str, Any]]], test: dict[str, dict[str, 
     every extension, as the sum of its logged epoch times, so without each process's start-up
     and data loading) plus the other variants' probes (measured around the whole training)."""
     try:
-        probes = {c: {n: v[c][METHOD] for n, v in val.items()} for c in picks}
+        probes = {c: {n: v[c][METHOD] for n, v in val.items()} for c in picks} if val else {
+            c: {} for c in picks}
         chosen = {c: test[p["chosen"]][c][METHOD] for c, p in picks.items()}
     except KeyError:
         return None
@@ -140,9 +142,15 @@ def report(val_docs: dict[str, list[dict]], test_docs: dict[str, list[dict]], co
     val = {n: _by_class(d, "val") for n, d in val_docs.items()}
     test = {n: _by_class(d, "test") for n, d in test_docs.items()}
     unknown = sorted(set(test) - set(val))
-    if unknown:
+    if val and unknown:
         raise SystemExit(f"--test variant {unknown[0]!r} has no --val results")
-    picks = choose(val)
+    if val:
+        picks = choose(val)
+        rule = f"per class, the variant with the highest validation {CHOICE_SCORE} AUROC"
+    else:  # one variant, chosen beforehand for every class: nothing to choose per class
+        (name, runs), = test.items()
+        picks = {cls: {"val_auroc": {}, "chosen": name} for cls in sorted(runs, key=str)}
+        rule = "one variant for every class, chosen before the test set was read"
     per_class: dict[str, Any] = {}
     for cls, pick in picks.items():
         rec = test.get(pick["chosen"], {}).get(cls)
@@ -164,7 +172,7 @@ def report(val_docs: dict[str, list[dict]], test_docs: dict[str, list[dict]], co
         "benchmark": "accuracy-mnist-oe-choice",
         "protocol": first["protocol"],
         "device": first["device"],
-        "rule": f"per class, the variant with the highest validation {CHOICE_SCORE} AUROC",
+        "rule": rule,
         "served": {
             "method": METHOD, "score": CHOICE_SCORE, "k": first["served_k"],
             "precisions": precisions, "per_class": per_class, "mean": mean,
@@ -337,9 +345,13 @@ def main(argv: list[str] | None = None) -> int:
         args.variant = args.variant or ["photos=0", "overlay=0.5"]
         val_docs, test_docs, extra = probe_and_continue(args)
     else:
-        if not args.val or not args.test:
+        if not args.test:
             raise SystemExit("give --val and --test files, or --probe-steps and --steps")
-        val_docs, test_docs = _variants(args.val, "--val"), _variants(args.test, "--test")
+        val_docs = _variants(args.val or [], "--val")
+        test_docs = _variants(args.test, "--test")
+        if not val_docs and len(test_docs) != 1:
+            raise SystemExit("without --val files there is nothing to choose by: give one "
+                             "--test variant, or --val files for each")
         extra = None
     record = report(val_docs, test_docs, command_line("oe_choice.py", argv), extra)
     write_json(args.out, record)

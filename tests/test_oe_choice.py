@@ -50,6 +50,24 @@ def test_choice_follows_validation_not_test(tmp_path: Path) -> None:
     assert "| **mean** |" in proc.stdout
 
 
+def test_one_variant_without_validation_files_is_reported_over_all_its_files(
+        tmp_path: Path) -> None:
+    # Two class subsets of one variant, run side by side: one record, one mean.
+    t1 = _test(tmp_path / "t1.json", {"1": 0.9, "3": 0.7})
+    t2 = _test(tmp_path / "t2.json", {"2": 0.8})
+    proc = _run("--test", f"mix={t1},{t2}", "--out", str(tmp_path / "out.json"))
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads((tmp_path / "out.json").read_text())
+    assert rec["rule"].startswith("one variant for every class")
+    assert list(rec["served"]["per_class"]) == ["1", "2", "3"]
+    assert {r["chosen"] for r in rec["served"]["per_class"].values()} == {"mix"}
+    assert rec["served"]["mean"]["int8"]["AUROC"] == pytest.approx(0.8)
+    # Two variants and nothing to choose between them by is an error, before any output.
+    proc = _run("--test", f"a={t1}", "--test", f"b={t2}", "--out", str(tmp_path / "o2.json"))
+    assert proc.returncode != 0 and "nothing to choose by" in proc.stderr
+    assert not (tmp_path / "o2.json").exists()
+
+
 def test_bad_variant_argument_is_one_line(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "oe_choice.py"),
                            "--val", "nofile", "--test", "a=x.json", "--out",
