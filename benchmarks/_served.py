@@ -23,26 +23,28 @@ BACKEND = "onnxruntime-cpu"
 
 
 def export_views(run_dir: Path, out: Path, views: int, splits: Any, *, verify: bool = True,
+                 precisions: tuple[str, ...] = PRECISIONS,
                  log: Callable[[str], None]) -> dict[str, Any]:
     """`oecl export RUN --views K --format onnx,onnx-int8` (verified), replacing `out`."""
     from oecl_train.export import export_run
 
     if out.exists() and not (out / "oecl.json").is_file():
         shutil.rmtree(out)  # a half-written directory from an interrupted benchmark
-    fmts = ",".join(EXPORT_FORMAT[p] for p in PRECISIONS)
+    fmts = ",".join(EXPORT_FORMAT[p] for p in precisions)
     return export_run(run_dir, out, fmts, views=views, verify=verify, device="cpu",
                       splits=splits, log=lambda m: log(f"    export: {m}"))
 
 
 def served_metrics(artifact: Path, images: np.ndarray, is_id: np.ndarray,
-                   threads: int | None = None) -> dict[str, dict[str, Any]]:
+                   threads: int | None = None,
+                   precisions: tuple[str, ...] = PRECISIONS) -> dict[str, dict[str, Any]]:
     """Per precision: the OOD metrics of the scores the runtime returns for `images`, and the
     TPR / FPR that the artifact's own threshold gives on them."""
     from oecl_runtime import Scorer
     from oecl_train.metrics import ood_metrics, rates_at_threshold
 
     out: dict[str, dict[str, Any]] = {}
-    for precision in PRECISIONS:
+    for precision in precisions:
         t0 = time.perf_counter()
         with Scorer.open(artifact, backend=BACKEND, precision=precision,
                          threads=threads) as scorer:
@@ -88,11 +90,15 @@ def throughput(artifacts: dict[int, Path], batch: int, log: Callable[[str], None
     return out
 
 
-def mean_served(per_class: dict[str, dict[str, Any]], k: int) -> dict[str, dict[str, float]]:
-    """Mean over classes of each metric and threshold rate, per precision, at K = k."""
-    out: dict[str, dict[str, float]] = {}
+def mean_served(per_class: dict[str, dict[str, Any]], k: int) -> dict[str, dict[str, Any]]:
+    """Mean over classes of each metric and threshold rate, per precision, at K = k. A class
+    whose file of a precision failed verification (an `error` entry) has no score to average:
+    the row then says over how many classes it is (`classes`), and which failed."""
+    out: dict[str, dict[str, Any]] = {}
     for precision in PRECISIONS:
-        entries = [c[str(k)][precision] for c in per_class.values() if str(k) in c]
+        rows = {name: c[str(k)][precision] for name, c in per_class.items()
+                if precision in c.get(str(k), {})}
+        entries = [e for e in rows.values() if "error" not in e]
         if not entries:
             continue
         keys = list(entries[0]["metrics"])
@@ -100,6 +106,9 @@ def mean_served(per_class: dict[str, dict[str, Any]], k: int) -> dict[str, dict[
         for rate in ("TPR", "FPR"):
             row[f"{rate}_at_threshold"] = float(np.mean([e["at_threshold"][rate]
                                                          for e in entries]))
+        if len(entries) < len(per_class):
+            row["classes"] = len(entries)
+            row["failed_classes"] = sorted(n for n, e in rows.items() if "error" in e)
         out[precision] = row
     return out
 

@@ -282,9 +282,10 @@ def validation_report(run_dir: Path, splits, k: int, args) -> dict[str, Any]:
 
 def serve_run(run_dir: Path, cls: str, method: str, args) -> dict[str, Any]:
     """Export the run at each served K and score the test set through the runtime."""
-    from _served import export_views, served_metrics
+    from _served import PRECISIONS, export_views, served_metrics
 
     from oecl_train.data import Splits
+    from oecl_train.export.errors import VerificationFailed
     from oecl_train.trainer import load_trained
 
     cfg, _, _ = load_trained(run_dir, "cpu")
@@ -293,10 +294,21 @@ def serve_run(run_dir: Path, cls: str, method: str, args) -> dict[str, Any]:
     for k in args.serve_views:
         path = Path(args.runs_dir) / "artifacts" / method / f"class-{cls}" / f"views-{k}"
         t0 = time.perf_counter()
-        summary = export_views(run_dir, path, k, splits, log=log)
+        precisions, failed = PRECISIONS, {}
+        try:
+            summary = export_views(run_dir, path, k, splits, log=log)
+        except VerificationFailed as e:
+            if "fp32" in e.precisions:
+                raise
+            # The exporter refuses the whole artifact; serve what verifies and say what not.
+            log(f"class {cls} {method} served K={k}: {e}; exporting without "
+                f"{', '.join(e.precisions)}")
+            precisions = tuple(p for p in PRECISIONS if p not in e.precisions)
+            failed = {p: {"error": str(e)} for p in e.precisions}
+            summary = export_views(run_dir, path, k, splits, precisions=precisions, log=log)
         export_s = time.perf_counter() - t0
         out[str(k)] = served_metrics(path, splits.test_images, splits.test_is_id,
-                                     args.serve_threads)
+                                     args.serve_threads, precisions)
         for precision, row in out[str(k)].items():
             row["export_s"] = round(export_s, 1)
             row["artifact"] = str(path)
@@ -304,6 +316,7 @@ def serve_run(run_dir: Path, cls: str, method: str, args) -> dict[str, Any]:
                 f"{row['metrics']['AUROC']:.4f}, at threshold TPR {row['at_threshold']['TPR']:.3f}"
                 f" FPR {row['at_threshold']['FPR']:.3f} (export {export_s:.0f} s, verified "
                 f"{summary['verification']['pass']})")
+        out[str(k)].update(failed)
     return out
 
 
@@ -458,7 +471,17 @@ def served_summary(per_class: dict[str, dict], methods: list[str], args) -> dict
         return None
     m, k = served[0], args.served_k
     per = {cls: per_m[m]["served"] for cls, per_m in per_class.items()}
-    first = next(iter(per))
+
+    def row(entry: dict[str, Any]) -> dict[str, Any]:
+        if "error" in entry:  # this precision's file failed verification: nothing served
+            return {"error": entry["error"]}
+        return {"AUROC": entry["metrics"]["AUROC"], **entry["metrics"],
+                **entry["at_threshold"], "threshold": entry["threshold"]}
+
+    # Throughput needs every precision's files: the first class that has them all.
+    first = next((c for c, v in per.items()
+                  if not any("error" in e for byk in v.values() for e in byk.values())),
+                 next(iter(per)))
     log(f"served images/s ({BACKEND}, batch 64), class {first} files")
     artifacts = {kk: Path(per[first][str(kk)]["fp32"]["artifact"]) for kk in args.serve_views}
     return {
@@ -467,10 +490,7 @@ def served_summary(per_class: dict[str, dict], methods: list[str], args) -> dict
         "k": k,
         "backend": BACKEND,
         "precisions": list(PRECISIONS),
-        "per_class": {cls: {p: {"AUROC": v[str(k)][p]["metrics"]["AUROC"],
-                                **v[str(k)][p]["metrics"], **v[str(k)][p]["at_threshold"],
-                                "threshold": v[str(k)][p]["threshold"]} for p in PRECISIONS}
-                      for cls, v in per.items()},
+        "per_class": {cls: {p: row(v[str(k)][p]) for p in PRECISIONS} for cls, v in per.items()},
         "mean": mean_served(per, k),
         "mean_by_k": {str(kk): mean_served(per, kk) for kk in args.serve_views},
         "images_per_s": throughput(artifacts, 64, log, args.serve_threads),
@@ -486,9 +506,13 @@ def served_markdown(result: dict[str, Any]) -> str:
     for cls, per in [*served["per_class"].items(), ("**mean**", None)]:
         for p in served["precisions"]:
             r = served["mean"][p] if per is None else per[p]
+            if "error" in r:
+                rows.append([cls, p, "failed verification", "", "", "", "", ""])
+                continue
             tpr = r.get("TPR_at_threshold", r.get("TPR"))
             fpr = r.get("FPR_at_threshold", r.get("FPR"))
-            rows.append([cls, p, f"{r['AUROC']:.4f}", f"{r['AUPR-IN']:.4f}",
+            label = f"{cls} ({r['classes']} classes)" if "classes" in r else cls
+            rows.append([label, p, f"{r['AUROC']:.4f}", f"{r['AUPR-IN']:.4f}",
                          f"{r['AUPR-OUT']:.4f}", f"{r['FPR@95TPR']:.4f}", f"{tpr:.3f}",
                          f"{fpr:.3f}"])
     by_k = []
@@ -612,7 +636,8 @@ def main(argv: list[str] | None = None) -> int:
             extra = f" ({entry['n_components']} components)" if m == "pca" else ""
             log(f"class {cls} {m}: AUROC {entry['auroc']:.4f}{extra}")
         for m in (m for m in methods if m in DEEP):
-            log(f"class {cls} {m}: {args.steps[m]} steps (a finished run is reused)")
+            log(f"class {cls} {m}: {args.steps[m]} steps (trained, or reused where "
+                f"{args.runs_dir} holds it finished)")
             try:
                 per[m] = run_deep(args, data_root, cls, m, k, splits if validate else None)
             except EvalError as e:  # e.g. --runs-dir holds this run with other settings

@@ -165,8 +165,15 @@ def report(val_docs: dict[str, list[dict]], test_docs: dict[str, list[dict]], co
         }
     chosen = {cls: test[pick["chosen"]][cls] for cls, pick in picks.items()}
     precisions = sorted({p for r in per_class.values() for p in r["served"]})
-    mean = {prec: {m: statistics.fmean(r["served"][prec][m] for r in per_class.values())
-                   for m in METRICS} for prec in precisions}
+    mean: dict[str, dict[str, Any]] = {}
+    for prec in precisions:
+        # A class whose file of this precision failed verification serves nothing to average.
+        ok = {c: r["served"][prec] for c, r in per_class.items()
+              if "error" not in r["served"].get(prec, {"error": "missing"})}
+        mean[prec] = {m: statistics.fmean(v[m] for v in ok.values()) for m in METRICS}
+        if len(ok) < len(per_class):
+            mean[prec]["classes"] = len(ok)
+            mean[prec]["failed_classes"] = sorted(set(per_class) - set(ok), key=str)
     first = next(iter(chosen.values()))
     return {
         "benchmark": "accuracy-mnist-oe-choice",
@@ -196,11 +203,13 @@ def markdown(record: dict[str, Any]) -> str:
     for cls, r in served["per_class"].items():
         for i, prec in enumerate(served["precisions"]):
             m = r["served"][prec]
-            rows.append([cls if i == 0 else "", r["chosen"] if i == 0 else "", prec,
-                         *(f"{m[k]:.4f}" for k in METRICS),
+            cells = (["failed verification", *[""] * (len(METRICS) - 1)] if "error" in m
+                     else [f"{m[k]:.4f}" for k in METRICS])
+            rows.append([cls if i == 0 else "", r["chosen"] if i == 0 else "", prec, *cells,
                          f"{r['nn']:.4f}" if i == 0 else "", f"{r['pca']:.4f}" if i == 0 else ""])
     for i, prec in enumerate(served["precisions"]):
-        rows.append(["**mean**" if i == 0 else "", "", prec,
+        n = served["mean"][prec].get("classes")
+        rows.append([("**mean**" if i == 0 else "") + (f" ({n} classes)" if n else ""), "", prec,
                      *(f"{served['mean'][prec][k]:.4f}" for k in METRICS),
                      f"{base['nn']:.4f}" if i == 0 else "", f"{base['pca']:.4f}" if i == 0 else ""])
     return "\n".join(md_table(head, rows))

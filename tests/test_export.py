@@ -277,10 +277,48 @@ def test_failed_verification_leaves_nothing(trained, tmp_path, monkeypatch):
     run_dir, splits = trained
     monkeypatch.setattr(export.verify, "AUROC_TOL", -1.0)  # no AUROC can be within a negative bound
     out = tmp_path / "model"
-    with pytest.raises(VerificationFailed, match=r"model\.onnx.*AUROC"):
+    with pytest.raises(VerificationFailed, match=r"model\.onnx.*AUROC") as failed:
         export_run(run_dir, out, "onnx", max_batch=16, views=1, splits=splits, log=lambda m: None)
+    assert failed.value.precisions == ("fp32",)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no temporary directory left behind either
+
+
+def test_accuracy_benchmark_serves_fp32_when_only_int8_fails_verification(
+        trained, tmp_path, monkeypatch):
+    """The exporter refuses an artifact with a drifting int8 file; the benchmark then serves
+    the fp32 file alone and records the int8 refusal instead of stopping every later class."""
+    from types import SimpleNamespace
+
+    from helpers import import_benchmark
+
+    bench = import_benchmark("bench_accuracy")
+    served = import_benchmark("_served")  # what bench_accuracy imports by its bare name
+    run_dir, _ = trained
+    real = export.verify.check_against_torch
+
+    def int8_drifts(*args, **kwargs):
+        report = real(*args, **kwargs)
+        for r in report["files"]:
+            if r["precision"] == "int8":
+                r["pass"], r["problems"] = False, ["AUROC drifted"]
+        report["pass"] = all(r["pass"] for r in report["files"])
+        return report
+
+    monkeypatch.setattr(export.verify, "check_against_torch", int8_drifts)
+    args = SimpleNamespace(runs_dir=str(tmp_path), serve_views=[1], serve_threads=1)
+    out = bench.serve_run(run_dir, "0", "oecl-photos", args)["1"]
+    assert set(out) == {"fp32", "int8"}
+    assert "model.int8.onnx" in out["int8"]["error"] and "AUROC drifted" in out["int8"]["error"]
+    assert 0.0 <= out["fp32"]["metrics"]["AUROC"] <= 1.0
+    art = Artifact.open(tmp_path / "artifacts" / "oecl-photos" / "class-0" / "views-1")
+    assert {f["precision"] for f in art.meta["files"] if f["format"] == "onnx"} == {"fp32"}
+    # The means say over how many classes they are, and which class served no int8.
+    fine = {"1": {"fp32": out["fp32"], "int8": out["fp32"]}}
+    mean = served.mean_served({"0": {"1": out}, "1": fine}, 1)
+    assert mean["fp32"]["AUROC"] == pytest.approx(out["fp32"]["metrics"]["AUROC"])
+    assert "classes" not in mean["fp32"]
+    assert mean["int8"]["classes"] == 1 and mean["int8"]["failed_classes"] == ["0"]
 
 
 # ---------------------------------------------------------------- the command

@@ -54,14 +54,21 @@ def test_one_variant_without_validation_files_is_reported_over_all_its_files(
         tmp_path: Path) -> None:
     # Two class subsets of one variant, run side by side: one record, one mean.
     t1 = _test(tmp_path / "t1.json", {"1": 0.9, "3": 0.7})
-    t2 = _test(tmp_path / "t2.json", {"2": 0.8})
+    t2 = _test(tmp_path / "t2.json", {"2": 0.8, "4": 0.6})
+    doc = json.loads(Path(t2).read_text())  # class 4's int8 file failed verification
+    doc["served"]["per_class"]["4"]["int8"] = {"error": "verification failed for int8"}
+    Path(t2).write_text(json.dumps(doc))
     proc = _run("--test", f"mix={t1},{t2}", "--out", str(tmp_path / "out.json"))
     assert proc.returncode == 0, proc.stderr
     rec = json.loads((tmp_path / "out.json").read_text())
     assert rec["rule"].startswith("one variant for every class")
-    assert list(rec["served"]["per_class"]) == ["1", "2", "3"]
+    assert list(rec["served"]["per_class"]) == ["1", "2", "3", "4"]
     assert {r["chosen"] for r in rec["served"]["per_class"].values()} == {"mix"}
-    assert rec["served"]["mean"]["int8"]["AUROC"] == pytest.approx(0.8)
+    assert rec["served"]["mean"]["fp32"]["AUROC"] == pytest.approx(0.75)
+    assert "classes" not in rec["served"]["mean"]["fp32"]
+    assert rec["served"]["mean"]["int8"]["AUROC"] == pytest.approx(0.8)  # classes 1-3 only
+    assert rec["served"]["mean"]["int8"]["failed_classes"] == ["4"]
+    assert "failed verification" in proc.stdout and "(3 classes)" in proc.stdout
     # Two variants and nothing to choose between them by is an error, before any output.
     proc = _run("--test", f"a={t1}", "--test", f"b={t2}", "--out", str(tmp_path / "o2.json"))
     assert proc.returncode != 0 and "nothing to choose by" in proc.stderr

@@ -92,7 +92,8 @@ def verify_or_fail(src: Source, directory: Path, meta: dict[str, Any],
         bad = next(r for r in report["files"] if not r["pass"])
         raise VerificationFailed(
             f"verification failed for {bad['path']} ({bad['format']} {bad['precision']}"
-            f" on {bad['backend']}): {bad['problems'][0]}; nothing was written"
+            f" on {bad['backend']}): {bad['problems'][0]}; nothing was written",
+            tuple(sorted({r["precision"] for r in report["files"] if not r["pass"]})),
         )
     meta["verification"] = verification_summary(report)
     write_metadata(directory, meta)
