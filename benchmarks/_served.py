@@ -63,7 +63,8 @@ def served_metrics(artifact: Path, images: np.ndarray, is_id: np.ndarray,
 
 
 def throughput(artifacts: dict[int, Path], batch: int, log: Callable[[str], None],
-               threads: int | None = None) -> dict[str, dict[str, float]]:
+               threads: int | None = None,
+               precisions: tuple[str, ...] = PRECISIONS) -> dict[str, dict[str, float]]:
     """Served images/s of each K's files at each precision (median of rotated rounds)."""
     from _timing import rotated_rounds
 
@@ -72,7 +73,7 @@ def throughput(artifacts: dict[int, Path], batch: int, log: Callable[[str], None
     scorers, runs = [], {}
     try:
         for k, path in artifacts.items():
-            for precision in PRECISIONS:
+            for precision in precisions:
                 s = Scorer.open(path, backend=BACKEND, precision=precision, threads=threads)
                 scorers.append(s)
                 runs[f"{k}/{precision}"] = s.backend.run

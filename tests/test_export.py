@@ -293,7 +293,8 @@ def test_accuracy_benchmark_serves_fp32_when_only_int8_fails_verification(
     from helpers import import_benchmark
 
     bench = import_benchmark("bench_accuracy")
-    served = import_benchmark("_served")  # what bench_accuracy imports by its bare name
+    # What bench_accuracy imports by bare name inside its functions.
+    served, _ = import_benchmark("_served"), import_benchmark("_timing")
     run_dir, _ = trained
     real = export.verify.check_against_torch
 
@@ -319,6 +320,14 @@ def test_accuracy_benchmark_serves_fp32_when_only_int8_fails_verification(
     assert mean["fp32"]["AUROC"] == pytest.approx(out["fp32"]["metrics"]["AUROC"])
     assert "classes" not in mean["fp32"]
     assert mean["int8"]["classes"] == 1 and mean["int8"]["failed_classes"] == ["0"]
+    # A record of that class alone: no int8 mean, throughput of the fp32 file only.
+    args.serve_methods, args.served_k = ["oecl-photos"], 1
+    summary = bench.served_summary({"0": {"oecl-photos": {"served": {"1": out}}}},
+                                   ["oecl-photos"], args)
+    assert summary["per_class"]["0"]["int8"] == out["int8"]
+    assert set(summary["mean"]) == {"fp32"} and set(summary["images_per_s"]["1"]) == {"fp32"}
+    text = bench.served_markdown({"served": summary})
+    assert "failed verification" in text and "| n/a |" in text
 
 
 # ---------------------------------------------------------------- the command
