@@ -108,8 +108,7 @@ def budget(val: dict[str, dict[str, dict[str, Any]]], test: dict[str, dict[str, 
     every extension, as the sum of its logged epoch times, so without each process's start-up
     and data loading) plus the other variants' probes (measured around the whole training)."""
     try:
-        probes = {c: {n: v[c][METHOD] for n, v in val.items()} for c in picks} if val else {
-            c: {} for c in picks}
+        probes = {c: {n: v[c][METHOD] for n, v in val.items()} for c in picks}
         chosen = {c: test[p["chosen"]][c][METHOD] for c, p in picks.items()}
     except KeyError:
         return None
