@@ -551,6 +551,13 @@ def test_view_metadata_lists_the_views_and_thresholds_the_view_score(artifact_vi
     assert rows["model.int8.onnx"]["AUROC_diff"] <= 0.005
 
 
+def float_input_convs(model: onnx.ModelProto) -> list[bool]:
+    """For each Conv in node order: whether its input is float (not dequantised int8)."""
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    return [producers.get(n.input[0]) != "DequantizeLinear"
+            for n in model.graph.node if n.op_type == "Conv"]
+
+
 def test_view_maps_stay_float_in_int8(artifact_views):
     out, _ = artifact_views
     model = onnx.load(str(out / "model.int8.onnx"))
@@ -558,9 +565,17 @@ def test_view_maps_stay_float_in_int8(artifact_views):
     assert len(maps) == 2
     users = [n for n in model.graph.node if maps & set(n.input)]
     assert [n.op_type for n in users] == ["MatMul", "MatMul"]  # not quantised away
-    convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    producers = {o: n.op_type for n in model.graph.node for o in n.output}
-    assert all(producers.get(n.input[0]) == "DequantizeLinear" for n in convs)  # int8 network
+    stem, *rest = float_input_convs(model)
+    assert stem and not any(rest)  # the stem reads float, the rest of the network int8
+
+
+@pytest.mark.parametrize("name", ["model.int8.onnx", export.INT8_SYMMETRIC_FILE])
+def test_int8_keeps_the_stem_convolution_float(artifact, name):
+    """Quantising the normalised image the stem reads moves served norms by percents; both
+    int8 files keep that one convolution float and quantise every later one."""
+    out, _ = artifact
+    floats = float_input_convs(onnx.load(str(out / name)))
+    assert len(floats) > 2 and floats[0] and not any(floats[1:])
 
 
 def test_one_view_is_the_single_pass_graph(artifact, trained):

@@ -168,6 +168,15 @@ def view_nodes(path: Path) -> list[str]:
     return [n.name for n in model.graph.node if maps & set(n.input)]
 
 
+def stem_nodes(path: Path) -> list[str]:
+    """The name of the network's first convolution (the one that reads the normalised
+    image), in a list like `view_nodes`'s; empty when the graph has no convolution."""
+    model = onnx.load(str(path))
+    views = set(view_nodes(path))
+    return [n.name for n in model.graph.node
+            if n.op_type == "Conv" and n.name not in views][:1]
+
+
 @dataclass
 class Graphs:
     """The ONNX files made so far: `paths` by precision, `info` (check_onnx's summary) by

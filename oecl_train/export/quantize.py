@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from oecl_runtime.artifact import file_entry
-from oecl_train.export.graph import INPUT_NAME, ONNX_FILES, Graphs, view_nodes
+from oecl_train.export.graph import INPUT_NAME, ONNX_FILES, Graphs, stem_nodes, view_nodes
 from oecl_train.export.norms import subsample
 from oecl_train.export.progress import Progress
 from oecl_train.export.source import Source
@@ -22,10 +22,12 @@ INT8_SYMMETRIC_FILE = "model.int8.symmetric.onnx"
 INT8_FORMS: dict[str, dict[str, Any]] = {
     "onnxruntime": {"consumers": ["onnxruntime"], "quantization": {
         "format": "QDQ", "activations": "uint8, asymmetric (zero points), per tensor",
-        "weights": "int8, symmetric, per channel", "ops": "every op onnxruntime quantises"}},
+        "weights": "int8, symmetric, per channel",
+        "ops": "every op onnxruntime quantises, except the view maps and the stem convolution"}},
     "tensorrt": {"consumers": ["tensorrt"], "quantization": {
         "format": "QDQ", "activations": "int8, symmetric (zero point 0), per tensor",
-        "weights": "int8, symmetric, per channel", "ops": "Conv, Gemm, MatMul"}},
+        "weights": "int8, symmetric, per channel",
+        "ops": "Conv, Gemm, MatMul, except the view maps and the stem convolution"}},
 }
 
 
@@ -66,8 +68,10 @@ def quantize_int8(src: Path, dst: Path, calib: np.ndarray, scratch: Path,
         quant_pre_process(str(src), str(pre))
     kwargs: dict[str, Any] = {}
     # The view maps resample the image (weights in [0, 1]); int8 weights would blur every
-    # view. They are cheap next to the network, so they stay float.
-    if nodes := view_nodes(pre):
+    # view. The stem convolution reads the normalised image itself: quantising that input
+    # to 256 levels moved served norms by several percent (its int8 weights alone were
+    # harmless). Both are cheap next to the network, so they stay float.
+    if nodes := view_nodes(pre) + stem_nodes(pre):
         kwargs["nodes_to_exclude"] = nodes
     if for_tensorrt:
         kwargs["op_types_to_quantize"] = ["Conv", "Gemm", "MatMul"]
