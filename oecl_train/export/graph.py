@@ -161,20 +161,16 @@ def check_onnx(path: Path, chw: tuple[int, int, int], embedding: bool) -> dict[s
     return {"opset": opset, "nodes": len(model.graph.node)}
 
 
-def view_nodes(path: Path) -> list[str]:
-    """Names of the nodes that apply the view maps (read a `ViewStack` buffer)."""
+def float_nodes(path: Path) -> list[str]:
+    """Names of the nodes that int8 keeps float: those that apply the view maps (read a
+    `ViewStack` buffer), then the network's first convolution (the stem, which reads the
+    normalised image)."""
     model = onnx.load(str(path))
     maps = {i.name for i in model.graph.initializer if i.name.endswith(VIEW_MAP_NAMES)}
-    return [n.name for n in model.graph.node if maps & set(n.input)]
-
-
-def stem_nodes(path: Path) -> list[str]:
-    """The name of the network's first convolution (the one that reads the normalised
-    image), in a list like `view_nodes`'s; empty when the graph has no convolution."""
-    model = onnx.load(str(path))
-    views = set(view_nodes(path))
-    return [n.name for n in model.graph.node
-            if n.op_type == "Conv" and n.name not in views][:1]
+    views = [n.name for n in model.graph.node if maps & set(n.input)]
+    stem = next((n.name for n in model.graph.node
+                 if n.op_type == "Conv" and n.name not in views), None)
+    return views + ([stem] if stem else [])
 
 
 @dataclass

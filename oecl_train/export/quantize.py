@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from oecl_runtime.artifact import file_entry
-from oecl_train.export.graph import INPUT_NAME, ONNX_FILES, Graphs, stem_nodes, view_nodes
+from oecl_train.export.graph import INPUT_NAME, ONNX_FILES, Graphs, float_nodes
 from oecl_train.export.norms import subsample
 from oecl_train.export.progress import Progress
 from oecl_train.export.source import Source
@@ -71,7 +71,7 @@ def quantize_int8(src: Path, dst: Path, calib: np.ndarray, scratch: Path,
     # view. The stem convolution reads the normalised image itself: quantising that input
     # to 256 levels moved served norms by several percent (its int8 weights alone were
     # harmless). Both are cheap next to the network, so they stay float.
-    if nodes := view_nodes(pre) + stem_nodes(pre):
+    if nodes := float_nodes(pre):
         kwargs["nodes_to_exclude"] = nodes
     if for_tensorrt:
         kwargs["op_types_to_quantize"] = ["Conv", "Gemm", "MatMul"]
