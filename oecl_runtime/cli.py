@@ -232,9 +232,13 @@ def _write_rows(results: Iterator[FileResult], total: int,
               help="Seconds a client has to send its request headers (0: no limit); 408 after.")
 @click.option("--body-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds a client has to send its request body (0: no limit); 408 after.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Open connections per worker, idle ones included; a new one over it closes "
+                   "the one idle longest (lowered to fit the open-file limit).")
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
               help="Server processes on the one port, each with its own backend; CPU threads "
-                   "are split among them (see --threads) and /metrics sums all of them.")
+                   "are split among them (see --threads) and /metrics sums all of them. "
+                   "Workers exit with the server process.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 @click.option("--access-log", is_flag=True, help="Log every request (off: /metrics counts them).")
@@ -242,21 +246,26 @@ def serve(model_dir: Path, host: str, port: int, backend: str, precision: str | 
           threads: int | None, threshold: float | None, max_batch: int | None,
           max_delay_ms: float, max_queue: int, max_body_mb: float,
           max_image_pixels: int | None, header_timeout: float, body_timeout: float,
-          workers: int, log_level: str, access_log: bool) -> None:
+          max_connections: int, workers: int, log_level: str, access_log: bool) -> None:
     """HTTP scoring server with dynamic batching. norm: higher = normal.
 
-    POST /v1/score (image body, multipart files, or application/x-npy), GET /healthz,
-    GET /v1/model, GET /metrics. SIGTERM finishes in-flight requests before exiting.
+    POST /v1/score (a PNG, JPEG, BMP or GIF body, multipart files, or application/x-npy),
+    GET /healthz, GET /v1/model, GET /metrics. SIGTERM finishes in-flight requests before
+    exiting.
     Without --threads, each worker's backend gets the cores shared among the workers; on a
     machine shared with other busy work, --threads below the core count can serve more
     (onnxruntime's idle pool threads spin and compete with the event loop).
     """
     import logging
 
-    from .server import ServerConfig, serve_workers, serving_threads
+    from .server import ServerConfig, listen_socket, serve_workers, serving_threads
     from .server import serve as run_server
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
+    try:  # before the model loads: a port in use is one line, for one worker or many
+        sock = listen_socket(host, port)
+    except OSError as e:
+        raise click.ClickException(e.strerror or str(e)) from None
     if host not in ("127.0.0.1", "localhost", "::1"):
         _say(f"warning: listening on {host}, reachable from other machines")
     limits = {} if max_image_pixels is None else {
@@ -264,7 +273,7 @@ def serve(model_dir: Path, host: str, port: int, backend: str, precision: str | 
         "max_request_pixels": 4 * max_image_pixels}
     cfg = ServerConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
                        max_body_mb=max_body_mb, header_timeout_s=header_timeout,
-                       body_timeout_s=body_timeout, **limits)
+                       body_timeout_s=body_timeout, max_connections=max_connections, **limits)
     if threads is None:
         threads = serving_threads(workers)
     if workers > 1:
@@ -272,12 +281,12 @@ def serve(model_dir: Path, host: str, port: int, backend: str, precision: str | 
         _open_scorer(model_dir, backend, precision, threshold, threads=threads).close()
         serve_workers(str(model_dir), workers, backend=backend, precision=precision,
                       threshold=threshold, threads=threads, host=host, port=port, config=cfg,
-                      log_level=log_level, access_log=access_log)
+                      log_level=log_level, access_log=access_log, sock=sock)
         return
     scorer = _open_scorer(model_dir, backend, precision, threshold, threads=threads)
     try:
         run_server(scorer, host=host, port=port, config=cfg, log_level=log_level,
-                   access_log=access_log)
+                   access_log=access_log, sock=sock)
     finally:
         scorer.close()
 

@@ -1,4 +1,5 @@
-"""A header read timeout for uvicorn's HTTP protocols, answered 408.
+"""Per-connection limits for uvicorn's HTTP protocols: a header read timeout (answered 408)
+and a cap on open connections that closes the oldest idle one first.
 
 uvicorn calls the app only once a request's headers are complete, and has no deadline for them:
 a client sending its headers at 2 bytes/s holds a connection (and a slot of
@@ -11,6 +12,14 @@ The header timeout travels on the uvicorn `Config` as `header_timeout_s`, so wor
 started by uvicorn's supervisor get it with the rest of the configuration. Each 408 is told to
 the app being served, if it has an `on_header_timeout()` (to count it): the app, unlike the
 protocol class, is one per server, so two servers in one process count apart.
+
+Open connections are capped separately from requests (`max_connections` on the `Config`):
+uvicorn's own `limit_concurrency` counts sockets, so a few hundred clients that connect and
+send nothing made every request, `/healthz` included, a 503. Here a connection over the cap
+closes the connection that has been idle longest (waiting for its first request, for the
+headers of the next, or kept alive after a response); only when every connection has a
+request in progress is the newcomer turned away (503, closed). Requests in flight are bounded
+by the app (see `server.ScoringApp`), which counts requests, not sockets.
 """
 
 from __future__ import annotations
@@ -36,14 +45,57 @@ def timeout_response(reason: str) -> bytes:
             + body)
 
 
+def busy_response() -> bytes:
+    body = json.dumps({"error": "server has no free connection: every one has a request in "
+                                "progress; retry later"}).encode()
+    return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+            b"content-length: " + str(len(body)).encode() + b"\r\nretry-after: 1\r\n"
+            b"connection: close\r\n\r\n" + body)
+
+
 class _HeaderDeadline:
     """Mixed in before a uvicorn protocol class (httptools or h11)."""
 
     _header_timer: asyncio.TimerHandle | None = None
+    _idle_since = 0.0  # loop time at which the connection last had no request in progress
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
+        self._idle_since = self.loop.time()  # type: ignore[attr-defined]
         self._arm()
+        cap = getattr(self.config, "max_connections", None)  # type: ignore[attr-defined]
+        if cap and len(self.connections) > cap:  # type: ignore[attr-defined]
+            self._make_room()
+
+    def on_response_complete(self) -> None:
+        self._idle_since = self.loop.time()  # type: ignore[attr-defined]
+        super().on_response_complete()  # type: ignore[misc]
+
+    def _idle(self) -> bool:
+        cycle = self.cycle  # type: ignore[attr-defined]
+        return ((cycle is None or cycle.response_complete)
+                and not getattr(self, "pipeline", None)  # httptools queues pipelined requests
+                and not self.transport.is_closing())  # type: ignore[attr-defined]
+
+    def _make_room(self) -> None:
+        """Over the cap: close the connection idle longest, or, when none is idle, this one.
+        A scan of the open connections, paid only by a connection that arrives at the cap."""
+        oldest = None
+        for conn in self.connections:  # type: ignore[attr-defined]
+            if conn is not self and isinstance(conn, _HeaderDeadline) and conn._idle() and (
+                    oldest is None or conn._idle_since < oldest._idle_since):
+                oldest = conn
+        if oldest is not None:
+            oldest._disarm()
+            oldest.transport.close()  # type: ignore[attr-defined]
+            hook = _app_hook(self.app, "on_connection_shed")  # type: ignore[attr-defined]
+        else:
+            self._disarm()
+            self.transport.write(busy_response())  # type: ignore[attr-defined]
+            self.transport.close()  # type: ignore[attr-defined]
+            hook = _app_hook(self.app, "on_connection_refused")  # type: ignore[attr-defined]
+        if hook is not None:
+            hook()
 
     def data_received(self, data: bytes) -> None:
         cycle = self.cycle  # type: ignore[attr-defined]
@@ -76,16 +128,16 @@ class _HeaderDeadline:
         timeout = getattr(self.config, "header_timeout_s", DEFAULT_HEADER_TIMEOUT_S)  # type: ignore[attr-defined]
         transport.write(timeout_response(f"request headers not received within {timeout:g} s"))
         transport.close()
-        hook = _timeout_hook(self.app)  # type: ignore[attr-defined]
+        hook = _app_hook(self.app, "on_header_timeout")  # type: ignore[attr-defined]
         if hook is not None:
             hook()
 
 
-def _timeout_hook(app: Any) -> Any:
-    """The served app's `on_header_timeout`, found under uvicorn's middleware (each wrapper
-    keeps the app it wraps as `.app`)."""
+def _app_hook(app: Any, name: str) -> Any:
+    """The served app's method `name` (e.g. `on_header_timeout`), found under uvicorn's
+    middleware (each wrapper keeps the app it wraps as `.app`)."""
     while app is not None:
-        hook = getattr(app, "on_header_timeout", None)
+        hook = getattr(app, name, None)
         if hook is not None:
             return hook
         app = getattr(app, "app", None)

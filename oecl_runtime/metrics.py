@@ -38,6 +38,13 @@ def multiprocess_dir() -> str | None:
     return os.environ.get(MULTIPROC_ENV) or None
 
 
+def forget_process(pid: int) -> None:
+    """Take a dead worker's gauges out of the sums (`oecl_workers`, `oecl_queue_depth`): its
+    files would otherwise count on for as long as the server runs. Called by the supervisor."""
+    if multiprocess_dir() is not None:
+        multiprocess.mark_process_dead(pid)
+
+
 class ServerMetrics:
     """Request, error, batch, queue and latency series of one server (all its workers)."""
 
@@ -69,6 +76,10 @@ class ServerMetrics:
         self.workers = Gauge("oecl_workers", "Worker processes serving requests",
                              registry=own, multiprocess_mode="livesum")
         self.workers.set(1)
+        self.connections = Counter("oecl_connections_closed", "Connections closed by the "
+                                   "connection cap: shed_idle (the one idle longest, to admit a "
+                                   "new one) or refused (none was idle)", ("reason",),
+                                   registry=own)
         # Pre-bound children: `labels()` looks its child up under a lock on every call.
         self._request_children: dict[tuple[str, int], Counter] = {}
         self._error_children: dict[str, Counter] = {}
@@ -84,6 +95,9 @@ class ServerMetrics:
         if child is None:
             child = self._error_children[reason] = self.errors.labels(reason)
         child.inc()
+
+    def connection(self, reason: str) -> None:
+        self.connections.labels(reason).inc()
 
     def batch_count(self) -> int:
         """Batches run by this process (the `_count` of the batch-size histogram)."""

@@ -64,29 +64,80 @@ def _name(source: Any, name: str | None = None) -> str:
     return str(source) if isinstance(source, (str, os.PathLike)) else "image bytes"
 
 
-# Leading bytes -> the one Pillow plugin to try. Pillow otherwise probes its plugins in turn,
+class UnsupportedFormat(ImageError):
+    """Bytes of an image format outside `ACCEPTED_FORMATS`, or of no image format at all."""
+
+
+# The formats read, each checked for its pixel count from the header before any decode work.
+# Others are refused from their leading bytes, before Pillow sees them: its ICO plugin decodes
+# the whole embedded PNG inside `open()` (a 17 KB file held a 12000x12000 image), EPS calls
+# Ghostscript, and TIFF, JPEG 2000 and the rest bring decoders whose cost a header does not bound.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "GIF")
+_ACCEPTED = ", ".join(ACCEPTED_FORMATS)
+
+# Leading bytes -> the one Pillow plugin to use. Pillow otherwise probes its plugins in turn,
 # which is a large share of the decode of a small image (an HTTP request's whole body).
-_MAGIC = ((b"\x89PNG\r\n\x1a\n", ("PNG",)), (b"\xff\xd8\xff", ("JPEG",)),
-          (b"GIF8", ("GIF",)), (b"BM", ("BMP",)))
+_MAGIC = ((b"\x89PNG", "PNG"), (b"\xff\xd8\xff", "JPEG"),
+          (b"GIF8", "GIF"), (b"BM", "BMP"))
+# Formats refused by name, so that the message says what was sent.
+_REFUSED_MAGIC = (
+    (b"\x00\x00\x01\x00", "ICO"), (b"\x00\x00\x02\x00", "CUR"),
+    (b"%!PS", "EPS"), (b"\xc5\xd0\xd3\xc6", "EPS"), (b"%PDF", "PDF"),
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"), (b"\xffO\xffQ", "JPEG 2000"),
+    (b"qoif", "QOI"), (b"8BPS", "PSD"), (b"icns", "ICNS"), (b"DDS ", "DDS"),
+    (b"\x59\xa6\x6a\x95", "Sun raster"), (b"\x01\xda", "SGI"), (b"SIMPLE  =", "FITS"),
+    (b"\xffO\xffR", "JPEG 2000"), (b"\x00\x00\x00\x0cJXL ", "JPEG XL"), (b"\xff\x0a", "JPEG XL"),
+)
+_FTYP_BRANDS = {b"avif": "AVIF", b"avis": "AVIF", b"heic": "HEIF", b"heix": "HEIF",
+                b"mif1": "HEIF", b"msf1": "HEIF", b"jp2 ": "JPEG 2000"}
+HEAD_BYTES = 32  # enough leading bytes to tell every format above
 
 
-def _formats(head: bytes) -> tuple[str, ...] | None:
-    for magic, formats in _MAGIC:
+def _refused_name(head: bytes) -> str | None:
+    for magic, fmt in _REFUSED_MAGIC:
         if head.startswith(magic):
-            return formats
+            return fmt
+    if head[4:8] == b"ftyp":
+        return _FTYP_BRANDS.get(head[8:12], "ISO media (" + head[8:12].decode("latin-1") + ")")
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    if len(head) > 2 and head[:1] == b"P" and head[1:2] in b"1234567" and head[2:3].isspace():
+        return "Netpbm"
+    if head.startswith(b"Image type:") or head.startswith(b"Image size"):
+        return "IM"
     return None
 
 
+def _formats(head: bytes, name: str) -> tuple[str, ...]:
+    """The one accepted Pillow format `head` starts with; UnsupportedFormat otherwise."""
+    for magic, fmt in _MAGIC:
+        if head.startswith(magic):
+            return (fmt,)
+    refused = _refused_name(head)
+    if refused is not None:
+        raise UnsupportedFormat(f"{name} is a {refused} image; accepted formats: {_ACCEPTED}")
+    raise UnsupportedFormat(f"cannot decode {name}: not a recognised image format "
+                            f"(accepted: {_ACCEPTED})")
+
+
 def _open(source: Any, name: str) -> Image.Image:
+    formats: tuple[str, ...] = ("image",)
     try:
         if isinstance(source, (bytes, bytearray, memoryview)):
-            return Image.open(io.BytesIO(source), formats=_formats(bytes(source[:8])))
+            formats = _formats(bytes(source[:HEAD_BYTES]), name)
+            return Image.open(io.BytesIO(source), formats=formats)
         if isinstance(source, (str, os.PathLike)):
-            return Image.open(source)
+            with open(source, "rb") as f:
+                head = f.read(HEAD_BYTES)
+            formats = _formats(head, name)
+            return Image.open(source, formats=formats)
+    except ImageError:
+        raise
     except FileNotFoundError as e:
         raise ImageError(f"no such file: {source}") from e
-    except UnidentifiedImageError as e:
-        raise ImageError(f"cannot decode {name}: not a recognised image format") from e
+    except UnidentifiedImageError as e:  # the leading bytes matched, the header did not parse
+        raise ImageError(f"cannot decode {name}: not a valid {formats[0]} image") from e
     except Exception as e:  # Pillow's plugins raise many types on a malformed header
         raise ImageError(f"cannot decode {name}: {_reason(e)}") from e
     raise ImageError(f"cannot read an image from {type(source).__name__}")
@@ -134,7 +185,8 @@ def decode(source: Any, *, name: str | None = None, max_pixels: int = DEFAULT_MA
         if source.ndim == 3 and source.shape[2] == 1:
             source = source[:, :, 0]
         if source.ndim not in (2, 3) or (source.ndim == 3 and source.shape[2] not in (3, 4)):
-            raise ImageError(f"array image must be HW, HWC with 1/3/4 channels, got {source.shape}")
+            raise ImageError("an array image must be HW, or HWC with 1, 3 or 4 channels; got "
+                             f"shape {source.shape}")
         check_size(source.shape[1], source.shape[0], max_pixels, name or "array image")
         return Image.fromarray(source)
     label = _name(source, name)

@@ -3,23 +3,31 @@
 `POST /v1/score` is a plain ASGI handler rather than a starlette route: at thousands of
 one-image requests a second, routing, `Request` objects, thread-pool hops and per-request
 future hand-offs cost several times the PNG decode, and throttled a fast backend. The handler
-decodes small images on the event loop (cheaper than a thread hop), larger ones in the thread
-pool with a bounded number at once, and hands uint8 arrays to the batcher, whose inference
-thread wakes the loop once per batch.
+decodes small images on the event loop (cheaper than a thread hop) when their cost is bounded
+by a small constant (a small body, few pixels, no compressed metadata, no progressive scans),
+everything else in the thread pool with a bounded number at once, and hands uint8 arrays to
+the batcher, whose inference thread wakes the loop once per batch.
 
 Work is bounded before it is done: 413 for a body over the size limit, for more images than the
 queue holds (counted from an `.npy` header or the multipart boundaries) or for decoded pixels
-over the caps (read from image headers); 503 + Retry-After when the queue is full; 408 when
-headers (see `http_timeouts`) or the body do not arrive in time. A multi-image request whose
-client goes away stops decoding and leaves the queue.
+over the caps (read from image headers); 415 for an image format outside the accepted list;
+503 + Retry-After when the queue is full or `max_requests` score requests are in progress;
+408 when headers (see `http_timeouts`) or the body do not arrive in time. Open connections are
+capped apart from requests (`max_connections`, oldest idle closed first: `http_timeouts`), so
+idle sockets cannot lock clients out. A multi-image request whose client goes away stops
+decoding and leaves the queue. A model output that is not a finite number is an error for
+its image (500 for a request of one), never a score.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
+import math
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -43,16 +51,31 @@ from starlette.types import Message, Receive, Scope, Send
 from .batcher import Draining, DynamicBatcher, QueueFull, TooManyImages
 from .inputs import Abandoned, load_each, npy_array, to_batch
 from .metrics import CONTENT_TYPE, MULTIPROC_ENV, ServerMetrics
-from .preprocess import DEFAULT_MAX_PIXELS, ImageError, load_opened, open_image
+from .preprocess import (
+    ACCEPTED_FORMATS,
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    UnsupportedFormat,
+    load,
+    load_opened,
+    open_image,
+)
 from .scorer import Scorer
 
 log = logging.getLogger("oecl_runtime.server")
 
 NPY_TYPE = "application/x-npy"
 SCORE_PATH = "/v1/score"
-# Images up to this many pixels are decoded on the event loop: a 32x32 PNG decodes in tens of
-# microseconds, less than handing it to a thread and back. Larger ones go to the thread pool.
+# Images up to this many pixels, in bodies up to this many bytes, are decoded on the event
+# loop: a 32x32 PNG decodes in tens of microseconds, less than handing it to a thread and back.
+# The byte bound also bounds the header parsing `open` does (chunks, markers) on the loop.
 INLINE_PIXELS = 128 * 128
+INLINE_BYTES = 64 * 1024
+# PNG chunks that Pillow inflates while opening (text, ICC profile): up to 1 MB each, so a
+# small body holding them is not a small constant's work.
+_INFLATED_PNG_CHUNKS = (b"zTXt", b"iTXt", b"iCCP")
+_BODY_KINDS = (f"{'/'.join(ACCEPTED_FORMATS)} image bytes (any Content-Type), an .npy array as "
+               f"{NPY_TYPE}, or images as multipart/form-data files")
 
 
 @dataclass(frozen=True)
@@ -67,10 +90,19 @@ class ServerConfig:
     decode_threads: int = 2  # images decoded off the event loop at once, across requests
     header_timeout_s: float = 10.0  # 0: no limit
     body_timeout_s: float = 30.0  # whole body, from the end of the headers; 0: no limit
+    # Open connections, idle ones included; over it the one idle longest is closed. Lowered
+    # to what the open-file limit leaves room for (`connection_cap`).
+    max_connections: int = 1024
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def max_requests(self) -> int:
+        """Score requests in progress at once (bodies held in memory, decodes, queued work);
+        beyond it a request gets 503. Counts requests, not sockets."""
+        return max(64, 2 * self.max_queue)
 
 
 class HTTPError(Exception):
@@ -107,9 +139,31 @@ def _threshold(query: bytes, default: float) -> float:
         t = float(raw)
     except ValueError:
         raise HTTPError(400, f"threshold must be a number, got {raw!r}", "bad_request") from None
-    if t != t or t in (float("inf"), float("-inf")):
-        raise HTTPError(400, "threshold must be finite", "bad_request")
+    if not math.isfinite(t) or t < 0:  # a norm is >= 0: such a threshold decides nothing
+        raise HTTPError(400, f"threshold must be a finite number >= 0, got {raw!r}",
+                        "bad_request")
     return t
+
+
+def _non_finite(x: float) -> str:
+    return (f"the model returned a non-finite score ({x}) for this image: the model or its "
+            "backend is broken; the image was not scored")
+
+
+def _inline(img: Any) -> bool:
+    """Whether finishing the decode of `img` (opened from a small body) costs no more than a
+    small constant."""
+    if img.width * img.height > INLINE_PIXELS:
+        return False
+    if img.format == "JPEG":
+        return "progression" not in img.info  # each progressive scan passes over every pixel
+    return True
+
+
+def _result(x: float, threshold: float) -> dict[str, Any]:
+    if math.isfinite(x):
+        return {"norm": x, "is_anomaly": x < threshold}
+    return {"error": _non_finite(x)}
 
 
 class _Deadline:
@@ -161,6 +215,7 @@ class ScoringApp:
                                       cfg.max_delay_ms / 1000.0, cfg.max_queue, on_batch)
         self.batcher.on_depth = metrics.queue_depth.set
         self._decodes = asyncio.Semaphore(max(1, cfg.decode_threads))
+        self._in_flight = 0
         self._close_scorer = close_scorer
         self.inner = self._starlette()
         self.state = self.inner.state
@@ -168,14 +223,36 @@ class ScoringApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == SCORE_PATH:
-            await self._score_endpoint(scope, receive, send)
+            if self._in_flight >= self.cfg.max_requests:
+                await self._busy(send)
+                return
+            self._in_flight += 1
+            try:
+                await self._score_endpoint(scope, receive, send)
+            finally:
+                self._in_flight -= 1
         else:
             await self.inner(scope, receive, send)
+
+    async def _busy(self, send: Send) -> None:
+        self.metrics.error("busy")
+        await _send_json(send, 503, {"error": f"server has {self.cfg.max_requests} score "
+                                              "requests in progress, its limit; retry later"},
+                         {"Retry-After": str(self.cfg.retry_after_s)})
+        self.metrics.request(SCORE_PATH, 503)
 
     def on_header_timeout(self) -> None:
         """Counts a 408 for late headers, sent by the HTTP protocol (`http_timeouts`) before
         the request could reach the app."""
         self.metrics.error("timeout")
+
+    def on_connection_shed(self) -> None:
+        """Counts an idle connection closed to make room for a new one (`http_timeouts`)."""
+        self.metrics.connection("shed_idle")
+
+    def on_connection_refused(self) -> None:
+        """Counts a new connection turned away: every open one had a request in progress."""
+        self.metrics.connection("refused")
 
     # ---- POST /v1/score
 
@@ -212,11 +289,14 @@ class ScoringApp:
             if kind == NPY_TYPE:
                 batch = await self._npy_batch(body, receive)
             else:
-                batch = (await self._decode_one(body))[None]
+                batch = (await self._decode_one(body, ctype))[None]
             norms = await self._infer(batch, receive)
         except HTTPError as e:
             m.error(e.kind)
             return e.status, {"error": e.reason}, e.headers
+        except UnsupportedFormat as e:
+            m.error("bad_format")
+            return 415, {"error": str(e)}, None
         except ImageError as e:
             m.error("bad_image")
             return 400, {"error": str(e)}, None
@@ -233,8 +313,20 @@ class ScoringApp:
             log.exception("inference failed")
             m.error("inference")
             return 500, {"error": f"inference failed: {e}"}, None
-        return 200, self._payload(threshold, [{"norm": float(x), "is_anomaly": bool(x < threshold)}
-                                              for x in norms.tolist()]), None
+        values = norms.tolist()
+        return self._answer(threshold, [_result(x, threshold) for x in values], values)
+
+    def _answer(self, threshold: float, results: list[dict[str, Any]], values: list[float]
+                ) -> tuple[int, dict[str, Any], dict[str, str] | None]:
+        """200 with per-image results, where a non-finite score is its image's error; 500 when
+        that leaves no image of the request scored (for one image: its only answer)."""
+        if not all(map(math.isfinite, values)):
+            self.metrics.error("non_finite")
+            if not any("norm" in r for r in results):
+                first = next(r["error"] for r in results if r["error"].startswith(
+                    "the model returned"))
+                return 500, {"error": first, "results": results}, None
+        return 200, self._payload(threshold, results), None
 
     def _payload(self, threshold: float, results: list[dict[str, Any]]) -> dict[str, Any]:
         # `score` names what each `norm` holds: the plain norm or the K-view mean-view-norm.
@@ -275,13 +367,25 @@ class ScoringApp:
             raise too_big
         return body
 
-    async def _decode_one(self, data: bytes) -> np.ndarray:
+    async def _decode_one(self, data: bytes, ctype: str) -> np.ndarray:
         cap = self.cfg.max_image_pixels
-        img = open_image(data, "image bytes", cap)
-        if img.width * img.height <= INLINE_PIXELS:
-            return load_opened(img, self.spec, "image bytes", cap)
-        async with self._decodes:
-            return await run_in_threadpool(load_opened, img, self.spec, "image bytes", cap)
+        try:
+            if len(data) <= INLINE_BYTES and not (
+                    data.startswith(b"\x89PNG") and any(c in data for c in _INFLATED_PNG_CHUNKS)):
+                img = open_image(data, "image bytes", cap)
+                if _inline(img):
+                    return load_opened(img, self.spec, "image bytes", cap)
+                async with self._decodes:
+                    return await run_in_threadpool(load_opened, img, self.spec, "image bytes", cap)
+            async with self._decodes:
+                return await run_in_threadpool(load, data, self.spec, "image bytes", cap)
+        except UnsupportedFormat as e:
+            got = ctype or "none"
+            if data.startswith(b"\x93NUMPY"):
+                raise UnsupportedFormat(f"the body is an .npy array but its Content-Type is "
+                                        f"{got}: send it as Content-Type: {NPY_TYPE}") from None
+            raise UnsupportedFormat(f"{e}; received Content-Type: {got}. Send {_BODY_KINDS}"
+                                    ) from None
 
     async def _npy_batch(self, body: bytes, receive: Receive) -> np.ndarray:
         arr = npy_array(body, self.spec, self.cfg.max_queue, self.cfg.max_image_pixels)
@@ -338,10 +442,32 @@ class ScoringApp:
                                ) -> tuple[int, dict[str, Any], dict[str, str] | None]:
         files = await self._multipart_files(body, ctype)
         names = [name for name, _ in files]
+        # Headers are read off the event loop too: the parts may hold megabytes.
+        batch, errors = await self._off_loop(receive, self._open_and_load, files)
+        if errors.count(None) == 0:
+            self.metrics.error("bad_image")
+            return 400, {"error": f"no part could be read; first: {errors[0]}",
+                         "results": [{"name": n, "error": e} for n, e in zip(names, errors,
+                                                                             strict=True)]}, None
+        if any(errors):
+            self.metrics.error("bad_image")
+        values = (await self._infer(batch, receive)).tolist()
+        norms = iter(values)
+        results = [{"name": name, **(_result(next(norms), threshold) if err is None
+                                     else {"error": err})}
+                   for name, err in zip(names, errors, strict=True)]
+        return self._answer(threshold, results, values)
+
+    def _open_and_load(self, files: list[tuple[str, bytes]], stop: threading.Event
+                       ) -> tuple[np.ndarray, list[str | None]]:
+        """In the thread pool: every part's header, the request's pixel total, then the
+        decode (`load_each`)."""
         cap = self.cfg.max_image_pixels
         opened: list[Any] = []
         total = 0
         for name, data in files:
+            if stop.is_set():
+                raise Abandoned
             try:
                 img = open_image(data, name, cap)  # reads the header only
                 total += img.width * img.height
@@ -351,23 +477,7 @@ class ScoringApp:
         if total > self.cfg.max_request_pixels:
             raise HTTPError(413, f"the images hold {total} decoded pixels, over the limit of "
                                  f"{self.cfg.max_request_pixels} per request", "too_large")
-        batch, errors = await self._off_loop(receive, load_each, opened, names, self.spec, cap)
-        if errors.count(None) == 0:
-            self.metrics.error("bad_image")
-            return 400, {"error": f"no part could be read; first: {errors[0]}",
-                         "results": [{"name": n, "error": e} for n, e in zip(names, errors,
-                                                                             strict=True)]}, None
-        if any(errors):
-            self.metrics.error("bad_image")
-        norms = iter((await self._infer(batch, receive)).tolist())
-        results = []
-        for name, err in zip(names, errors, strict=True):
-            if err is None:
-                x = next(norms)
-                results.append({"name": name, "norm": x, "is_anomaly": bool(x < threshold)})
-            else:
-                results.append({"name": name, "error": err})
-        return 200, self._payload(threshold, results), None
+        return load_each(opened, [name for name, _ in files], self.spec, cap, stop)
 
     async def _multipart_files(self, body: bytes, ctype: str) -> list[tuple[str, bytes]]:
         # Count parts by their boundary lines before parsing: a body of ten thousand tiny
@@ -491,16 +601,73 @@ def http_stack() -> dict[str, str]:
             "loop": f"uvloop {loop}" if loop else "asyncio"}
 
 
+class PortInUse(OSError):
+    """The address to listen on is taken; the message says what to do."""
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound here (as uvicorn would) so that a port in use is
+    one line before anything starts, for one worker or many, rather than uvicorn's raw error
+    after the app has started."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise PortInUse(e.errno, f"port {port} on {host} is in use: pick another with "
+                                     "--port") from None
+        raise OSError(e.errno, f"cannot listen on {host}:{port}: {e.strerror}") from None
+    # Listening at once holds the port for good (two SO_REUSEADDR sockets may both be bound
+    # until one listens); connections made while the model loads wait in the backlog.
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+# Descriptors kept back from the connection cap for the model files, threads, pipes and logs.
+_RESERVED_FDS = 128
+
+
+def connection_cap(wanted: int) -> int:
+    """`wanted` open connections, or fewer when the open-file limit cannot hold them (after
+    raising the soft limit toward the hard one, as far as that goes)."""
+    try:
+        import resource
+    except ImportError:  # not a POSIX system
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + _RESERVED_FDS
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return wanted
+    cap = max(16, soft - _RESERVED_FDS)
+    log.warning("open-file limit %d holds %d connections, not the %d asked for (raise it with "
+                "`ulimit -n`)", soft, cap, wanted)
+    return cap
+
+
 def _uvicorn_config(app: Any, host: str, port: int, cfg: ServerConfig, log_level: str,
                     graceful_timeout_s: int, access_log: bool, **extra: Any) -> Any:
     from .http_timeouts import protocol_name
 
+    # No `limit_concurrency`: uvicorn counts sockets with it, so idle connections locked
+    # clients out. Requests are bounded by the app (`max_requests`), connections by the
+    # protocol (`max_connections`, oldest idle closed first).
     uv = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, lifespan="on", access_log=access_log,
-        timeout_graceful_shutdown=graceful_timeout_s, http=protocol_name(),
-        # Bounds the requests (and their bodies) held in memory; beyond it uvicorn answers 503.
-        limit_concurrency=max(64, 2 * cfg.max_queue), **extra)
-    uv.header_timeout_s = cfg.header_timeout_s  # read by the protocol (see http_timeouts)
+        timeout_graceful_shutdown=graceful_timeout_s, http=protocol_name(), **extra)
+    # Read by the protocol (see http_timeouts); on the Config, so worker processes get them.
+    uv.header_timeout_s = cfg.header_timeout_s
+    uv.max_connections = connection_cap(cfg.max_connections)
     return uv
 
 
@@ -512,18 +679,22 @@ def serve(
     log_level: str = "info",
     graceful_timeout_s: int = 30,
     access_log: bool = False,
+    sock: socket.socket | None = None,
 ) -> None:
     """Run the server in this process until SIGINT/SIGTERM; in-flight requests finish first.
 
-    Access logging is off by default: at thousands of requests a second it costs more CPU than
-    the rest of the request path, and /metrics already counts every request.
+    `sock`: a socket already bound by `listen_socket` (else bound here; PortInUse when the
+    port is taken). Access logging is off by default: at thousands of requests a second it
+    costs more CPU than the rest of the request path, and /metrics already counts every request.
     """
     cfg = config or ServerConfig()
+    sock = sock or listen_socket(host, port)
     app = create_app(scorer, cfg)
     uv_config = _uvicorn_config(app, host, port, cfg, log_level, graceful_timeout_s, access_log)
     stack = http_stack()
     log.info("uvicorn %s, http %s, event loop %s", stack["uvicorn"], stack["http"], stack["loop"])
-    DrainingServer(uv_config).run()
+    log.info("listening on http://%s:%d", host, sock.getsockname()[1])
+    DrainingServer(uv_config).run(sockets=[sock])
 
 
 def serving_threads(workers: int = 1, cores: int | None = None) -> int:
@@ -553,36 +724,85 @@ def serve_workers(
     log_level: str = "info",
     graceful_timeout_s: int = 30,
     access_log: bool = False,
+    sock: socket.socket | None = None,
 ) -> None:
     """Run `workers` processes on one port, each with its own backend whose CPU threads share
-    the cores (`threads` each; default: `serving_threads`), and /metrics summed across them."""
+    the cores (`threads` each; default: `serving_threads`), and /metrics summed across them.
+    Workers end with this process, however it ends; a worker that dies is restarted and its
+    gauges leave the sums. `sock` as for `serve`."""
     import shutil
 
-    from uvicorn.supervisors import Multiprocess
-
     cfg = config or ServerConfig()
+    sock = sock or listen_socket(host, port)
     if threads is None:
         threads = serving_threads(workers)
     metrics_dir = tempfile.mkdtemp(prefix="oecl-metrics-")
     os.environ[MULTIPROC_ENV] = metrics_dir
     os.environ[_WORKER_ENV] = json.dumps({
         "model": str(model_dir), "backend": backend, "precision": precision,
-        "threshold": threshold, "threads": threads, "config": asdict(cfg)})
+        "threshold": threshold, "threads": threads, "config": asdict(cfg),
+        "parent": os.getpid()})
     try:
         uv_config = _uvicorn_config(f"{__name__}:worker_app", host, port, cfg, log_level,
                                     graceful_timeout_s, access_log, factory=True,
                                     workers=workers)
         log.info("%d workers, %d CPU threads each; metrics across workers in %s", workers,
                  threads, metrics_dir)
-        sock = uv_config.bind_socket()
-        Multiprocess(uv_config, sockets=[sock]).run()
+        log.info("listening on http://%s:%d", host, sock.getsockname()[1])
+        _supervisor()(uv_config, sockets=[sock]).run()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _supervisor() -> type:
+    from uvicorn.supervisors import Multiprocess
+
+    from .metrics import forget_process
+
+    class Supervisor(Multiprocess):
+        """uvicorn's supervisor, which also takes a replaced worker's gauges out of /metrics."""
+
+        def keep_subprocess_alive(self) -> None:
+            before = [p.pid for p in self.processes]
+            super().keep_subprocess_alive()
+            for pid, proc in zip(before, self.processes, strict=False):
+                if pid is not None and proc.pid != pid:
+                    forget_process(pid)
+
+    return Supervisor
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a worker: be sent SIGTERM when the supervisor dies, even by kill -9, so no orphan
+    keeps the port. Linux's parent-death signal; elsewhere a thread watching the parent pid."""
+    import signal
+
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        if libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl")
+        watch = False
+    except (OSError, AttributeError):  # not Linux
+        watch = True
+    if os.getppid() != parent:  # it died before the signal was asked for
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    if watch:
+        def watch_parent() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        threading.Thread(target=watch_parent, name="oecl-parent-watch", daemon=True).start()
 
 
 def worker_app() -> ScoringApp:
     """The app of one `--workers` process (called by uvicorn in that process)."""
     opts = json.loads(os.environ[_WORKER_ENV])
+    _die_with_parent(opts["parent"])
     scorer = Scorer.open(opts["model"], backend=opts["backend"], precision=opts["precision"],
                          threshold=opts["threshold"], threads=opts["threads"])
     app = ScoringApp(scorer, ServerConfig(**opts["config"]), close_scorer=True)
