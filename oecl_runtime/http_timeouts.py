@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -57,18 +58,20 @@ class _HeaderDeadline:
     """Mixed in before a uvicorn protocol class (httptools or h11)."""
 
     _header_timer: asyncio.TimerHandle | None = None
-    _idle_since = 0.0  # loop time at which the connection last had no request in progress
+    # When the connection last had no request in progress; time.monotonic, not the loop's
+    # clock, which uvloop keeps in milliseconds (connections accepted together would tie).
+    _idle_since = 0.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
-        self._idle_since = self.loop.time()  # type: ignore[attr-defined]
+        self._idle_since = time.monotonic()
         self._arm()
         cap = getattr(self.config, "max_connections", None)  # type: ignore[attr-defined]
         if cap and len(self.connections) > cap:  # type: ignore[attr-defined]
             self._make_room()
 
     def on_response_complete(self) -> None:
-        self._idle_since = self.loop.time()  # type: ignore[attr-defined]
+        self._idle_since = time.monotonic()
         super().on_response_complete()  # type: ignore[misc]
 
     def _idle(self) -> bool:

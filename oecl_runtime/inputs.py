@@ -37,42 +37,40 @@ class Abandoned(Exception):
     """The caller stopped waiting (e.g. the HTTP client went away); the work was dropped."""
 
 
+def _wrong_shape(shape: tuple[int, ...], spec: InputSpec) -> ImageError:
+    c, h, w = spec.channels, spec.height, spec.width
+    return ImageError(f"an array of images must be shaped HW, HWC (C = 1, 3 or 4), CHW "
+                      f"({c}, {h}, {w}), NHWC (C = 1, 3 or 4) or NCHW (N, {c}, {h}, {w}); "
+                      f"got shape {shape}")
+
+
 def _array_items(arr: np.ndarray, spec: InputSpec) -> Iterator[tuple[bool, Any]]:
     if arr.dtype != np.uint8:
         raise ImageError(f"array images must be uint8, got {arr.dtype}")
     chw = (spec.channels, spec.height, spec.width)
+    array_count(arr.shape, spec)
     if arr.ndim == 4:
         if arr.shape[1:] == chw:
             # An NCHW batch already in model form: rows are used as they are, without copies.
             yield from ((True, row) for row in arr)
-        elif arr.shape[3] in (1, 3, 4):
-            yield from ((False, img) for img in arr)
         else:
-            raise ImageError(
-                f"a 4-d array must be NCHW {('N', *chw)} or NHWC with 1/3/4 channels, "
-                f"got {arr.shape}"
-            )
+            yield from ((False, img) for img in arr)
     elif arr.ndim == 3 and arr.shape == chw:
         yield True, arr
-    elif arr.ndim in (2, 3):
-        yield False, arr
     else:
-        raise ImageError(f"array images must be HW, HWC, CHW, NHWC or NCHW, got shape {arr.shape}")
+        yield False, arr
 
 
 def array_count(shape: Sequence[int], spec: InputSpec) -> int:
-    """How many images an array of `shape` holds, with each image's size checked against the
-    pixel cap, without touching its data."""
+    """How many images an array of `shape` holds, without touching its data; ImageError (saying
+    which shapes are accepted) for a shape that is none of them."""
     chw = (spec.channels, spec.height, spec.width)
     shape = tuple(shape)
-    if len(shape) == 4:
-        if shape[1:] != chw and shape[3] not in (1, 3, 4):
-            raise ImageError(f"a 4-d array must be NCHW {('N', *chw)} or NHWC with 1/3/4 "
-                             f"channels, got {shape}")
+    if len(shape) == 4 and (shape[1:] == chw or shape[3] in (1, 3, 4)):
         return shape[0]
-    if len(shape) in (2, 3):
+    if len(shape) == 2 or (len(shape) == 3 and (shape == chw or shape[2] in (1, 3, 4))):
         return 1
-    raise ImageError(f"array images must be HW, HWC, CHW, NHWC or NCHW, got shape {shape}")
+    raise _wrong_shape(shape, spec)
 
 
 def _image_hw(shape: tuple[int, ...], spec: InputSpec) -> tuple[int, int]:

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import random
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,10 +23,10 @@ from helpers import png_bytes, random_images
 from PIL import Image
 from starlette.testclient import TestClient
 
-from oecl_runtime import ImageError, Scorer
+from oecl_runtime import Backend, ImageError, Scorer
 from oecl_runtime.batcher import DynamicBatcher
 from oecl_runtime.inputs import Abandoned, to_batch
-from oecl_runtime.preprocess import InputSpec, load
+from oecl_runtime.preprocess import InputSpec, UnsupportedFormat, load
 from oecl_runtime.server import ServerConfig, create_app
 
 NPY = {"content-type": "application/x-npy"}
@@ -111,6 +114,186 @@ def test_jpeg_is_drafted_to_the_size_it_needs() -> None:
     assert load(jpeg, spec).shape == (3, 32, 32)
 
 
+# ----------------------------------------------------------------------------- formats
+
+ACCEPTED = "PNG, JPEG, BMP, GIF"
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A valid grayscale PNG of zeros, compressed row by row (never held whole)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    z, row, idat = zlib.compressobj(9), b"\0" * (width + 1), []
+    for _ in range(height):
+        idat.append(z.compress(row))
+    idat.append(z.flush())
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(idat))
+            + chunk(b"IEND", b""))
+
+
+def _ico_holding(png: bytes) -> bytes:
+    entry = struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 6 + 16)
+    return struct.pack("<HHH", 0, 1, 1) + entry + png
+
+
+def _refused_bodies() -> dict[str, bytes]:
+    """One small image of each refused format, as Pillow writes it (where it can)."""
+    img = np.random.default_rng(1).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    out = {"ICO": _ico_holding(_encoded(img, "PNG"))}
+    for fmt, name in (("EPS", "EPS"), ("TIFF", "TIFF"), ("JPEG2000", "JPEG 2000"),
+                      ("WEBP", "WebP"), ("AVIF", "AVIF"), ("QOI", "QOI"), ("IM", "IM"),
+                      ("PPM", "Netpbm"), ("DDS", "DDS"), ("SGI", "SGI")):
+        try:
+            out[name] = _encoded(img, fmt)
+        except (KeyError, OSError):  # a Pillow built without that codec
+            continue
+    return out
+
+
+def test_only_the_accepted_formats_are_decoded(client: TestClient, tmp_path: Path) -> None:
+    spec = InputSpec(32, 32, 3, resize=32)
+    refused = _refused_bodies()
+    assert {"ICO", "EPS", "TIFF", "IM", "QOI"} <= set(refused)
+    for name, body in refused.items():
+        r = client.post("/v1/score", content=body, headers={"content-type": "image/x"})
+        assert r.status_code == 415, (name, r.text)
+        error = r.json()["error"]
+        assert f"is a {name} image" in error and ACCEPTED in error, error
+        # The same check for files (`oecl score`, the library), whatever the file is called.
+        path = tmp_path / "x.png"
+        path.write_bytes(body)
+        with pytest.raises(UnsupportedFormat, match=f"x.png is a {name} image"):
+            load(path, spec)
+    for fmt in ("PNG", "JPEG", "BMP", "GIF"):
+        body = _encoded(np.full((40, 48, 3), 99, np.uint8), fmt)
+        assert client.post("/v1/score", content=body).status_code == 200, fmt
+    r = client.post("/v1/score", content=b"\x00" * 64)  # unknown bytes
+    assert r.status_code == 415 and "not a recognised image format" in r.json()["error"]
+
+
+def test_an_ico_bomb_is_refused_before_pillow_opens_it(client: TestClient) -> None:
+    # A 140 KB ICO holding a 12000 x 12000 PNG: Pillow's ICO plugin decodes the whole PNG in
+    # `open()`, before any pixel cap is checked (seconds on the event loop, hundreds of MB).
+    bomb = _ico_holding(_png_claiming(12000, 12000))
+    assert len(bomb) < 200_000
+    t0 = time.perf_counter()
+    r = client.post("/v1/score", content=bomb)
+    assert r.status_code == 415 and "ICO" in r.json()["error"]
+    assert time.perf_counter() - t0 < 0.2
+    t0 = time.perf_counter()
+    with pytest.raises(UnsupportedFormat, match="ICO"):
+        load(bomb, InputSpec(32, 32, 3, resize=32))
+    assert time.perf_counter() - t0 < 0.05
+
+
+def test_only_bounded_decodes_run_on_the_event_loop(scorer: Scorer,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Small, plain images decode on the event loop; anything whose decode cost a small body
+    does not bound goes to the thread pool."""
+    from PIL import PngImagePlugin
+
+    import oecl_runtime.server as server_mod
+
+    real, hops = server_mod.run_in_threadpool, []
+
+    async def counting(fn, *args, **kw):
+        hops.append(fn)
+        return await real(fn, *args, **kw)
+
+    monkeypatch.setattr(server_mod, "run_in_threadpool", counting)
+    img = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    text = PngImagePlugin.PngInfo()
+    text.add_text("comment", "x" * 100_000, zip=True)  # inflated by `open` itself
+    padded = PngImagePlugin.PngInfo()
+    padded.add_text("comment", "".join(map(chr, np.random.default_rng(3).integers(
+        65, 90, 70_000))))
+    cases = {"plain": (_encoded(img, "PNG"), 0),
+             "zTXt": (_encoded(img, "PNG", pnginfo=text), 1),
+             "progressive": (_encoded(img, "JPEG", progressive=True), 1),
+             "baseline": (_encoded(img, "JPEG"), 0),
+             "over 64 KB": (_encoded(img, "PNG", pnginfo=padded), 1)}
+    with TestClient(create_app(scorer)) as c:
+        for name, (body, want) in cases.items():
+            hops.clear()
+            assert c.post("/v1/score", content=body).status_code == 200, name
+            assert len(hops) == want, name
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+def test_npy_shape_and_content_type_errors_say_what_is_accepted(client: TestClient) -> None:
+    r = client.post("/v1/score", content=_npy(np.zeros((4, 28, 28), np.uint8)), headers=NPY)
+    error = r.json()["error"]
+    assert r.status_code == 400 and "got shape (4, 28, 28)" in error
+    assert "CHW (3, 32, 32)" in error and "NCHW (N, 3, 32, 32)" in error and "HWC" in error
+    # An .npy body sent without its Content-Type.
+    r = client.post("/v1/score", content=_npy(np.zeros((32, 32, 3), np.uint8)))
+    assert r.status_code == 415
+    assert "Content-Type is none" in r.json()["error"] and "application/x-npy" in r.json()["error"]
+    r = client.post("/v1/score", content=b"GIF89a-not-really", headers={"content-type": "text/plain"})
+    assert r.status_code == 400  # claims GIF: a broken GIF, not an unknown format
+    r = client.post("/v1/score", content=b"hello", headers={"content-type": "text/plain"})
+    error = r.json()["error"]
+    assert r.status_code == 415 and "received Content-Type: text/plain" in error
+    assert "application/x-npy" in error and "multipart/form-data" in error and ACCEPTED in error
+
+
+# ----------------------------------------------------------------------------- non-finite
+
+
+class _NaNForBlack(Backend):
+    """The real model, except that an all-black image scores NaN (a broken model's output)."""
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner, self.name, self.precision = inner, "nan-for-black", inner.precision
+        self.max_batch = inner.max_batch
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        norms = np.array(self.inner.run(batch), np.float32)
+        norms[batch.reshape(len(batch), -1).max(axis=1) == 0] = np.nan
+        return norms
+
+
+def _strict_json(text: str) -> dict:
+    def refuse(const: str) -> None:
+        raise AssertionError(f"invalid JSON constant {const}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_non_finite_score_is_an_error_never_normal(scorer: Scorer) -> None:
+    app = create_app(Scorer(scorer.artifact, _NaNForBlack(scorer.backend)))
+    black = _encoded(np.zeros((32, 32, 3), np.uint8), "PNG")
+    fine = _encoded(np.full((32, 32, 3), 120, np.uint8), "PNG")
+    with TestClient(app) as c:
+        r = c.post("/v1/score", content=black)
+        body = _strict_json(r.text)
+        assert r.status_code == 500 and "non-finite score (nan)" in body["error"]
+        assert all("is_anomaly" not in x for x in body["results"])
+        r = c.post("/v1/score", files=[("a", ("black.png", black, "image/png")),
+                                       ("b", ("fine.png", fine, "image/png"))])
+        assert r.status_code == 200
+        dark, good = _strict_json(r.text)["results"]
+        assert dark["name"] == "black.png" and "non-finite" in dark["error"]
+        assert "is_anomaly" not in dark and good["norm"] > 0
+        r = c.post("/v1/score", content=_npy(np.zeros((2, 3, 32, 32), np.uint8)), headers=NPY)
+        assert r.status_code == 500 and len(_strict_json(r.text)["results"]) == 2
+        assert c.post("/v1/score", content=fine).status_code == 200
+        assert 'oecl_errors_total{reason="non_finite"} 3.0' in c.get("/metrics").text
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "-inf", "1e999"])
+def test_a_threshold_query_must_be_finite_and_not_negative(client: TestClient,
+                                                           value: str) -> None:
+    body = _encoded(np.full((32, 32, 3), 120, np.uint8), "PNG")
+    r = client.post(f"/v1/score?threshold={value}", content=body)
+    assert r.status_code == 400 and "finite number >= 0" in r.json()["error"]
+
+
 # ----------------------------------------------------------------------------- decoder errors
 
 
@@ -153,12 +336,18 @@ def _mutations(data: bytes, count: int, rng: random.Random) -> Iterator[bytes]:
 
 
 def test_fuzzed_images_only_ever_get_200_or_4xx(scorer: Scorer) -> None:
-    """Mutated PNG/JPEG/TIFF/GIF/BMP/npy bodies: never a 500, never a hang (bounded: 80 per
+    """Mutated bodies of the accepted formats (progressive JPEG, interlaced PNG too), of the
+    refused ones (an ICO holding a PNG, EPS, TIFF, JPEG 2000, QOI, IM, ...) and of npy, alone
+    and as a multipart part beside a good one: never a 500, never a hang (bounded: 60 per
     format and a time limit)."""
     rng = np.random.default_rng(5)
     img = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
-    seeds = {fmt: _encoded(img, fmt) for fmt in ("PNG", "JPEG", "TIFF", "GIF", "BMP")}
+    seeds = {fmt: _encoded(img, fmt) for fmt in ("PNG", "JPEG", "GIF", "BMP")}
+    seeds["progressive JPEG"] = _encoded(img, "JPEG", progressive=True)
+    seeds["interlaced PNG"] = _encoded(img, "PNG", interlace=True)
+    seeds.update(_refused_bodies())
     seeds["npy"] = _npy(img)
+    good = ("good", ("good.png", _encoded(img, "PNG"), "image/png"))
     cfg = ServerConfig(max_image_pixels=2048 * 2048)
     r = random.Random(7)
     deadline = time.monotonic() + 120
@@ -166,9 +355,14 @@ def test_fuzzed_images_only_ever_get_200_or_4xx(scorer: Scorer) -> None:
     with TestClient(create_app(scorer, cfg)) as c:
         for fmt, data in seeds.items():
             headers = NPY if fmt == "npy" else {"content-type": "application/octet-stream"}
-            for body in _mutations(data, 80, r):
+            for i, body in enumerate(_mutations(data, 60, r)):
                 if time.monotonic() > deadline:
                     break
+                if i % 4 == 3 and fmt != "npy":  # one part of several: only its own row fails
+                    res = c.post("/v1/score", files=[("x", ("x.bin", body, "image/png")), good])
+                    assert res.status_code == 200, (fmt, res.text)
+                    assert res.json()["results"][1]["norm"] > 0
+                    continue
                 res = c.post("/v1/score", content=body, headers=headers)
                 statuses[res.status_code] = statuses.get(res.status_code, 0) + 1
                 assert res.status_code == 200 or 400 <= res.status_code < 500, (
@@ -176,7 +370,7 @@ def test_fuzzed_images_only_ever_get_200_or_4xx(scorer: Scorer) -> None:
                 assert "error" in res.json() or "results" in res.json()
         m = c.get("/metrics").text
     assert 'reason="inference"' not in m
-    assert statuses.get(400, 0) > 0  # the mutations did break images
+    assert statuses.get(400, 0) > 0 and statuses.get(415, 0) > 0  # mutations broke images
 
 
 def test_oecl_score_writes_error_rows(artifact_dir: Path, tmp_path: Path) -> None:
