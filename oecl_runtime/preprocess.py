@@ -116,7 +116,8 @@ def _formats(head: bytes, name: str) -> tuple[str, ...]:
             return (fmt,)
     refused = _refused_name(head)
     if refused is not None:
-        raise UnsupportedFormat(f"{name} is a {refused} image; accepted formats: {_ACCEPTED}")
+        raise UnsupportedFormat(f"{name}: {refused} images are not accepted (accepted formats: "
+                                f"{_ACCEPTED})")
     raise UnsupportedFormat(f"cannot decode {name}: not a recognised image format "
                             f"(accepted: {_ACCEPTED})")
 

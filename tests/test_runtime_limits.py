@@ -161,11 +161,11 @@ def test_only_the_accepted_formats_are_decoded(client: TestClient, tmp_path: Pat
         r = client.post("/v1/score", content=body, headers={"content-type": "image/x"})
         assert r.status_code == 415, (name, r.text)
         error = r.json()["error"]
-        assert f"is a {name} image" in error and ACCEPTED in error, error
+        assert f"{name} images are not accepted" in error and ACCEPTED in error, error
         # The same check for files (`oecl score`, the library), whatever the file is called.
         path = tmp_path / "x.png"
         path.write_bytes(body)
-        with pytest.raises(UnsupportedFormat, match=f"x.png is a {name} image"):
+        with pytest.raises(UnsupportedFormat, match=f"x.png: {name} images are not accepted"):
             load(path, spec)
     for fmt in ("PNG", "JPEG", "BMP", "GIF"):
         body = _encoded(np.full((40, 48, 3), 99, np.uint8), fmt)
@@ -234,7 +234,8 @@ def test_npy_shape_and_content_type_errors_say_what_is_accepted(client: TestClie
     r = client.post("/v1/score", content=_npy(np.zeros((32, 32, 3), np.uint8)))
     assert r.status_code == 415
     assert "Content-Type is none" in r.json()["error"] and "application/x-npy" in r.json()["error"]
-    r = client.post("/v1/score", content=b"GIF89a-not-really", headers={"content-type": "text/plain"})
+    r = client.post("/v1/score", content=b"GIF89a-not-really",
+                    headers={"content-type": "text/plain"})
     assert r.status_code == 400  # claims GIF: a broken GIF, not an unknown format
     r = client.post("/v1/score", content=b"hello", headers={"content-type": "text/plain"})
     error = r.json()["error"]
@@ -378,10 +379,12 @@ def test_oecl_score_writes_error_rows(artifact_dir: Path, tmp_path: Path) -> Non
     good.write_bytes(png_bytes(random_images(1)[0]))
     (tmp_path / "huge.png").write_bytes(_encoded(np.zeros((12000, 12000), np.uint8), "PNG"))
     (tmp_path / "cut.png").write_bytes(good.read_bytes()[:60])
+    (tmp_path / "eps.png").write_bytes(_refused_bodies()["EPS"])
     out = tmp_path / "rows.jsonl"
     proc = subprocess.run(
         [sys.executable, "-m", "oecl_runtime", "score", str(good), str(tmp_path / "huge.png"),
-         str(tmp_path / "cut.png"), "--model", str(artifact_dir), "--out", str(out)],
+         str(tmp_path / "cut.png"), str(tmp_path / "eps.png"), "--model", str(artifact_dir),
+         "--out", str(out)],
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     import json
@@ -390,6 +393,7 @@ def test_oecl_score_writes_error_rows(artifact_dir: Path, tmp_path: Path) -> Non
     assert rows["good.png"]["error"] is None and rows["good.png"]["norm"] > 0
     assert "over the limit" in rows["huge.png"]["error"]
     assert "cut.png" in rows["cut.png"]["error"] or "decode" in rows["cut.png"]["error"]
+    assert f"EPS images are not accepted (accepted formats: {ACCEPTED})" in rows["eps.png"]["error"]
 
 
 # ----------------------------------------------------------------------------- no side effects
