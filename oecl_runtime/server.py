@@ -11,12 +11,13 @@ the batcher, whose inference thread wakes the loop once per batch.
 Work is bounded before it is done: 413 for a body over the size limit, for more images than the
 queue holds (counted from an `.npy` header or the multipart boundaries) or for decoded pixels
 over the caps (read from image headers); 415 for an image format outside the accepted list;
-503 + Retry-After when the queue is full or `max_requests` score requests are in progress;
-408 when headers (see `http_timeouts`) or the body do not arrive in time. Open connections are
-capped apart from requests (`max_connections`, oldest idle closed first: `http_timeouts`), so
-idle sockets cannot lock clients out. A multi-image request whose client goes away stops
-decoding and leaves the queue. A model output that is not a finite number is an error for
-its image (500 for a request of one), never a score.
+503 + Retry-After when the queue is full, `max_requests` score requests are past their body
+or `max_buffered_bytes` of bodies are still arriving; 408 when headers (see `http_timeouts`)
+or the body do not arrive in time. Open connections are capped apart from requests
+(`max_connections`, oldest idle closed first: `http_timeouts`), and a slow upload holds no
+request slot, so idle and slow sockets cannot lock clients out. A multi-image request whose
+client goes away stops decoding and leaves the queue. A model output that is not a finite
+number is an error for its image (500 for a request of one), never a score.
 """
 
 from __future__ import annotations
@@ -103,9 +104,15 @@ class ServerConfig:
 
     @property
     def max_requests(self) -> int:
-        """Score requests in progress at once (bodies held in memory, decodes, queued work);
-        beyond it a request gets 503. Counts requests, not sockets."""
+        """Score requests past their body at once (decoding, queued or running); beyond it a
+        request gets 503. Counts requests, not sockets."""
         return max(64, 2 * self.max_queue)
+
+    @property
+    def max_buffered_bytes(self) -> int:
+        """Bytes of request bodies still arriving, across requests, before a 503: bounds the
+        memory slow uploads hold (each also holds a connection until the body timeout)."""
+        return max(64, 2 * self.max_queue) * self.max_body_bytes // 8
 
 
 class HTTPError(Exception):
@@ -235,7 +242,8 @@ class ScoringApp:
                                       cfg.max_delay_ms / 1000.0, cfg.max_queue, on_batch)
         self.batcher.on_depth = metrics.queue_depth.set
         self._decodes = asyncio.Semaphore(max(1, cfg.decode_threads))
-        self._in_flight = 0
+        self._in_flight = 0  # score requests past their body: decoding, queued or running
+        self._buffered = 0  # bytes of bodies still arriving, across requests
         self._close_scorer = close_scorer
         self.inner = self._starlette()
         self.state = self.inner.state
@@ -243,23 +251,13 @@ class ScoringApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == SCORE_PATH:
-            if self._in_flight >= self.cfg.max_requests:
-                await self._busy(send)
-                return
-            self._in_flight += 1
-            try:
-                await self._score_endpoint(scope, receive, send)
-            finally:
-                self._in_flight -= 1
+            await self._score_endpoint(scope, receive, send)
         else:
             await self.inner(scope, receive, send)
 
-    async def _busy(self, send: Send) -> None:
-        self.metrics.error("busy")
-        await _send_json(send, 503, {"error": f"server has {self.cfg.max_requests} score "
-                                              "requests in progress, its limit; retry later"},
-                         {"Retry-After": str(self.cfg.retry_after_s)})
-        self.metrics.request(SCORE_PATH, 503)
+    def _busy(self, what: str) -> HTTPError:
+        return HTTPError(503, f"server has {what} in progress, its limit; retry later", "busy",
+                         {"Retry-After": str(self.cfg.retry_after_s), "Connection": "close"})
 
     def on_header_timeout(self) -> None:
         """Counts a 408 for late headers, sent by the HTTP protocol (`http_timeouts`) before
@@ -300,17 +298,25 @@ class ScoringApp:
                 elif k == b"content-length":
                     length = v
             body = await self._read_body(receive, length)
-            kind = ctype.split(";")[0].strip().lower()
-            if kind == "multipart/form-data":
-                return await self._score_multipart(body, ctype, receive, threshold)
-            if not body:
-                raise HTTPError(400, "empty body: send an image, multipart files or an .npy",
-                                "bad_request")
-            if kind == NPY_TYPE:
-                batch = await self._npy_batch(body, receive)
-            else:
-                batch = (await self._decode_one(body, ctype))[None]
-            norms = await self._infer(batch, receive)
+            # Counted from here, where the work starts: a slow upload holds a connection (the
+            # connection cap) and its bytes so far (`max_buffered_bytes`), not a request slot.
+            if self._in_flight >= self.cfg.max_requests:
+                raise self._busy(f"{self.cfg.max_requests} score requests")
+            self._in_flight += 1
+            try:
+                kind = ctype.split(";")[0].strip().lower()
+                if kind == "multipart/form-data":
+                    return await self._score_multipart(body, ctype, receive, threshold)
+                if not body:
+                    raise HTTPError(400, "empty body: send an image, multipart files or an .npy",
+                                    "bad_request")
+                if kind == NPY_TYPE:
+                    batch = await self._npy_batch(body, receive)
+                else:
+                    batch = (await self._decode_one(body, ctype))[None]
+                norms = await self._infer(batch, receive)
+            finally:
+                self._in_flight -= 1
         except HTTPError as e:
             m.error(e.kind)
             return e.status, {"error": e.reason}, e.headers
@@ -359,16 +365,21 @@ class ScoringApp:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise too_big
         deadline = _Deadline(self.cfg.body_timeout_s)
+        size = 0
         try:
             msg = await receive()
             body = msg.get("body", b"")
             if msg.get("more_body"):
                 # Also counted while streaming: a chunked upload declares no length.
                 chunks, size = [body], len(body)
+                self._buffered += size
                 while msg.get("more_body"):
+                    if self._buffered > self.cfg.max_buffered_bytes:
+                        raise self._busy(f"{self._buffered} bytes of request bodies")
                     msg = await receive()
                     chunk = msg.get("body", b"")
                     size += len(chunk)
+                    self._buffered += len(chunk)
                     if size > limit:
                         raise too_big
                     chunks.append(chunk)
@@ -383,6 +394,7 @@ class ScoringApp:
                             "timeout", {"Connection": "close"}) from None
         finally:
             deadline.cancel()
+            self._buffered -= size
         if len(body) > limit:
             raise too_big
         return body

@@ -124,12 +124,13 @@ def _port(url: str) -> int:
 
 def test_idle_and_slow_sockets_do_not_lock_clients_out(artifact_dir: Path) -> None:
     # --max-queue 16: uvicorn's socket-counting limit was then 64 connections, so the few
-    # hundred idle sockets below made every request a 503 for the whole header timeout.
-    _fds_for(400)
+    # hundred idle sockets below made every request a 503 for the whole header timeout; and
+    # the 100 slow uploads are more than the 64 score requests allowed at once.
+    _fds_for(500)
     png = png_bytes(random_images(1, seed=3)[0])
     with _server(artifact_dir, "--max-queue", "16") as (url, _), ExitStack() as stack:
         port = _port(url)
-        _slow_body(port, 20, stack)
+        _slow_body(port, 100, stack)
         _idle(port, 300, stack)
         t0 = time.perf_counter()
         status, body = _get(url + "/healthz", timeout=1)
