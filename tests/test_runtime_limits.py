@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import random
+import re
 import socket
 import struct
 import subprocess
@@ -612,3 +613,59 @@ def test_gone_client_leaves_the_queue(live: tuple[int, object],
     time.sleep(1.5)  # 8 batches of 32 would take 0.8 s
     assert 0 < sum(ran) < 256, ran
     assert batcher.depth == 0
+
+
+def test_bodies_still_arriving_are_bounded_in_bytes(scorer: Scorer) -> None:
+    import uvicorn
+
+    from oecl_runtime.server import _uvicorn_config
+
+    # 64 requests x 1 MB / 8: 8 MB of bodies may be arriving at once.
+    cfg = ServerConfig(max_queue=16, max_body_mb=1, body_timeout_s=20)
+    assert cfg.max_buffered_bytes == 8 * 1024 * 1024
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = create_app(scorer, cfg)
+    server = uvicorn.Server(_uvicorn_config(app, "127.0.0.1", port, cfg, "warning", 5, False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    uploads = []
+    try:
+        for _ in range(10):  # 10 x 0.95 MB sent, the last bytes held back
+            u = socket.create_connection(("127.0.0.1", port))
+            uploads.append(u)
+            try:  # the total is looked at as each body streams in
+                u.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\n"
+                          b"Content-Length: 1000000\r\n\r\n" + b"\0" * 950_000)
+            except ConnectionResetError:
+                pass
+        time.sleep(0.5)
+        turned_away = 0
+        for u in uploads:  # answered 503 and closed; the close may reach the client as a reset
+            try:
+                reply = _reply(u, 1.0)
+            except ConnectionResetError:
+                reply = b"reset"
+            assert reply == b"" or reply == b"reset" or reply.startswith(b"HTTP/1.1 503"), reply
+            if reply:
+                assert reply == b"reset" or b"bytes of request bodies in progress" in reply
+                turned_away += 1
+        assert 0 < turned_away < 10  # those under the limit were left to finish their bodies
+        busy = re.search(r'^oecl_errors_total\{reason="busy"\} (\S+)$',
+                         app.metrics.render().decode(), re.M)
+        assert busy and float(busy.group(1)) == turned_away
+        png = png_bytes(random_images(1)[0])
+        with socket.create_connection(("127.0.0.1", port)) as s:  # a normal client is served
+            s.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                      b"Content-Length: " + str(len(png)).encode() + b"\r\n\r\n" + png)
+            assert _reply(s).startswith(b"HTTP/1.1 200")
+    finally:
+        for u in uploads:
+            u.close()
+        server.should_exit = True
+        thread.join(15)
