@@ -199,3 +199,30 @@ def test_idx_headers_and_streams_that_do_not_hold_are_one_line(tmp_path: Path) -
     packed[12:40] = b"\xff" * 28
     refused(bytes(packed), "cannot read IDX file", compress=False)
     refused(gzip.compress(good)[:-30], "cannot read IDX file", compress=False)
+
+
+@pytest.mark.parametrize("source", ["folder", "mnist", "npy"])
+def test_a_data_root_that_cannot_be_a_directory_is_one_line(tmp_path: Path, source: str) -> None:
+    (tmp_path / "loop").symlink_to("loop")
+    with pytest.raises(DataError, match="loop: Too many levels of symbolic links"):
+        make_reader(source, str(tmp_path / "loop"))
+    long = str(tmp_path / ("d" * 5000))
+    with pytest.raises(DataError, match=r"\(\d+ characters\): File name too long") as info:
+        make_reader(source, long)
+    assert len(str(info.value)) < 300
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(DataError, match="file: not a directory"):
+        make_reader(source, str(tmp_path / "file"))
+
+
+def test_a_symlink_loop_in_a_training_folder_is_one_skipped_line(tmp_path: Path,
+                                                                  capsys) -> None:
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(tmp_path / c / f"{i}.png")
+    (tmp_path / "dog" / "x.png").symlink_to("x.png")
+    s = make_reader("folder", str(tmp_path)).load("train")
+    assert s.skipped == 1
+    line = f"warning: skipped {tmp_path / 'dog' / 'x.png'}: Too many levels of symbolic links"
+    assert line in capsys.readouterr().err.splitlines()

@@ -10,6 +10,7 @@ import gzip
 import math
 import os
 import pickle
+import stat
 import struct
 import sys
 import zlib
@@ -21,7 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from oecl_runtime.files import regular_file_problem, short_path
+from oecl_runtime.files import os_reason, regular_file_problem, short_path
 from oecl_runtime.preprocess import ImageError, InputSpec, decode, to_model_input
 from oecl_train.config import DATA_SOURCES
 
@@ -125,6 +126,19 @@ def require_file(path: Path) -> None:
     problem = regular_file_problem(path)
     if problem is not None:
         raise DataError(f"{short_path(path)}: {problem}")
+
+
+def require_dir(path: Path) -> None:
+    """A data root that is a directory, or one line saying why not (a symlink loop or a name
+    too long included: `Path.is_dir` raises on the latter)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DataError(f"{short_path(path)}: no such directory") from None
+    except OSError as e:
+        raise DataError(f"{short_path(path)}: {os_reason(e)}") from None
+    if not stat.S_ISDIR(mode):
+        raise DataError(f"{short_path(path)}: not a directory")
 
 
 def check_labels(raw: np.ndarray, source: str, n_classes: int) -> np.ndarray:
@@ -331,8 +345,7 @@ class FolderReader(Reader):
         self.root, self.spec, self.strict = Path(root), spec, strict
         self.test_fraction, self.seed = test_fraction, seed
         self.channels, self.progress = channels, progress
-        if not self.root.is_dir():
-            raise DataError(f"{self.root}: no such directory")
+        require_dir(self.root)
         has = [(self.root / d).is_dir() for d in ("train", "test")]
         if any(has) and not all(has):
             missing = "test" if has[0] else "train"
@@ -511,8 +524,7 @@ def make_reader(
     if name in needs_root:
         if not root:
             raise DataError(f"data source {name!r} needs a directory (--data-root / --oe-root)")
-        if not Path(root).exists():
-            raise DataError(f"{root}: no such directory")
+        require_dir(Path(root))
     if name == "digits":
         return DigitsReader(seed=seed)
     if name == "mnist":
