@@ -226,3 +226,30 @@ def test_a_symlink_loop_in_a_training_folder_is_one_skipped_line(tmp_path: Path,
     assert s.skipped == 1
     line = f"warning: skipped {tmp_path / 'dog' / 'x.png'}: Too many levels of symbolic links"
     assert line in capsys.readouterr().err.splitlines()
+
+
+def test_a_folder_that_cannot_be_listed_is_one_line(tmp_path: Path, capsys,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    for c in ("cat", "dog"):
+        for sub in ("", "more"):
+            (tmp_path / c / sub).mkdir(parents=True, exist_ok=True)
+            for i in range(2):
+                Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(
+                    tmp_path / c / sub / f"{i}.png")
+    locked = tmp_path / "dog" / "more"
+    # Simulated: root (as tests may run) lists a chmod-000 directory all the same.
+    real = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    train = make_reader("folder", str(tmp_path)).load("train")
+    test = make_reader("folder", str(tmp_path)).load("test")
+    assert len(train.labels) + len(test.labels) == 6
+    line = f"warning: cannot list {locked}: Permission denied; its images are not read"
+    assert line in capsys.readouterr().err.splitlines()
+    with pytest.raises(DataError, match="cannot list .*more: Permission denied"):
+        make_reader("folder", str(tmp_path), strict=True).load("train")

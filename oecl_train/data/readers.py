@@ -361,13 +361,28 @@ class FolderReader(Reader):
         arr = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
         return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
+    def _unlisted(self, e: OSError) -> None:
+        message = f"cannot list {short_path(e.filename)}: {os_reason(e)}"
+        if self.strict:
+            raise DataError(message)
+        print(f"warning: {message}; its images are not read", file=sys.stderr)
+
+    def _images_under(self, folder: Path) -> list[Path]:
+        """Every entry under `folder` named like an image, sorted; a directory that cannot be
+        listed is one warning line (an error with strict), never left out in silence."""
+        found = []
+        for top, dirs, names in os.walk(folder, onerror=self._unlisted):
+            found += [Path(top, n) for n in dirs + names
+                      if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+        return sorted(found)
+
     def _read_dir(self, root: Path) -> ImageSet:
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        try:
+            classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        except OSError as e:
+            raise DataError(f"cannot list {short_path(root)}: {os_reason(e)}") from None
         files = [
-            (p, c)
-            for c, name in enumerate(classes)
-            for p in sorted((root / name).rglob("*"))
-            if p.suffix.lower() in IMAGE_EXTENSIONS
+            (p, c) for c, name in enumerate(classes) for p in self._images_under(root / name)
         ]
         if not files:
             raise DataError(f"{root}: no images (expected <class>/<image>.png|jpg|bmp)")
