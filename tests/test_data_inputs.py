@@ -253,3 +253,14 @@ def test_a_folder_that_cannot_be_listed_is_one_line(tmp_path: Path, capsys,
     assert line in capsys.readouterr().err.splitlines()
     with pytest.raises(DataError, match="cannot list .*more: Permission denied"):
         make_reader("folder", str(tmp_path), strict=True).load("train")
+
+
+def test_a_cifar_batch_without_its_keys_is_one_line(tmp_path: Path) -> None:
+    names = {"label_names": [f"c{i}" for i in range(10)]}
+    (tmp_path / "batches.meta").write_bytes(pickle.dumps(names))
+    (tmp_path / "test_batch").write_bytes(pickle.dumps({"data": np.zeros((1, 3072), np.uint8)}))
+    with pytest.raises(DataError, match=r"test_batch: not a CIFAR batch \(no labels\)"):
+        make_reader("cifar10", str(tmp_path)).load("test")
+    (tmp_path / "batches.meta").write_bytes(pickle.dumps({"names": []}))
+    with pytest.raises(DataError, match=r"batches\.meta: no label_names"):
+        make_reader("cifar10", str(tmp_path)).load("test")

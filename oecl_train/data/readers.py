@@ -296,8 +296,16 @@ class CifarReader(Reader):
             meta, key, names_key = "batches.meta", "labels", "label_names"
         else:
             files, meta, key, names_key = [split], "meta", "fine_labels", "fine_label_names"
-        classes = list(self._unpickle(self.root / meta)[names_key])
+        names = self._unpickle(self.root / meta)
+        if names_key not in names:
+            raise DataError(f"{short_path(self.root / meta)}: no {names_key}")
+        classes = [str(c) for c in names[names_key]]
         batches = [self._unpickle(self.root / f) for f in files]
+        for f, b in zip(files, batches, strict=True):
+            missing = sorted({"data", key} - set(b))
+            if missing:
+                raise DataError(f"{short_path(self.root / f)}: not a CIFAR batch (no "
+                                f"{', '.join(missing)})")
         data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
         labels = np.concatenate([
             check_labels(np.asarray(b[key]), short_path(self.root / f), len(classes))
