@@ -277,8 +277,9 @@ def _finite(r: FileResult) -> FileResult:
     if r.error is None and r.norm is not None and not math.isfinite(r.norm):
         from .scorer import FileResult
 
-        return FileResult(r.path, error=f"the model gave a non-finite norm ({r.norm}) for this "
-                                        "image; check the artifact with oecl verify")
+        return FileResult(r.path, error=f"the model returned a non-finite norm ({r.norm}) for "
+                                        "this image; the model file is broken or the image "
+                                        "drives it out of range")
     return r
 
 
