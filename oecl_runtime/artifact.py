@@ -215,7 +215,7 @@ def _check_relative(p: Any, where: str) -> None:
     pp = PurePosixPath(p)
     # Paths come from a file a user may have received: keep every read inside the directory.
     _need(not pp.is_absolute() and ".." not in pp.parts and "\\" not in p,
-          f"{where} {p!r} must be relative to the artifact directory")
+          f"{where} {_r(p)} must be relative to the artifact directory")
 
 
 def _check_digest(sha: Any, size: Any, p: str) -> None:
@@ -237,9 +237,9 @@ def _check_file_entry(f: Any, i: int) -> None:
         _need(key in f, f"files[{i}] lacks {key!r}")
     p = f["path"]
     _check_relative(p, f"files[{i}].path")
-    _need(f["format"] in FILE_FORMATS, f"{p}: unknown format {f['format']!r}")
+    _need(f["format"] in FILE_FORMATS, f"{p}: unknown format {_r(f['format'])}")
     known = DATA_PRECISIONS if f["format"] == "npy" else PRECISIONS
-    _need(f["precision"] in known, f"{p}: unknown precision {f['precision']!r}")
+    _need(f["precision"] in known, f"{p}: unknown precision {_r(f['precision'])}")
     consumers = f.get("consumers")
     _need(consumers is None or (isinstance(consumers, list) and consumers
                                 and all(c in CONSUMERS for c in consumers)),
@@ -274,7 +274,7 @@ def _check_views(score: dict[str, Any], inp: dict[str, Any]) -> None:
     input, view 0 the plain image, and more than one view exactly when the name says so."""
     views = score.get("views")
     if views is None:
-        _need(score["name"] == "norm", f"score.name {score['name']!r} needs score.views")
+        _need(score["name"] == "norm", f"score.name {_r(score['name'])} needs score.views")
         return
     _need(isinstance(views, list) and views, "score.views must list at least one view")
     h, w = inp["height"], inp["width"]
@@ -299,12 +299,12 @@ def validate_metadata(meta: dict[str, Any]) -> None:
     _need(isinstance(meta, dict), "top level must be a JSON object")
     version = meta.get("schema_version")
     _need(_is_int(version) and version in READABLE_VERSIONS,
-          f"unknown schema_version {version!r} (this runtime reads "
+          f"unknown schema_version {_r(version)} (this runtime reads "
           f"{', '.join(map(str, READABLE_VERSIONS))})")
     _need(version >= 2 or not isinstance(meta.get("score"), dict)
           or meta["score"].get("name", "norm") == "norm",
           f"schema_version {version} has only the plain norm score; "
-          f"{meta['score'].get('name') if isinstance(meta.get('score'), dict) else ''!r} "
+          f"{_r(meta['score'].get('name') if isinstance(meta.get('score'), dict) else '')} "
           "needs schema_version 2")
     missing = [k for k in _TOP_KEYS if k not in meta]
     _need(not missing, f"missing key(s) {', '.join(missing)}")
@@ -318,10 +318,10 @@ def validate_metadata(meta: dict[str, Any]) -> None:
     inp = meta["input"]
     _need(isinstance(inp, dict), "input must be an object")
     _need(isinstance(inp.get("name"), str) and inp["name"] != "", "input.name must be a string")
-    _need(inp.get("dtype") == "uint8", f"input.dtype must be 'uint8', got {inp.get('dtype')!r}")
-    _need(inp.get("layout") == "NCHW", f"input.layout must be 'NCHW', got {inp.get('layout')!r}")
+    _need(inp.get("dtype") == "uint8", f"input.dtype must be 'uint8', got {_r(inp.get('dtype'))}")
+    _need(inp.get("layout") == "NCHW", f"input.layout must be 'NCHW', got {_r(inp.get('layout'))}")
     _need(_is_int(inp.get("channels")) and inp.get("channels") in (1, 3),
-          f"input.channels must be 1 or 3, got {inp.get('channels')!r}")
+          f"input.channels must be 1 or 3, got {_r(inp.get('channels'))}")
     expected_mode = "L" if inp["channels"] == 1 else "RGB"
     _need(inp.get("color_mode") == expected_mode,
           f"input.color_mode must be {expected_mode!r} for {inp['channels']} channel(s)")
@@ -332,7 +332,7 @@ def validate_metadata(meta: dict[str, Any]) -> None:
                                         and inp["resize"] <= MAX_SIDE),
           f"input.resize must be an integer from 1 to {MAX_SIDE} or null")
     _need(inp.get("interpolation") in ("bilinear", "nearest", "bicubic"),
-          f"input.interpolation {inp.get('interpolation')!r} is not bilinear, nearest or bicubic")
+          f"input.interpolation {_r(inp.get('interpolation'))} is not bilinear, nearest or bicubic")
     norm = inp.get("normalization")
     _need(isinstance(norm, dict) and norm.get("in_graph") is True,
           "input.normalization must say in_graph: true (the graph takes raw uint8)")
@@ -354,10 +354,10 @@ def validate_metadata(meta: dict[str, Any]) -> None:
     score = meta["score"]
     _need(isinstance(score, dict), "score must be an object")
     _need(score.get("name") in SCORE_NAMES,
-          f"score.name must be one of {', '.join(SCORE_NAMES)}, got {score.get('name')!r}")
+          f"score.name must be one of {', '.join(SCORE_NAMES)}, got {_r(score.get('name'))}")
     _check_views(score, inp)
     _need(score.get("direction") == "higher_is_normal",
-          f"score.direction must be 'higher_is_normal', got {score.get('direction')!r}")
+          f"score.direction must be 'higher_is_normal', got {_r(score.get('direction'))}")
     # Norms are never negative: a negative threshold would call nothing anomalous.
     _need(_is_num(score.get("threshold")) and score["threshold"] >= 0,
           f"score.threshold must be a finite number >= 0, got {_short(score.get('threshold'))}")
@@ -369,7 +369,7 @@ def validate_metadata(meta: dict[str, Any]) -> None:
         _check_stats(score["oe_norm"], "score.oe_norm")
 
     _need(_is_pos_int(meta["max_batch"]) and meta["max_batch"] <= MAX_BATCH,
-          f"max_batch must be an integer from 1 to {MAX_BATCH}, got {meta['max_batch']!r}")
+          f"max_batch must be an integer from 1 to {MAX_BATCH}, got {_r(meta['max_batch'])}")
     batch_bytes = meta["max_batch"] * inp["channels"] * inp["height"] * inp["width"]
     _need(batch_bytes <= MAX_BATCH_BYTES,
           f"max_batch {meta['max_batch']} of {inp['channels']}x{inp['height']}x{inp['width']} "
@@ -458,7 +458,7 @@ class Artifact:
             _check_relative_ref(ref, f["path"])
             _inside(self.directory, _beside(f["path"], ref))
             if ref not in listed:
-                raise ArtifactError(f"{f['path']} loads external data {ref!r} that "
+                raise ArtifactError(f"{f['path']} loads external data {_r(ref)} that "
                                     f"{METADATA_NAME} does not hash (files[].external_data)")
 
     def _check_one(self, f: dict[str, Any], owner: dict[str, Any]) -> None:
@@ -468,13 +468,16 @@ class Artifact:
                                 f"{self._remake(owner)}")
         if not self.verify:
             return
-        size = path.stat().st_size
-        if size != f["bytes"]:
-            raise ArtifactError(
-                f"{f['path']} is {size} bytes but {METADATA_NAME} says {f['bytes']} "
-                "(truncated or replaced)"
-            )
-        digest = sha256_file(path)
+        try:
+            size = path.stat().st_size
+            if size != f["bytes"]:
+                raise ArtifactError(
+                    f"{f['path']} is {size} bytes but {METADATA_NAME} says {f['bytes']} "
+                    "(truncated or replaced)"
+                )
+            digest = sha256_file(path)
+        except OSError as e:  # no permission, an I/O error
+            raise ArtifactError(f"cannot read {f['path']}: {one_line(e)}") from e
         if digest != f["sha256"]:
             raise ArtifactError(
                 f"{f['path']} sha256 {digest[:12]}... does not match {METADATA_NAME} "
@@ -579,12 +582,18 @@ def _beside(graph: str, ref: str) -> str:
 
 
 def _short(p: Any, limit: int = 120) -> str:
+    """`p` as text, cut to `limit` characters (a received file may hold anything)."""
     text = str(p)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _r(v: Any) -> str:
+    """`repr(v)`, cut like `_short`: how a value read from oecl.json appears in a message."""
+    return _short(repr(v), 80)
 
 
 def _check_relative_ref(ref: str, graph: str) -> None:
     pp = PurePosixPath(ref)
     if not ref or pp.is_absolute() or ".." in pp.parts or "\\" in ref:
-        raise ArtifactError(f"{graph} loads external data from {ref!r}, outside the artifact "
+        raise ArtifactError(f"{graph} loads external data from {_r(ref)}, outside the artifact "
                             "directory; refusing to load it")
