@@ -161,3 +161,18 @@ def test_export_states_the_trained_size(tmp_path: Path) -> None:
         producer={"name": "oecl", "version": "0"}, source={})
     assert meta["input"]["resize"] == SIZE and meta["input"]["resize_rule"] == RESIZE_RULE
     assert json.loads(json.dumps(meta))["input"]["resize"] == SIZE
+
+
+def test_oecl_serve_resizes_bodies_of_every_size(native_artifact: Path) -> None:
+    pytest.importorskip("starlette")
+    from starlette.testclient import TestClient
+
+    from oecl_runtime.server import ServerConfig, create_app
+
+    with Scorer.open(native_artifact, backend="onnxruntime-cpu") as s, \
+            TestClient(create_app(s, ServerConfig(max_delay_ms=1.0))) as client:
+        files = [("file", (f"p{side}.png", _png(photo(side)), "image/png")) for side in SIDES]
+        r = client.post("/v1/score", files=files)
+    assert r.status_code == 200, r.text
+    norms = [res["norm"] for res in r.json()["results"]]
+    assert norms == pytest.approx([norms[0]] * len(SIDES), rel=0.03)
