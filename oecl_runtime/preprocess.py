@@ -121,10 +121,12 @@ def check_size(width: int, height: int, max_pixels: int, name: str) -> None:
 def _draft(img: Image.Image, spec: InputSpec) -> None:
     # JPEG can decode at 1/2, 1/4 or 1/8 scale in the DCT; Pillow picks the smallest scale
     # that still covers the requested size, so the resize that follows sees at least as many
-    # pixels as it needs. Other formats ignore draft.
+    # pixels as it needs. Other formats ignore draft. The colour mode is left to the decoder
+    # (no mode given): a colour JPEG drafted straight to "L" keeps its raw luma, which is not
+    # the documented RGB -> L conversion.
     if img.format != "JPEG":
         return
-    img.draft(spec.color_mode, resized_size(*img.size, spec))
+    img.draft(None, resized_size(*img.size, spec))
 
 
 def decode(source: Any, *, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -176,3 +176,36 @@ def test_oecl_serve_resizes_bodies_of_every_size(native_artifact: Path) -> None:
     assert r.status_code == 200, r.text
     norms = [res["norm"] for res in r.json()["results"]]
     assert norms == pytest.approx([norms[0]] * len(SIDES), rel=0.03)
+
+
+def _jpeg(arr: np.ndarray, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, "JPEG", quality=90)
+    return path
+
+
+def test_training_reads_jpegs_as_serving_does(tmp_path: Path) -> None:
+    """A folder read with --image-size gives exactly the pixels `oecl score` serves, large
+    JPEGs included (the runtime decodes them at a reduced DCT scale)."""
+    from oecl_train.data.readers import make_reader
+
+    big = np.asarray(Image.fromarray(photo(224)).resize((900, 640), Image.BICUBIC))
+    files = {"train/good/a.jpg": big, "train/good/g.jpg": big[..., 1],
+             "test/good/b.jpg": big[::-1], "test/bad/c.jpg": big[:, ::-1]}
+    for name, arr in files.items():
+        _jpeg(arr, tmp_path / name)
+    spec = InputSpec(16, 16, 3, resize=16)
+    train = make_reader("folder", str(tmp_path), spec=spec).load("train")
+    for path, arr in zip(train.paths, train.images, strict=True):
+        np.testing.assert_array_equal(arr, load(path, spec), err_msg=path)
+
+
+def test_a_colour_jpeg_for_a_gray_model_is_converted_as_documented(tmp_path: Path) -> None:
+    from oecl_runtime.preprocess import decode, to_model_input
+
+    noise = np.random.default_rng(0).integers(0, 256, (640, 900, 3), dtype=np.uint8)
+    jpg = _jpeg(noise, tmp_path / "c.jpg")
+    gray = InputSpec(64, 64, 1, resize=64)
+    drafted = decode(jpg, spec=gray)  # at a reduced DCT scale, still in colour
+    assert drafted.mode == "RGB" and drafted.size[0] < 900
+    np.testing.assert_array_equal(load(jpg, gray), to_model_input(drafted.convert("L"), gray))

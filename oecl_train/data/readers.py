@@ -287,7 +287,7 @@ class FolderReader(Reader):
         bar = tqdm(files, disable=not progress_enabled(self.progress), unit="img", leave=False)
         for path, label in bar:
             try:
-                arr = self._to_array(decode(path))
+                arr = self._to_array(decode(path, spec=self.spec))
             except ImageError as e:
                 if self.strict:
                     raise DataError(str(e)) from e
