@@ -209,3 +209,29 @@ def test_a_colour_jpeg_for_a_gray_model_is_converted_as_documented(tmp_path: Pat
     drafted = decode(jpg, spec=gray)  # at a reduced DCT scale, still in colour
     assert drafted.mode == "RGB" and drafted.size[0] < 900
     np.testing.assert_array_equal(load(jpg, gray), to_model_input(drafted.convert("L"), gray))
+
+
+def _doc_client(spec: dict) -> object:
+    """`prepare` of docs/ARTIFACT.md's minimal client, bound to `spec`."""
+    from helpers import REPO
+
+    text = (REPO / "docs" / "ARTIFACT.md").read_text()
+    code = text[text.index('side = spec["resize"]'):text.index("batch = np.stack")]
+    scope = {"spec": spec, "np": np, "Image": Image}
+    exec(code, scope)  # noqa: S102 (the project's own document)
+    return scope["prepare"]
+
+
+@pytest.mark.parametrize("resize", [None, 28])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_documented_client_prepares_what_the_runtime_does(tmp_path: Path, resize,
+                                                               channels: int) -> None:
+    spec = InputSpec(28, 28, channels, resize=resize)
+    prepare = _doc_client({**spec.to_json(), "name": "images"})
+    big = np.asarray(Image.fromarray(photo(224)).resize((900, 640), Image.BICUBIC))
+    images = [_jpeg(big, tmp_path / "big.jpg"), _jpeg(big[:100, :60], tmp_path / "small.jpg")]
+    for side, arr in ((28, photo(28)), (112, photo(112)[:, :90])):
+        images.append(tmp_path / f"p{side}.png")
+        Image.fromarray(arr).save(images[-1])
+    for path in images:
+        np.testing.assert_array_equal(prepare(str(path)), load(path, spec), err_msg=path.name)
