@@ -407,7 +407,7 @@ class FolderReader(Reader):
                 skipped += 1
                 continue
             try:
-                arr = self._to_array(decode(path))
+                arr = self._to_array(decode(path, spec=self.spec))
             except ImageError as e:
                 if self.strict:
                     raise DataError(str(e)) from e
