@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .names import BACKEND_CHOICES, ENGINE_PRECISIONS, IMAGE_EXTENSIONS, PRECISIONS
+from .names import (
+    BACKEND_CHOICES,
+    ENGINE_PRECISIONS,
+    IMAGE_EXTENSIONS,
+    PRECISIONS,
+    TRITON_MODEL_NAME,
+    valid_model_name,
+)
 from .verbs import RUNTIME_VERBS, VerbGroup
 
 if TYPE_CHECKING:
@@ -62,6 +69,12 @@ def _open_scorer(model_dir: Path, backend: str, precision: str | None, threshold
                            batch_size=batch_size, threads=threads)
     except (ArtifactError, BackendUnavailable, ValueError) as e:
         raise click.ClickException(str(e)) from None
+
+
+def _model_name(name: str) -> str:
+    if not valid_model_name(name):
+        raise click.BadParameter(f"{name!r}: use letters, digits, '-', '_' or '.' (not first)")
+    return name
 
 
 def _say(msg: str) -> None:
@@ -238,15 +251,21 @@ def _write_rows(results: Iterator[FileResult], total: int,
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 @click.option("--access-log", is_flag=True, help="Log every request (off: /metrics counts them).")
+@click.option("--model-name", default=TRITON_MODEL_NAME, show_default=True,
+              callback=lambda ctx, param, v: _model_name(v),
+              help="The model's name under /v2/models/ (as `oecl triton-repo --name`).")
 def serve(model_dir: Path, host: str, port: int, backend: str, precision: str | None,
           threads: int | None, threshold: float | None, max_batch: int | None,
           max_delay_ms: float, max_queue: int, max_body_mb: float,
           max_image_pixels: int | None, header_timeout: float, body_timeout: float,
-          workers: int, log_level: str, access_log: bool) -> None:
+          workers: int, log_level: str, access_log: bool, model_name: str) -> None:
     """HTTP scoring server with dynamic batching. norm: higher = normal.
 
     POST /v1/score (image body, multipart files, or application/x-npy), GET /healthz,
-    GET /v1/model, GET /metrics. SIGTERM finishes in-flight requests before exiting.
+    GET /v1/model, GET /metrics; the Open Inference Protocol (KServe v2, as Triton speaks it)
+    under /v2: POST /v2/models/<model-name>/infer with `images` (UINT8 [N, C, H, W]) or
+    `image_bytes` (BYTES [N]), JSON or binary tensors, outputs `norm` and `is_anomaly`.
+    SIGTERM finishes in-flight requests before exiting.
     Without --threads, each worker's backend gets the cores shared among the workers; on a
     machine shared with other busy work, --threads below the core count can serve more
     (onnxruntime's idle pool threads spin and compete with the event loop).
@@ -264,7 +283,7 @@ def serve(model_dir: Path, host: str, port: int, backend: str, precision: str | 
         "max_request_pixels": 4 * max_image_pixels}
     cfg = ServerConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
                        max_body_mb=max_body_mb, header_timeout_s=header_timeout,
-                       body_timeout_s=body_timeout, **limits)
+                       body_timeout_s=body_timeout, model_name=model_name, **limits)
     if threads is None:
         threads = serving_threads(workers)
     if workers > 1:

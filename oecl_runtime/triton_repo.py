@@ -22,6 +22,7 @@ from typing import Any
 
 from .artifact import Artifact, ArtifactError
 from .atomic import atomic_dir, write_text
+from .names import valid_model_name
 
 PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"),
              "tensorrt": ("tensorrt_plan", "model.plan")}
@@ -93,7 +94,7 @@ def write_repository(
         raise ArtifactError(f"Triton format must be onnx or tensorrt, not {fmt!r}")
     if kind not in ("gpu", "cpu") or (fmt == "tensorrt" and kind == "cpu"):
         raise ArtifactError(f"instance kind {kind!r} cannot run a {fmt} model")
-    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+    if not valid_model_name(name):
         raise ArtifactError(f"model name {name!r} must be letters, digits, '-', '_' or '.'")
     if instances < 1 or max_delay_us < 0:
         raise ArtifactError("instances must be >= 1 and the queue delay >= 0")
