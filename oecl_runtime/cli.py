@@ -264,7 +264,7 @@ def serve(model_dir: Path, host: str, port: int, backend: str, precision: str | 
     POST /v1/score (image body, multipart files, or application/x-npy), GET /healthz,
     GET /v1/model, GET /metrics; the Open Inference Protocol (KServe v2, as Triton speaks it)
     under /v2: POST /v2/models/<model-name>/infer with `images` (UINT8 [N, C, H, W]) or
-    `image_bytes` (BYTES [N]), JSON or binary tensors, outputs `norm` and `is_anomaly`.
+    `image_bytes` (BYTES [N, 1]), JSON or binary tensors, outputs `norm` and `is_anomaly`.
     SIGTERM finishes in-flight requests before exiting.
     Without --threads, each worker's backend gets the cores shared among the workers; on a
     machine shared with other busy work, --threads below the core count can serve more
@@ -495,8 +495,16 @@ def engine(artifact: Path, precisions: tuple[str, ...], max_batch: int | None,
 @click.command("triton-repo")
 @_artifact_argument
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Repository directory to write (replaced only if oecl wrote it).")
-@click.option("--name", default="oecl", show_default=True, help="Model name in the repository.")
+              help="Model repository directory; only the model's own subdirectory is written "
+                   "(replaced only if oecl wrote it).")
+@click.option("--name", default=TRITON_MODEL_NAME, show_default=True,
+              callback=lambda ctx, param, v: _model_name(v), help="Model name in the repository.")
+@click.option("--backend", type=click.Choice(["native", "python"]), default="native",
+              show_default=True,
+              help="native: Triton's onnxruntime or TensorRT backend runs the file (uint8 "
+                   "images in); python: Triton's Python backend runs oecl_runtime's scorer "
+                   "(uint8 images or encoded image_bytes in; oecl must be installed in "
+                   "Triton's Python).")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "tensorrt"]), default="onnx",
               show_default=True, help="onnx: Triton's onnxruntime backend; tensorrt: the plan.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
@@ -507,13 +515,14 @@ def engine(artifact: Path, precisions: tuple[str, ...], max_batch: int | None,
               help="Instance kind.")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
               help="Model instances per device.")
-def triton_repo(artifact: Path, out: Path, name: str, fmt: str, precision: str | None,
-                max_delay_us: int, kind: str, instances: int) -> None:
-    """Write a Triton Inference Server model repository for ARTIFACT.
+def triton_repo(artifact: Path, out: Path, name: str, backend: str, fmt: str,
+                precision: str | None, max_delay_us: int, kind: str, instances: int) -> None:
+    """Write model NAME of a Triton Inference Server model repository for ARTIFACT.
 
     <name>/config.pbtxt (uint8 NCHW in, norm out, max_batch_size and dynamic batching from the
-    artifact), <name>/1/model.onnx or model.plan, and README.md with the tritonserver command
-    and a client call. norm: higher = normal.
+    artifact), <name>/1/model.onnx or model.plan (--backend python: model.py and the artifact),
+    and <name>/README.md with the tritonserver command and a client call. Other models in
+    --out are left alone. norm: higher = normal.
     """
     import json
 
@@ -522,11 +531,12 @@ def triton_repo(artifact: Path, out: Path, name: str, fmt: str, precision: str |
 
     try:
         summary = write_repository(artifact, out, name=name, fmt=fmt, precision=precision,
-                                   max_delay_us=max_delay_us, kind=kind, instances=instances)
+                                   max_delay_us=max_delay_us, kind=kind, instances=instances,
+                                   backend=backend)
     except ArtifactError as e:
         raise click.ClickException(str(e)) from None
     _say(f"wrote {summary['config']} ({summary['platform']}, {summary['file']}, max batch "
-         f"{summary['max_batch_size']}); see {out / 'README.md'}")
+         f"{summary['max_batch_size']}); see {out / name / 'README.md'}")
     click.echo(json.dumps(summary))
 
 

@@ -25,6 +25,8 @@ IMAGE_EXTENSIONS = frozenset(
 
 # The model's name in `oecl triton-repo`'s repository and under `oecl serve`'s /v2 routes.
 TRITON_MODEL_NAME = "oecl"
+# The Open Inference Protocol input of encoded images (BYTES [N]), beside the artifact's own.
+BYTES_INPUT = "image_bytes"
 
 
 def valid_model_name(name: str) -> bool:

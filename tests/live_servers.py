@@ -114,13 +114,16 @@ def tritonserver(repository: Path, workdir: Path) -> Iterator[dict[str, str]]:
            "--allow-cpu-metrics=false", "--allow-gpu-metrics=false", "--log-verbose=0"]
     # The stub imports the model's packages from the environment whose python3 comes first on
     # PATH (PYTHONPATH does not reach it).
-    env = {**os.environ, "PATH": f"{TRITON_VENV / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{TRITON_VENV / 'bin'}{os.pathsep}{os.environ['PATH']}",
+           # The stub finds the wheel's bundled libraries by a path relative to where the wheel
+           # keeps it, which the copy does not share.
+           "LD_LIBRARY_PATH": str(binary.parents[3] / "nvidia_pytriton.libs")}
     env.pop("PYTHONPATH", None)
     log = workdir / "tritonserver.log"
     with open(log, "wb") as err:
         proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, env=env, cwd=workdir)
     try:
-        _wait(f"http://127.0.0.1:{http}/v2/health/ready", proc, "tritonserver", 120, log)
+        _wait(f"http://127.0.0.1:{http}/v2/health/ready", proc, "tritonserver", 60, log)
         yield {"http": f"127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc}",
                "metrics": f"127.0.0.1:{metrics}"}
     finally:

@@ -44,9 +44,9 @@ def infer(client: Any, protocol: str, model: str, name: str, data: np.ndarray,
 
 
 def encoded(blobs: list[bytes]) -> np.ndarray:
-    """Encoded images as the BYTES tensor `image_bytes` [N]."""
-    arr = np.empty(len(blobs), dtype=object)
-    arr[:] = blobs
+    """Encoded images as the BYTES tensor `image_bytes` [N, 1] (Triton's batch form)."""
+    arr = np.empty((len(blobs), 1), dtype=object)
+    arr[:, 0] = blobs
     return arr
 
 

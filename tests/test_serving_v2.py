@@ -50,20 +50,20 @@ def test_tritonclient_against_oecl_serve(server: str, scorer: Scorer) -> None:
     want = scorer.score_array(batch)
     for binary in (True, False):
         out = infer(c, "http", "digits", "images", batch, binary=binary)
-        assert out["norm"].dtype == np.float32 and out["norm"].shape == (5,)
-        np.testing.assert_allclose(out["norm"], want, rtol=1e-6)
-        np.testing.assert_array_equal(out["is_anomaly"], want < scorer.threshold)
+        assert out["norm"].dtype == np.float32 and out["norm"].shape == (5, 1)
+        np.testing.assert_allclose(out["norm"][:, 0], want, rtol=1e-6)
+        np.testing.assert_array_equal(out["is_anomaly"][:, 0], want < scorer.threshold)
     # Encoded images: decoded and resized exactly as /v1/score and Scorer.score do.
     imgs = random_images(4, seed=9, size=40)
     blobs = [png_bytes(imgs[0]), _jpeg(imgs[1]), png_bytes(imgs[2]), _jpeg(imgs[3])]
     want = np.array([r.norm for r in scorer.score(blobs)], np.float32)
     out = infer(c, "http", "digits", "image_bytes", encoded(blobs), outputs=("norm",))
     assert set(out) == {"norm"}
-    np.testing.assert_allclose(out["norm"], want, rtol=1e-6)
+    np.testing.assert_allclose(out["norm"][:, 0], want, rtol=1e-6)
     # The request's threshold decides is_anomaly.
     mid = float(np.median(want))
     out = infer(c, "http", "digits", "image_bytes", encoded(blobs), threshold=mid)
-    np.testing.assert_array_equal(out["is_anomaly"], want < mid)
+    np.testing.assert_array_equal(out["is_anomaly"][:, 0], want < mid)
 
 
 def test_v1_and_v2_images_share_batches(server: str) -> None:
@@ -89,7 +89,7 @@ def test_v1_and_v2_images_share_batches(server: str) -> None:
         time.sleep(0.01)
     res = infer(connect("http", server), "http", "digits", "images", nchw_images(2, seed=4))
     t.join(10)
-    assert res["norm"].shape == (2,) and len(json.loads(out["v1"])["results"]) == 9
+    assert res["norm"].shape == (2, 1) and len(json.loads(out["v1"])["results"]) == 9
     after = metric("oecl_batch_size_count"), metric("oecl_batch_size_sum")
     assert (after[0] - before[0], after[1] - before[1]) == (2, 11)
     with urllib.request.urlopen(f"http://{server}/metrics") as r:
@@ -149,7 +149,7 @@ def test_json_request_and_output_selection(client: TestClient, scorer: Scorer) -
     assert r.status_code == 200, r.text
     got = r.json()
     assert got["id"] == "r1" and got["model_name"] == "oecl" and got["model_version"] == "1"
-    assert got["outputs"] == [{"name": "is_anomaly", "datatype": "BOOL", "shape": [2],
+    assert got["outputs"] == [{"name": "is_anomaly", "datatype": "BOOL", "shape": [2, 1],
                                "data": [True, True]}]
     body["outputs"] = None
     body["parameters"] = {"binary_data_output": True}

@@ -61,16 +61,25 @@ def test_onnx_repository_parses_against_tritons_schema(artifact_dir: Path, tmp_p
     assert [i.name for i in graph.input] == [inp.name]
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert {o.name for o in graph.output} == set(outs)
-    readme = (out / "README.md").read_text()
-    assert "tritonserver --model-repository" in readme and 'client.infer("digits-oecl"' in readme
+    readme = (out / "digits-oecl" / "README.md").read_text()
+    assert "tritonserver --model-repository" in readme and "client.infer('digits-oecl'" in readme
     assert f"{Artifact.open(artifact_dir).threshold:.6g}" in readme
+    assert "--gpus all" in readme
 
-    # Written again over its own output: replaced.
-    assert CliRunner().invoke(main, ["triton-repo", str(artifact_dir), "--out", str(out),
-                                     "--kind", "cpu"]).exit_code == 0
+    # A second model in the same repository leaves the first alone; written again over its own
+    # output, a model is replaced.
+    for kind in ("gpu", "cpu"):
+        assert CliRunner().invoke(main, ["triton-repo", str(artifact_dir), "--out", str(out),
+                                         "--kind", kind]).exit_code == 0
     assert _parse(out / "oecl" / "config.pbtxt").instance_group[0].kind == \
         T.ModelInstanceGroup.KIND_CPU
-    assert not (out / "digits-oecl").exists()
+    assert _parse(out / "digits-oecl" / "config.pbtxt").name == "digits-oecl"
+    assert sorted(p.name for p in out.iterdir()) == ["digits-oecl", "oecl"]
+    # A CPU repository's command asks for no GPU, and its client does not call port 8000,
+    # where `oecl serve` listens by default.
+    readme = (out / "oecl" / "README.md").read_text()
+    assert "--gpus" not in readme and "-p 8010:8000" in readme
+    assert 'InferenceServerClient("127.0.0.1:8010")' in readme
 
 
 def test_plan_repository(artifact_dir: Path, tmp_path: Path) -> None:
@@ -84,7 +93,7 @@ def test_plan_repository(artifact_dir: Path, tmp_path: Path) -> None:
     assert cfg.platform == "tensorrt_plan" and summary["precision"] == "fp16"
     assert cfg.max_batch_size == 16  # the plan's own profile, below the artifact's 32
     assert (tmp_path / "repo" / "oecl" / "1" / "model.plan").is_file()
-    assert "TensorRT 10.7.0" in (tmp_path / "repo" / "README.md").read_text()
+    assert "TensorRT 10.7.0" in (tmp_path / "repo" / "oecl" / "README.md").read_text()
 
 
 def test_refusals(artifact_dir: Path, tmp_path: Path) -> None:
@@ -94,9 +103,51 @@ def test_refusals(artifact_dir: Path, tmp_path: Path) -> None:
         write_repository(artifact_dir, tmp_path / "a", fmt="tensorrt", kind="cpu")
     with pytest.raises(ArtifactError, match="model name"):
         write_repository(artifact_dir, tmp_path / "a", name="../x")
-    other = tmp_path / "notes"
-    other.mkdir()
-    (other / "keep.txt").write_text("mine")
+    # A model directory oecl did not write is never replaced.
+    other = tmp_path / "repo"
+    (other / "oecl").mkdir(parents=True)
+    (other / "oecl" / "keep.txt").write_text("mine")
     result = CliRunner().invoke(main, ["triton-repo", str(artifact_dir), "--out", str(other)])
-    assert result.exit_code == 1 and "not a model repository made by oecl" in result.output
-    assert (other / "keep.txt").read_text() == "mine"
+    assert result.exit_code == 1 and "is not a model made by oecl" in result.output
+    assert (other / "oecl" / "keep.txt").read_text() == "mine"
+    result = CliRunner().invoke(main, ["triton-repo", str(artifact_dir), "--out", str(other),
+                                       "--name", 'x" platform: "y'])
+    assert result.exit_code == 2 and "--name" in result.output
+
+
+def test_tensor_names_are_escaped(artifact_dir: Path, tmp_path: Path) -> None:
+    """An input name with quotes cannot end its string and add fields to config.pbtxt."""
+    art = copy_artifact(artifact_dir, tmp_path / "art")
+    meta = json.loads((art / "oecl.json").read_text())
+    evil = 'images" } ] output [ { name: "x'
+    meta["input"]["name"] = evil
+    (art / "oecl.json").write_text(json.dumps(meta))
+    from oecl_runtime.triton_repo import config_pbtxt, python_config_pbtxt
+
+    a = Artifact.open(art, verify=False)
+    for text in (config_pbtxt(a, "m", "onnx", 8, 100, "cpu", 1),
+                 python_config_pbtxt(a, "m", "onnxruntime-cpu", "fp32", 8, 100, "cpu", 1)):
+        cfg = text_format.Parse(text, model_config_pb2.ModelConfig())
+        assert cfg.input[0].name == evil
+
+
+def test_python_backend_repository(artifact_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "repo"
+    result = CliRunner().invoke(main, ["triton-repo", str(artifact_dir), "--out", str(out),
+                                       "--backend", "python", "--kind", "cpu"])
+    assert result.exit_code == 0, result.output
+    cfg = _parse(out / "oecl" / "config.pbtxt")
+    T = model_config_pb2
+    assert cfg.backend == "python" and not cfg.platform and cfg.max_batch_size == 32
+    ins = {i.name: i for i in cfg.input}
+    assert ins["images"].data_type == T.TYPE_UINT8 and list(ins["images"].dims) == [3, 32, 32]
+    assert ins["image_bytes"].data_type == T.TYPE_STRING and list(ins["image_bytes"].dims) == [1]
+    assert all(i.optional for i in cfg.input)
+    assert [(o.name, o.data_type) for o in cfg.output] == [("norm", T.TYPE_FP32),
+                                                          ("is_anomaly", T.TYPE_BOOL)]
+    assert cfg.parameters["oecl_backend"].string_value == "onnxruntime-cpu"
+    version = out / "oecl" / "1"
+    assert "from oecl_runtime.serving.triton_model import TritonPythonModel" in \
+        (version / "model.py").read_text()
+    # The copied artifact opens and verifies (hashes included) where model.py looks for it.
+    assert Artifact.open(version / "artifact").input_name == "images"

@@ -175,15 +175,19 @@ def as_array(t: Tensor, datatype: str, dims: tuple[int | None, ...]) -> np.ndarr
 
 
 def as_bytes_list(t: Tensor) -> list[bytes]:
-    """The elements of a BYTES tensor of shape [N] (strings in JSON, length-prefixed in
-    binary)."""
+    """The elements of a BYTES tensor of shape [N, 1] (Triton's form of one element per batch
+    item) or [N]: strings in JSON, length-prefixed in binary."""
     if t.datatype != "BYTES":
         raise ProtocolError(f"input {t.name!r} must be BYTES, got {t.datatype}")
-    if len(t.shape) != 1:
-        raise ProtocolError(f"input {t.name!r} must have shape [-1], got {list(t.shape)}")
+    if len(t.shape) not in (1, 2) or t.shape[1:] not in ((), (1,)):
+        raise ProtocolError(f"input {t.name!r} must have shape [-1, 1] or [-1], got "
+                            f"{list(t.shape)}")
     n = t.shape[0]
     if t.raw is None:
         data = t.data
+        if isinstance(data, list) and len(t.shape) == 2 and all(
+                isinstance(row, list) and len(row) == 1 for row in data):
+            data = [row[0] for row in data]
         if not isinstance(data, list) or len(data) != n or not all(isinstance(s, str)
                                                                    for s in data):
             raise ProtocolError(f"input {t.name!r}: data must be a list of {n} strings")

@@ -6,13 +6,17 @@ GET  /v2/models/{name}[/versions/1] | /v2/models/{name}[/versions/1]/ready
 POST /v2/models/{name}[/versions/1]/infer
 ```
 
-One model, version "1", inputs `images` (UINT8 [N, C, H, W], the Triton repository's input) or
-`image_bytes` (BYTES [N], encoded images decoded and resized per `oecl.json` by the same code as
-`/v1/score`), outputs `norm` (FP32 [N]) and `is_anomaly` (BOOL [N], `norm` below the request's
-`threshold` parameter, else the server's). A request's images go to the server's batcher like
-`/v1/score`'s, under the same body, image, pixel, queue and time limits, and are counted in the
-same /metrics; errors answer `{"error": "..."}` with the status `/v1/score` gives for the same
-fault (400 for a tensor that breaks the protocol, 404 for an unknown model or version).
+One model, version "1", inputs `images` (UINT8 [N, C, H, W], the Triton repository's input,
+named as the artifact's input) or `image_bytes` (BYTES [N, 1] or [N], encoded images decoded
+and resized per `oecl.json` by the same code as `/v1/score`), outputs `norm` (FP32 [N, 1]) and
+`is_anomaly` (BOOL [N, 1], `norm` below the request's `threshold` parameter, else the
+server's). The [N, 1] shapes are Triton's: a batching model there cannot declare a tensor of
+the batch dimension alone, so the repository of `oecl triton-repo` answers [N, 1], and so does
+this server, for one client code against both. A request's images go to the server's batcher
+like `/v1/score`'s, under the same body, image, pixel, queue and time limits, and are counted
+in the same /metrics; errors answer `{"error": "..."}` with the status `/v1/score` gives for
+the same fault (400 for a tensor that breaks the protocol, 404 for an unknown model or
+version).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from starlette.types import Receive, Scope, Send
 
 from .. import __version__
 from ..inputs import load_each
+from ..names import BYTES_INPUT
 from ..preprocess import ImageError, load_opened, open_image
 from .v2_codec import (
     HEADER_LENGTH,
@@ -51,11 +56,12 @@ def _json(status: int, payload: dict[str, Any], headers: dict[str, str] | None =
                                                   **(headers or {})}
 
 
-def model_metadata(name: str, chw: tuple[int, int, int]) -> dict[str, Any]:
+def model_metadata(name: str, input_name: str, chw: tuple[int, int, int]) -> dict[str, Any]:
     return {"name": name, "versions": [VERSION], "platform": "oecl_runtime",
-            "inputs": [{"name": "images", "datatype": "UINT8", "shape": [-1, *chw]},
-                       {"name": "image_bytes", "datatype": "BYTES", "shape": [-1]}],
-            "outputs": [{"name": n, "datatype": d, "shape": [-1]} for n, d in OUTPUTS.items()]}
+            "inputs": [{"name": input_name, "datatype": "UINT8", "shape": [-1, *chw]},
+                       {"name": BYTES_INPUT, "datatype": "BYTES", "shape": [-1, 1]}],
+            "outputs": [{"name": n, "datatype": d, "shape": [-1, 1]}
+                        for n, d in OUTPUTS.items()]}
 
 
 class V2Rest:
@@ -63,6 +69,7 @@ class V2Rest:
 
     def __init__(self, app: ScoringApp, model_name: str) -> None:
         self.app, self.name = app, model_name
+        self.input = app.scorer.artifact.input_name
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         t0 = time.perf_counter()
@@ -112,7 +119,7 @@ class V2Rest:
             return label, await self._infer(scope, receive)
         if rest == ["ready"]:
             return label, self._ready()
-        return label, _json(200, model_metadata(self.name, self.app.chw))
+        return label, _json(200, model_metadata(self.name, self.input, self.app.chw))
 
     def _ready(self) -> _Reply:
         ok = self.app.batcher.alive
@@ -135,7 +142,7 @@ class V2Rest:
             threshold = _threshold(req.parameters, app.scorer.threshold)
             wanted = _outputs(req)
             if len(req.inputs) != 1:
-                raise ProtocolError(f"send one input, images or image_bytes; got "
+                raise ProtocolError(f"send one input, {self.input} or image_bytes; got "
                                     f"{len(req.inputs)}")
             batch = await self._batch(req.inputs[0], receive)
             norms = await app._infer(batch, receive)
@@ -144,7 +151,8 @@ class V2Rest:
                 e = HTTPError(400, str(e), "bad_request")
             status, payload, extra = app._failure(e)
             return _json(status, payload, extra)
-        arrays = {"norm": norms.astype(np.float32), "is_anomaly": norms < threshold}
+        norms = norms.astype(np.float32).reshape(-1, 1)
+        arrays = {"norm": norms, "is_anomaly": norms < threshold}
         body, extra = encode_response(
             self.name, VERSION, req.id,
             [(n, OUTPUTS[n], arrays[n], binary) for n, binary in wanted],
@@ -156,13 +164,14 @@ class V2Rest:
 
         app = self.app
         n = t.shape[0] if t.shape else 0
-        if t.name not in ("images", "image_bytes"):
-            raise ProtocolError(f"unknown input {t.name!r}; this model takes images (UINT8 "
-                                f"[N, {', '.join(map(str, app.chw))}]) or image_bytes (BYTES [N])")
+        if t.name not in (self.input, BYTES_INPUT):
+            raise ProtocolError(f"unknown input {t.name!r}; this model takes {self.input} "
+                                f"(UINT8 [N, {', '.join(map(str, app.chw))}]) or image_bytes "
+                                "(BYTES [N, 1])")
         if n > app.cfg.max_queue:
             raise TooManyImages(f"input {t.name!r} has {n} images, the server queues at most "
                                 f"{app.cfg.max_queue}")
-        if t.name == "images":
+        if t.name == self.input:
             batch = as_array(t, "UINT8", (None, *app.chw))
         else:
             batch = await self._decode(as_bytes_list(t), receive)
