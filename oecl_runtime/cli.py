@@ -254,17 +254,22 @@ def _write_rows(results: Iterator[FileResult], total: int,
 @click.option("--model-name", default=TRITON_MODEL_NAME, show_default=True,
               callback=lambda ctx, param, v: _model_name(v),
               help="The model's name under /v2/models/ (as `oecl triton-repo --name`).")
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Also serve the Open Inference Protocol over gRPC on this port (0: off; "
+                   "needs the grpc extra).")
 def serve(model_dir: Path, host: str, port: int, backend: str, precision: str | None,
           threads: int | None, threshold: float | None, max_batch: int | None,
           max_delay_ms: float, max_queue: int, max_body_mb: float,
           max_image_pixels: int | None, header_timeout: float, body_timeout: float,
-          workers: int, log_level: str, access_log: bool, model_name: str) -> None:
+          workers: int, log_level: str, access_log: bool, model_name: str,
+          grpc_port: int) -> None:
     """HTTP scoring server with dynamic batching. norm: higher = normal.
 
     POST /v1/score (image body, multipart files, or application/x-npy), GET /healthz,
     GET /v1/model, GET /metrics; the Open Inference Protocol (KServe v2, as Triton speaks it)
     under /v2: POST /v2/models/<model-name>/infer with `images` (UINT8 [N, C, H, W]) or
-    `image_bytes` (BYTES [N, 1]), JSON or binary tensors, outputs `norm` and `is_anomaly`.
+    `image_bytes` (BYTES [N, 1]), JSON or binary tensors, outputs `norm` and `is_anomaly`;
+    the same over gRPC with --grpc-port.
     SIGTERM finishes in-flight requests before exiting.
     Without --threads, each worker's backend gets the cores shared among the workers; on a
     machine shared with other busy work, --threads below the core count can serve more
@@ -283,7 +288,13 @@ def serve(model_dir: Path, host: str, port: int, backend: str, precision: str | 
         "max_request_pixels": 4 * max_image_pixels}
     cfg = ServerConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
                        max_body_mb=max_body_mb, header_timeout_s=header_timeout,
-                       body_timeout_s=body_timeout, model_name=model_name, **limits)
+                       body_timeout_s=body_timeout, model_name=model_name,
+                       grpc_port=grpc_port, grpc_host=host, **limits)
+    if grpc_port:
+        from .serving.v2_grpc import missing
+
+        if (why := missing()) is not None:
+            raise click.ClickException(why)
     if threads is None:
         threads = serving_threads(workers)
     if workers > 1:

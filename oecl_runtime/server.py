@@ -46,15 +46,14 @@ from .metrics import CONTENT_TYPE, MULTIPROC_ENV, ServerMetrics
 from .names import TRITON_MODEL_NAME
 from .preprocess import DEFAULT_MAX_PIXELS, ImageError, load_opened, open_image
 from .scorer import Scorer
+from .serving import v2_grpc
+from .serving.common import INLINE_PIXELS, HTTPError
 from .serving.v2_rest import V2Rest
 
 log = logging.getLogger("oecl_runtime.server")
 
 NPY_TYPE = "application/x-npy"
 SCORE_PATH = "/v1/score"
-# Images up to this many pixels are decoded on the event loop: a 32x32 PNG decodes in tens of
-# microseconds, less than handing it to a thread and back. Larger ones go to the thread pool.
-INLINE_PIXELS = 128 * 128
 
 
 @dataclass(frozen=True)
@@ -70,17 +69,12 @@ class ServerConfig:
     header_timeout_s: float = 10.0  # 0: no limit
     body_timeout_s: float = 30.0  # whole body, from the end of the headers; 0: no limit
     model_name: str = TRITON_MODEL_NAME  # the model's name under /v2 (Open Inference Protocol)
+    grpc_port: int = 0  # the Open Inference Protocol over gRPC on this port; 0: off
+    grpc_host: str = "127.0.0.1"
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, reason: str, kind: str,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(reason)
-        self.status, self.reason, self.kind, self.headers = status, reason, kind, headers or {}
 
 
 def _json_headers(body: bytes, extra: dict[str, str] | None) -> list[tuple[bytes, bytes]]:
@@ -457,12 +451,16 @@ class ScoringApp:
         @asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
             self.batcher.start()
+            grpc_server = await v2_grpc.start(self.v2, cfg.grpc_host, cfg.grpc_port) \
+                if cfg.grpc_port else None
             log.info("scoring with %s (%s), batches up to %d or %.1f ms, queue %d images",
                      scorer.backend.name, scorer.backend.precision, self.max_batch,
                      cfg.max_delay_ms, cfg.max_queue)
             try:
                 yield
             finally:
+                if grpc_server is not None:  # in-flight calls get the HTTP side's grace
+                    await grpc_server.stop(30)
                 # uvicorn runs this after in-flight requests finish; drain what is still queued.
                 await run_in_threadpool(self.batcher.close, True)
                 if self._close_scorer:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import nchw_images, png_bytes, random_images
-from live_servers import oecl_serve
+from live_servers import free_port, oecl_serve
 from oip_client import check_server, connect, encoded, infer
 from PIL import Image
 from starlette.testclient import TestClient
@@ -33,11 +33,15 @@ def _jpeg(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+GRPC_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def server(artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     with oecl_serve(artifact_dir, log, "--model-name", "digits", "--max-delay-ms", "1000",
-                    "--max-batch", "8") as url:
+                    "--max-batch", "8", "--max-body-mb", "1",
+                    "--grpc-port", str(GRPC_PORT)) as url:
         yield url
 
 
@@ -64,6 +68,35 @@ def test_tritonclient_against_oecl_serve(server: str, scorer: Scorer) -> None:
     mid = float(np.median(want))
     out = infer(c, "http", "digits", "image_bytes", encoded(blobs), threshold=mid)
     np.testing.assert_array_equal(out["is_anomaly"][:, 0], want < mid)
+
+
+def test_grpc_same_answers_and_errors(server: str, scorer: Scorer) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    url = f"127.0.0.1:{GRPC_PORT}"
+    assert check_server("grpc", url, "digits")["model_ready"]
+    c = connect("grpc", url)
+    batch = nchw_images(3, seed=8)
+    out = infer(c, "grpc", "digits", "images", batch, threshold=1e9)
+    np.testing.assert_allclose(out["norm"][:, 0], scorer.score_array(batch), rtol=1e-6)
+    assert out["is_anomaly"].all()
+    blobs = [png_bytes(im) for im in random_images(2, seed=3, size=20)]
+    out = infer(c, "grpc", "digits", "image_bytes", encoded(blobs))
+    np.testing.assert_allclose(out["norm"][:, 0], [r.norm for r in scorer.score(blobs)],
+                               rtol=1e-6)
+    cases = [("other", "images", batch, "StatusCode.NOT_FOUND", "unknown model"),
+             ("digits", "images", batch[:, :, :16], "StatusCode.INVALID_ARGUMENT",
+              "must have shape"),
+             ("digits", "image_bytes", encoded([blobs[0], b"junk"]),
+              "StatusCode.INVALID_ARGUMENT", "image_bytes[1]"),
+             ("digits", "images", nchw_images(1, 0).repeat(1200, 0),
+              "StatusCode.RESOURCE_EXHAUSTED", "")]
+    for model, name, data, code, text in cases:
+        with pytest.raises(InferenceServerException) as info:
+            infer(c, "grpc", model, name, np.ascontiguousarray(data))
+        assert info.value.status() == code and text in info.value.message(), info.value
+    with urllib.request.urlopen(f"http://{server}/metrics") as r:
+        assert 'path="grpc:ModelInfer"' in r.read().decode()
 
 
 def test_v1_and_v2_images_share_batches(server: str) -> None:

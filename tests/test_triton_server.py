@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import nchw_images, png_bytes, random_images
-from live_servers import oecl_serve, triton_install, tritonserver
+from live_servers import free_port, oecl_serve, triton_install, tritonserver
 from oip_client import check_server, connect, encoded, infer
 from PIL import Image
 
@@ -42,13 +42,15 @@ def servers(artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory
     # A long queue delay so that concurrent requests meet in one batch.
     write_repository(artifact_dir, work / "models", backend="python", kind="cpu",
                      max_delay_us=50_000)
+    grpc_port = free_port()
     with tritonserver(work / "models", work) as triton, \
-            oecl_serve(artifact_dir, work / "serve.log") as serve:
+            oecl_serve(artifact_dir, work / "serve.log", "--grpc-port", str(grpc_port)) as serve:
         yield {"triton-http": triton["http"], "triton-grpc": triton["grpc"],
-               "triton-metrics": triton["metrics"], "serve-http": serve}
+               "triton-metrics": triton["metrics"], "serve-http": serve,
+               "serve-grpc": f"127.0.0.1:{grpc_port}"}
 
 
-@pytest.mark.parametrize("target", ["triton-http", "triton-grpc", "serve-http"])
+@pytest.mark.parametrize("target", ["triton-http", "triton-grpc", "serve-http", "serve-grpc"])
 def test_one_client_same_norms(servers: dict[str, str], scorer: Scorer, target: str) -> None:
     protocol = target.split("-")[1]
     url = servers[target]
@@ -75,11 +77,12 @@ def test_one_client_same_norms(servers: dict[str, str], scorer: Scorer, target: 
 def test_bad_image_is_that_requests_error(servers: dict[str, str]) -> None:
     from tritonclient.utils import InferenceServerException
 
-    for target in ("triton-http", "serve-http"):
-        client = connect("http", servers[target])
+    for target in ("triton-http", "triton-grpc", "serve-http", "serve-grpc"):
+        protocol = target.split("-")[1]
+        client = connect(protocol, servers[target])
         blobs = [png_bytes(random_images(1)[0]), b"not an image"]
         with pytest.raises(InferenceServerException, match="image 1|image_bytes\\[1\\]"):
-            infer(client, "http", "oecl", "image_bytes", encoded(blobs))
+            infer(client, protocol, "oecl", "image_bytes", encoded(blobs))
 
 
 def test_triton_batches_concurrent_requests(servers: dict[str, str]) -> None:

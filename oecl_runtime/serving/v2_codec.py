@@ -188,10 +188,10 @@ def as_bytes_list(t: Tensor) -> list[bytes]:
         if isinstance(data, list) and len(t.shape) == 2 and all(
                 isinstance(row, list) and len(row) == 1 for row in data):
             data = [row[0] for row in data]
-        if not isinstance(data, list) or len(data) != n or not all(isinstance(s, str)
-                                                                   for s in data):
+        if not isinstance(data, list) or len(data) != n or not all(
+                isinstance(s, (str, bytes)) for s in data):
             raise ProtocolError(f"input {t.name!r}: data must be a list of {n} strings")
-        return [s.encode("utf-8") for s in data]
+        return [s.encode("utf-8") if isinstance(s, str) else s for s in data]
     raw, out, pos = t.raw, [], 0
     for i in range(n):
         if pos + 4 > len(raw):

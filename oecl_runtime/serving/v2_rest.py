@@ -30,11 +30,14 @@ import numpy as np
 from starlette.types import Receive, Scope, Send
 
 from .. import __version__
+from ..batcher import TooManyImages
 from ..inputs import load_each
 from ..names import BYTES_INPUT
 from ..preprocess import ImageError, load_opened, open_image
+from .common import INLINE_PIXELS, HTTPError
 from .v2_codec import (
     HEADER_LENGTH,
+    InferRequest,
     ProtocolError,
     Tensor,
     as_array,
@@ -128,40 +131,44 @@ class V2Rest:
     # ---- POST .../infer
 
     async def _infer(self, scope: Scope, receive: Receive) -> _Reply:
-        from ..server import HTTPError
-
-        app = self.app
         try:
             headers = dict(scope["headers"])
             encoding = headers.get(b"content-encoding", b"identity").decode("latin-1")
             if encoding.strip().lower() != "identity":
                 raise ProtocolError(f"Content-Encoding {encoding!r} is not supported; send the "
                                     "request uncompressed")
-            body = await app._read_body(receive, headers.get(b"content-length"))
+            body = await self.app._read_body(receive, headers.get(b"content-length"))
             req = parse_infer(body, headers.get(HEADER_LENGTH.encode()))
-            threshold = _threshold(req.parameters, app.scorer.threshold)
-            wanted = _outputs(req)
-            if len(req.inputs) != 1:
-                raise ProtocolError(f"send one input, {self.input} or image_bytes; got "
-                                    f"{len(req.inputs)}")
-            batch = await self._batch(req.inputs[0], receive)
-            norms = await app._infer(batch, receive)
+            outputs, threshold = await self.run(req, receive)
         except Exception as e:
-            if isinstance(e, ProtocolError):
-                e = HTTPError(400, str(e), "bad_request")
-            status, payload, extra = app._failure(e)
+            status, payload, extra = self.failure(e)
             return _json(status, payload, extra)
-        norms = norms.astype(np.float32).reshape(-1, 1)
-        arrays = {"norm": norms, "is_anomaly": norms < threshold}
-        body, extra = encode_response(
-            self.name, VERSION, req.id,
-            [(n, OUTPUTS[n], arrays[n], binary) for n, binary in wanted],
-            {"threshold": threshold})
+        body, extra = encode_response(self.name, VERSION, req.id, outputs,
+                                      {"threshold": threshold})
         return 200, body, extra
 
-    async def _batch(self, t: Tensor, receive: Receive) -> np.ndarray:
-        from ..batcher import TooManyImages
+    def failure(self, e: Exception) -> tuple[int, dict[str, Any], dict[str, str] | None]:
+        """(HTTP status, body, headers) of a failed request, counted as /v1/score counts it."""
+        if isinstance(e, ProtocolError):
+            e = HTTPError(400, str(e), "bad_request")
+        return self.app._failure(e)
 
+    async def run(self, req: InferRequest, receive: Receive
+                  ) -> tuple[list[tuple[str, str, np.ndarray, bool]], float]:
+        """Score a parsed request through the server's batcher (any transport): its outputs
+        as (name, datatype, array, binary?) and the threshold used. `receive` is watched for
+        the client going away while its images wait."""
+        threshold = _threshold(req.parameters, self.app.scorer.threshold)
+        wanted = _outputs(req)
+        if len(req.inputs) != 1:
+            raise ProtocolError(f"send one input, {self.input} or image_bytes; got "
+                                f"{len(req.inputs)}")
+        batch = await self._batch(req.inputs[0], receive)
+        norms = (await self.app._infer(batch, receive)).astype(np.float32).reshape(-1, 1)
+        arrays = {"norm": norms, "is_anomaly": norms < threshold}
+        return [(n, OUTPUTS[n], arrays[n], binary) for n, binary in wanted], threshold
+
+    async def _batch(self, t: Tensor, receive: Receive) -> np.ndarray:
         app = self.app
         n = t.shape[0] if t.shape else 0
         if t.name not in (self.input, BYTES_INPUT):
@@ -182,8 +189,6 @@ class V2Rest:
     async def _decode(self, blobs: list[bytes], receive: Receive) -> np.ndarray:
         """Encoded images to a model batch, as `/v1/score` decodes its files; the first
         unreadable one is the request's error, named by its index."""
-        from ..server import INLINE_PIXELS, HTTPError
-
         app = self.app
         cap, names = app.cfg.max_image_pixels, [f"image_bytes[{i}]" for i in range(len(blobs))]
         opened = [open_image(b, name, cap) for b, name in zip(blobs, names, strict=True)]
