@@ -516,6 +516,10 @@ def engine(artifact: Path, precisions: tuple[str, ...], max_batch: int | None,
                    "images in); python: Triton's Python backend runs oecl_runtime's scorer "
                    "(uint8 images or encoded image_bytes in; oecl must be installed in "
                    "Triton's Python).")
+@click.option("--image-bytes/--no-image-bytes", default=True, show_default=True,
+              help="native: NAME is an ensemble taking uint8 images or encoded image_bytes "
+                   "(a Python step decodes with oecl_runtime, then NAME_model); without it, "
+                   "NAME is the ONNX or TensorRT model alone (uint8 in, nothing to install).")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "tensorrt"]), default="onnx",
               show_default=True, help="onnx: Triton's onnxruntime backend; tensorrt: the plan.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
@@ -526,14 +530,16 @@ def engine(artifact: Path, precisions: tuple[str, ...], max_batch: int | None,
               help="Instance kind.")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
               help="Model instances per device.")
-def triton_repo(artifact: Path, out: Path, name: str, backend: str, fmt: str,
-                precision: str | None, max_delay_us: int, kind: str, instances: int) -> None:
+def triton_repo(artifact: Path, out: Path, name: str, backend: str, image_bytes: bool,
+                fmt: str, precision: str | None, max_delay_us: int, kind: str,
+                instances: int) -> None:
     """Write model NAME of a Triton Inference Server model repository for ARTIFACT.
 
-    <name>/config.pbtxt (uint8 NCHW in, norm out, max_batch_size and dynamic batching from the
-    artifact), <name>/1/model.onnx or model.plan (--backend python: model.py and the artifact),
-    and <name>/README.md with the tritonserver command and a client call. Other models in
-    --out are left alone. norm: higher = normal.
+    <name>/config.pbtxt (max_batch_size and dynamic batching from the artifact) and
+    <name>/README.md with the tritonserver command and a client call; the model itself is the
+    ONNX or TensorRT file (native), behind an ensemble with a decoding step (<name>_preprocess,
+    <name>_model) unless --no-image-bytes, or oecl_runtime's scorer in Triton's Python backend
+    (--backend python). Other models in --out are left alone. norm: higher = normal.
     """
     import json
 
@@ -543,7 +549,7 @@ def triton_repo(artifact: Path, out: Path, name: str, backend: str, fmt: str,
     try:
         summary = write_repository(artifact, out, name=name, fmt=fmt, precision=precision,
                                    max_delay_us=max_delay_us, kind=kind, instances=instances,
-                                   backend=backend)
+                                   backend=backend, image_bytes=image_bytes)
     except ArtifactError as e:
         raise click.ClickException(str(e)) from None
     _say(f"wrote {summary['config']} ({summary['platform']}, {summary['file']}, max batch "

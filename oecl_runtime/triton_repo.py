@@ -20,8 +20,10 @@ normal); the threshold is in `oecl.json`.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,8 @@ from .names import BYTES_INPUT, TRITON_MODEL_NAME, valid_model_name
 PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"),
              "tensorrt": ("tensorrt_plan", "model.plan")}
 BACKENDS = ("native", "python")  # Triton's backend for the file, or oecl_runtime in Python
+PIXELS = "pixels"  # the preprocessing step's output: the model-ready uint8 batch
+MODEL_STEP, PREPROCESS_STEP = "_model", "_preprocess"  # the ensemble's steps: name + suffix
 ARTIFACT_DIR = "artifact"  # the Python-backend model's copy of the artifact, in its version dir
 _TYPES = {"uint8": "TYPE_UINT8", "float32": "TYPE_FP32"}
 
@@ -107,32 +111,77 @@ def pbtxt_string(text: str) -> str:
 def python_config_pbtxt(artifact: Artifact, name: str, scorer_backend: str,
                         precision: str | None, max_batch: int, max_delay_us: int, kind: str,
                         instances: int) -> str:
-    """The `ModelConfig` of the Python-backend model (`serving.triton_model`): either input,
-    per-image outputs declared [1] and reshaped to the batch only, so clients send and get
-    [N] exactly as from `oecl serve`'s /v2 routes."""
-    spec = artifact.spec
-
-    def tensor(tname: str, dtype: str, dims: str, last: bool, extra: tuple[str, ...] = ()
-               ) -> list[str]:
-        return ["  {", f"    name: {pbtxt_string(tname)}", f"    data_type: {dtype}", *extra,
-                f"    dims: [ {dims} ]", *(["    reshape: { shape: [ ] }"] if dims == "1" else []),
-                "  }" + ("" if last else ",")]
-
+    """The `ModelConfig` of the Python-backend scorer (`serving.triton_model`): either input;
+    one value per image out, [N, 1] to clients as every batching Triton model answers."""
     lines = [f"name: {pbtxt_string(name)}", 'backend: "python"', f"max_batch_size: {max_batch}",
-             "input ["]
-    lines += tensor(artifact.input_name, "TYPE_UINT8",
-                    f"{spec.channels}, {spec.height}, {spec.width}", False,
-                    ("    format: FORMAT_NCHW", "    optional: true"))
-    lines += tensor(BYTES_INPUT, "TYPE_STRING", "1", True, ("    optional: true",))
-    lines += ["]", "output ["]
-    lines += tensor("norm", "TYPE_FP32", "1", False)
-    lines += tensor("is_anomaly", "TYPE_BOOL", "1", True)
-    lines.append("]")
-    lines += _batching(max_batch, max_delay_us, kind, instances)
+             *_either_input(artifact), "output [",
+             *_io_tensor("norm", "TYPE_FP32", "1", False),
+             *_io_tensor("is_anomaly", "TYPE_BOOL", "1", True), "]",
+             *_batching(max_batch, max_delay_us, kind, instances)]
     params = {"oecl_backend": scorer_backend, "oecl_precision": precision or ""}
     for key, value in params.items():
         lines += ["parameters {", f"  key: {pbtxt_string(key)}",
                   f"  value: {{ string_value: {pbtxt_string(value)} }}", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def _io_tensor(tname: str, dtype: str, dims: str, last: bool, extra: tuple[str, ...] = (),
+               reshape: bool = True) -> list[str]:
+    # dims "1": one value per image; a model reshapes it to see the batch dimension alone.
+    return ["  {", f"    name: {pbtxt_string(tname)}", f"    data_type: {dtype}", *extra,
+            f"    dims: [ {dims} ]",
+            *(["    reshape: { shape: [ ] }"] if dims == "1" and reshape else []),
+            "  }" + ("" if last else ",")]
+
+
+def _either_input(artifact: Artifact, reshape: bool = True) -> list[str]:
+    """The `input [...]` block of a model that takes the artifact's uint8 input or encoded
+    images, either one per request."""
+    spec = artifact.spec
+    return ["input [",
+            *_io_tensor(artifact.input_name, "TYPE_UINT8",
+                        f"{spec.channels}, {spec.height}, {spec.width}", False,
+                        ("    format: FORMAT_NCHW", "    optional: true")),
+            *_io_tensor(BYTES_INPUT, "TYPE_STRING", "1", True, ("    optional: true",),
+                        reshape),
+            "]"]
+
+
+def preprocess_config_pbtxt(artifact: Artifact, name: str, max_batch: int, kind: str,
+                            instances: int) -> str:
+    """The ensemble's first step: either input in, the model-ready uint8 batch out."""
+    spec = artifact.spec
+    lines = [f"name: {pbtxt_string(name + PREPROCESS_STEP)}", 'backend: "python"',
+             f"max_batch_size: {max_batch}", *_either_input(artifact), "output [",
+             *_io_tensor(PIXELS, "TYPE_UINT8", f"{spec.channels}, {spec.height}, {spec.width}",
+                         True), "]",
+             "instance_group [", "  {", f"    count: {instances}", "    kind: KIND_CPU", "  }",
+             "]"]
+    del kind  # decoding runs on the CPU whatever the model's instances are
+    return "\n".join(lines) + "\n"
+
+
+def ensemble_config_pbtxt(artifact: Artifact, name: str, max_batch: int) -> str:
+    """The entry model: preprocessing step, then the ONNX or TensorRT model (dynamic batching
+    happens there); `norm` out."""
+    def step(model: str, inputs: dict[str, str], outputs: dict[str, str], last: bool
+             ) -> list[str]:
+        maps = [f"      input_map {{ key: {pbtxt_string(k)} value: {pbtxt_string(v)} }}"
+                for k, v in inputs.items()]
+        maps += [f"      output_map {{ key: {pbtxt_string(k)} value: {pbtxt_string(v)} }}"
+                 for k, v in outputs.items()]
+        return ["    {", f"      model_name: {pbtxt_string(model)}", "      model_version: -1",
+                *maps, "    }" + ("" if last else ",")]
+
+    inp = artifact.input_name
+    lines = [f"name: {pbtxt_string(name)}", 'platform: "ensemble"', f"max_batch_size: {max_batch}",
+             *_either_input(artifact, reshape=False), "output [",
+             *_io_tensor("norm", "TYPE_FP32", "1", True, reshape=False), "]",
+             "ensemble_scheduling {", "  step ["]
+    lines += step(name + PREPROCESS_STEP, {inp: inp, BYTES_INPUT: BYTES_INPUT}, {PIXELS: "_pixels"},
+                  False)
+    lines += step(name + MODEL_STEP, {inp: "_pixels"}, {"norm": "norm"}, True)
+    lines += ["  ]", "}"]
     return "\n".join(lines) + "\n"
 
 
@@ -147,9 +196,14 @@ def write_repository(
     kind: str = "gpu",
     instances: int = 1,
     backend: str = "native",
+    image_bytes: bool = True,
 ) -> dict[str, Any]:
-    """Write model `name` into the repository `out` (the model's directory built aside, then
-    swapped in; other models in `out` are not touched); returns a summary."""
+    """Write model `name` into the repository `out` (each model's directory built aside, then
+    swapped in; other models in `out` are not touched); returns a summary.
+
+    The native backend with `image_bytes` writes an ensemble `name` (either input) of
+    `name_preprocess` (Python: oecl_runtime decodes, resizes, passes uint8 through) and
+    `name_model` (the ONNX or TensorRT file); without it, the file's model alone as `name`."""
     if fmt not in PLATFORMS:
         raise ArtifactError(f"Triton format must be onnx or tensorrt, not {fmt!r}")
     if backend not in BACKENDS:
@@ -167,40 +221,62 @@ def write_repository(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ArtifactError(f"--out {out} is a file; give a model repository directory")
-    model_dir = out / name
-    if model_dir.exists() and not _ours(model_dir):
-        raise ArtifactError(f"{model_dir} exists and is not a model made by oecl; pick another "
-                            "--name or --out")
+    # (directory name, config.pbtxt, what goes into version 1, README) per model written.
+    models: list[tuple[str, str, Callable[[Path], None], str]] = []
     if backend == "python":
         scorer_backend = ("tensorrt" if fmt == "tensorrt" else
                           "onnxruntime-cpu" if kind == "cpu" else "onnxruntime")
         config = python_config_pbtxt(art, name, scorer_backend, entry["precision"], max_batch,
                                      max_delay_us, kind, instances)
         platform = "python"
-    else:
-        config = config_pbtxt(art, name, fmt, max_batch, max_delay_us, kind, instances)
-        platform = PLATFORMS[fmt][0]
-    with atomic_dir(model_dir) as tmp:
-        version = tmp / "1"
-        version.mkdir()
-        if backend == "python":
+
+        def fill(version: Path) -> None:
             shutil.copytree(art.directory, version / ARTIFACT_DIR)
-            write_text(version / "model.py", _MODEL_PY)
-        else:
+            write_text(version / "model.py", _MODEL_PY.format(cls="TritonPythonModel"))
+    else:
+        model_name = f"{name}{MODEL_STEP}" if image_bytes else name
+        config = config_pbtxt(art, model_name, fmt, max_batch, max_delay_us, kind, instances)
+        platform = PLATFORMS[fmt][0]
+
+        def fill(version: Path) -> None:
             shutil.copyfile(art.path_of(entry), version / PLATFORMS[fmt][1])
-        write_text(tmp / "config.pbtxt", config)
-        write_text(tmp / "README.md", readme(art, name, fmt, entry, out, kind, backend))
+    text = readme(art, name, fmt, entry, out, kind, backend, image_bytes)
+    if backend == "native" and image_bytes:
+        step = f"{_TITLE}`{{}}`\n\nA step of the ensemble `{name}`; see {name}/README.md.\n"
+
+        def fill_pre(version: Path) -> None:
+            write_text(version / "oecl.json", json.dumps(art.meta))
+            write_text(version / "model.py", _MODEL_PY.format(cls="TritonPreprocessModel"))
+
+        models += [(model_name, config, fill, step.format(model_name)),
+                   (name + PREPROCESS_STEP, preprocess_config_pbtxt(art, name, max_batch, kind,
+                                                                    instances),
+                    fill_pre, step.format(name + PREPROCESS_STEP)),
+                   (name, ensemble_config_pbtxt(art, name, max_batch), lambda v: None, text)]
+        platform = f"ensemble ({platform})"
+    else:
+        models.append((name, config, fill, text))
+    for model, *_ in models:
+        if (out / model).exists() and not _ours(out / model):
+            raise ArtifactError(f"{out / model} exists and is not a model made by oecl; pick "
+                                "another --name or --out")
+    for model, config, fill_version, text in models:
+        with atomic_dir(out / model) as tmp:
+            (tmp / "1").mkdir()
+            fill_version(tmp / "1")
+            write_text(tmp / "config.pbtxt", config)
+            write_text(tmp / "README.md", text)
     _drop_old_readme(out, name)
     return {"repository": str(out), "model": name, "platform": platform,
             "file": entry["path"], "precision": entry["precision"], "max_batch_size": max_batch,
-            "config": str(model_dir / "config.pbtxt")}
+            "config": str(out / name / "config.pbtxt"), "models": [m[0] for m in models]}
 
 
 _TITLE = "# Triton model repository: "
-_MODEL_PY = '''"""Triton Python-backend model written by `oecl triton-repo --backend python`: the
-scorer of the installed oecl_runtime, on the artifact in ./artifact."""
+_MODEL_PY = '''"""Triton Python-backend model written by `oecl triton-repo`: the installed
+oecl_runtime does the work (see oecl_runtime/serving/triton_model.py)."""
 
-from oecl_runtime.serving.triton_model import TritonPythonModel  # noqa: F401
+from oecl_runtime.serving.triton_model import {cls} as TritonPythonModel  # noqa: F401
 '''
 
 
@@ -227,7 +303,7 @@ def _drop_old_readme(out: Path, name: str) -> None:
 
 
 def readme(art: Artifact, name: str, fmt: str, entry: dict[str, Any], out: Path,
-           kind: str = "gpu", backend: str = "native") -> str:
+           kind: str = "gpu", backend: str = "native", image_bytes: bool = True) -> str:
     spec = art.spec
     shape = f"[N, {spec.channels}, {spec.height}, {spec.width}]"
     trt_note = ""
@@ -239,23 +315,36 @@ def readme(art: Artifact, name: str, fmt: str, entry: dict[str, Any], out: Path,
             "GPU model: pick the matching `nvcr.io/nvidia/tritonserver` release, or rebuild the "
             "plan inside the container with `oecl engine`.\n")
     gpus = "--gpus all " if kind == "gpu" else ""
+    inputs = (f"Inputs, either: `{art.input_name}` uint8 {shape}, NCHW, pre-processed as "
+              f"`oecl.json` says (resize rule, colour mode), or `{BYTES_INPUT}` BYTES [N, 1], "
+              "encoded images (PNG, JPEG, ...) that oecl_runtime decodes and resizes as "
+              "`oecl.json` says.")
     if backend == "python":
         what = (f"Triton's Python backend runs oecl_runtime's scorer on `1/{ARTIFACT_DIR}/` "
-                f"({entry['path']}, {entry['precision']}). Inputs: `{art.input_name}` uint8 "
-                f"{shape} as below, or `{BYTES_INPUT}` BYTES [N], encoded images (PNG, JPEG, "
-                "...) that oecl_runtime decodes and resizes as `oecl.json` says. Outputs: "
-                "`norm` float32 [N] and `is_anomaly` bool [N] (`norm` below the request "
-                "parameter `threshold`, else the artifact's).")
-        # The Python backend imports oecl_runtime from the container's Python: install it
-        # (a wheel built with `pip wheel --no-deps .` in the oecl source) and its runtime needs.
-        start = ("bash -c 'pip install \"numpy<2\" onnxruntime onnx Pillow "
-                 "/wheels/oecl-*.whl --no-deps \\\n    && tritonserver --model-repository=/models'")
-        mounts = " -v $PWD/wheels:/wheels"
+                f"({entry['path']}, {entry['precision']}). {inputs} Outputs: `norm` float32 "
+                "[N, 1] and `is_anomaly` bool [N, 1] (`norm` below the request parameter "
+                "`threshold`, else the artifact's).")
+    elif image_bytes:
+        what = (f"`{name}` is an ensemble: `{name}{PREPROCESS_STEP}` (Triton's Python backend, "
+                "oecl_runtime's decoding and resizing; uint8 tensors pass through) feeds "
+                f"`{name}{MODEL_STEP}` ({PLATFORMS[fmt][0]}, dynamic batching). {inputs} "
+                "Output: `norm` float32 [N, 1]; normalisation is inside the graph.")
     else:
         what = (f"Input `{art.input_name}`: uint8 {shape}, NCHW, pre-processed as `oecl.json` "
                 "says (resize rule, colour mode); normalisation is inside the graph. Output "
-                "`norm`: float32 [N].")
-        start, mounts = "tritonserver --model-repository=/models", ""
+                "`norm`: float32 [N, 1].")
+    if backend == "python" or image_bytes:
+        # The Python backend imports oecl_runtime from the container's Python: its runtime
+        # needs, then oecl itself (a wheel from `pip wheel --no-deps -w wheels .`).
+        start = ("bash -c 'pip install \"numpy<2\" onnxruntime onnx Pillow \\\n"
+                 "    && pip install --no-deps /wheels/oecl-*.whl \\\n"
+                 "    && tritonserver --model-repository=/models'")
+        mounts = " -v $PWD/wheels:/wheels"
+        need = ("\nTriton's Python backend imports `oecl_runtime` from the container's Python, so "
+                "the command installs it first (numpy < 2: with numpy 2 the Python backend's "
+                "outputs came back empty in the Triton build this was tested with).\n")
+    else:
+        start, mounts, need = "tritonserver --model-repository=/models", "", ""
     return _TITLE + f"""`{name}`
 
 Made by `oecl triton-repo` from `{art.directory.name}/{entry['path']}` ({entry['precision']}).
@@ -263,7 +352,7 @@ Made by `oecl triton-repo` from `{art.directory.name}/{entry['path']}` ({entry['
 artifact's threshold).
 {trt_note}
 ## Serve
-
+{need}
 Triton's HTTP, gRPC and metrics ports go to 8010-8012 here, clear of `oecl serve`'s 8000:
 
 ```bash
@@ -286,7 +375,7 @@ images = np.zeros(({min(8, art.max_batch)}, {spec.channels}, {spec.height}, {spe
 inp = httpclient.InferInput({art.input_name!r}, list(images.shape), "UINT8")
 inp.set_data_from_numpy(images)
 result = client.infer({name!r}, [inp], outputs=[httpclient.InferRequestedOutput("norm")])
-norm = result.as_numpy("norm")
+norm = result.as_numpy("norm")[:, 0]
 is_anomaly = norm < {art.threshold:.6g}
 ```
 """

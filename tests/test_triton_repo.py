@@ -34,7 +34,8 @@ def test_onnx_repository_parses_against_tritons_schema(artifact_dir: Path, tmp_p
 
     out = tmp_path / "repo"
     result = CliRunner().invoke(main, ["triton-repo", str(artifact_dir), "--out", str(out),
-                                       "--name", "digits-oecl", "--max-delay-us", "2000"])
+                                       "--name", "digits-oecl", "--max-delay-us", "2000",
+                                       "--no-image-bytes"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])
     assert summary["platform"] == "onnxruntime_onnx" and summary["max_batch_size"] == 32
@@ -71,15 +72,17 @@ def test_onnx_repository_parses_against_tritons_schema(artifact_dir: Path, tmp_p
     for kind in ("gpu", "cpu"):
         assert CliRunner().invoke(main, ["triton-repo", str(artifact_dir), "--out", str(out),
                                          "--kind", kind]).exit_code == 0
-    assert _parse(out / "oecl" / "config.pbtxt").instance_group[0].kind == \
+    assert _parse(out / "oecl_model" / "config.pbtxt").instance_group[0].kind == \
         T.ModelInstanceGroup.KIND_CPU
     assert _parse(out / "digits-oecl" / "config.pbtxt").name == "digits-oecl"
-    assert sorted(p.name for p in out.iterdir()) == ["digits-oecl", "oecl"]
+    assert sorted(p.name for p in out.iterdir()) == ["digits-oecl", "oecl", "oecl_model",
+                                                     "oecl_preprocess"]
     # A CPU repository's command asks for no GPU, and its client does not call port 8000,
     # where `oecl serve` listens by default.
     readme = (out / "oecl" / "README.md").read_text()
     assert "--gpus" not in readme and "-p 8010:8000" in readme
     assert 'InferenceServerClient("127.0.0.1:8010")' in readme
+    assert "pip install --no-deps /wheels/oecl-" in readme  # the decoding step needs oecl
 
 
 def test_plan_repository(artifact_dir: Path, tmp_path: Path) -> None:
@@ -89,10 +92,13 @@ def test_plan_repository(artifact_dir: Path, tmp_path: Path) -> None:
                                       tensorrt_version="10.7.0", gpu_name="NVIDIA L4",
                                       compute_capability="8.9")])
     summary = write_repository(art, tmp_path / "repo", fmt="tensorrt")
-    cfg = _parse(tmp_path / "repo" / "oecl" / "config.pbtxt")
+    cfg = _parse(tmp_path / "repo" / "oecl_model" / "config.pbtxt")
     assert cfg.platform == "tensorrt_plan" and summary["precision"] == "fp16"
     assert cfg.max_batch_size == 16  # the plan's own profile, below the artifact's 32
-    assert (tmp_path / "repo" / "oecl" / "1" / "model.plan").is_file()
+    # The whole ensemble batches no more than the plan takes.
+    assert {_parse(tmp_path / "repo" / m / "config.pbtxt").max_batch_size
+            for m in ("oecl", "oecl_preprocess")} == {16}
+    assert (tmp_path / "repo" / "oecl_model" / "1" / "model.plan").is_file()
     assert "TensorRT 10.7.0" in (tmp_path / "repo" / "oecl" / "README.md").read_text()
 
 
@@ -151,3 +157,33 @@ def test_python_backend_repository(artifact_dir: Path, tmp_path: Path) -> None:
         (version / "model.py").read_text()
     # The copied artifact opens and verifies (hashes included) where model.py looks for it.
     assert Artifact.open(version / "artifact").input_name == "images"
+
+
+def test_native_ensemble_takes_image_bytes(artifact_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "repo"
+    summary = write_repository(artifact_dir, out, name="m", max_delay_us=700)
+    assert summary["models"] == ["m_model", "m_preprocess", "m"]
+    T = model_config_pb2
+    ens, pre, model = (_parse(out / n / "config.pbtxt") for n in ("m", "m_preprocess",
+                                                                   "m_model"))
+    assert ens.platform == "ensemble" and pre.backend == "python"
+    assert model.platform == "onnxruntime_onnx" and model.name == "m_model"
+    assert model.dynamic_batching.max_queue_delay_microseconds == 700
+    assert {i.name: (i.data_type, i.optional) for i in ens.input} == {
+        "images": (T.TYPE_UINT8, True), "image_bytes": (T.TYPE_STRING, True)}
+    assert [(o.name, list(o.dims)) for o in ens.output] == [("norm", [1])]
+    # Each step's maps name tensors the step model declares, and the wiring connects.
+    first, second = ens.ensemble_scheduling.step
+    assert (first.model_name, second.model_name) == ("m_preprocess", "m_model")
+    assert set(first.input_map) == {i.name for i in pre.input}
+    assert set(first.output_map) == {o.name for o in pre.output} == {"pixels"}
+    assert set(second.input_map) == {i.name for i in model.input}
+    assert second.input_map["images"] == first.output_map["pixels"]
+    assert second.output_map["norm"] == "norm"
+    (pixels,) = pre.output
+    assert list(pixels.dims) == list(model.input[0].dims) == [3, 32, 32]
+    assert "import TritonPreprocessModel as TritonPythonModel" in \
+        (out / "m_preprocess" / "1" / "model.py").read_text()
+    assert json.loads((out / "m_preprocess" / "1" / "oecl.json").read_text()) == \
+        Artifact.open(artifact_dir).meta
+    assert "A step of the ensemble `m`" in (out / "m_model" / "README.md").read_text()

@@ -42,6 +42,12 @@ def servers(artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory
     # A long queue delay so that concurrent requests meet in one batch.
     write_repository(artifact_dir, work / "models", backend="python", kind="cpu",
                      max_delay_us=50_000)
+    # The native form's ensemble, as written, with its ONNX step stood in by the Python scorer
+    # (this tritonserver build has no onnxruntime backend): the decoding step and the ensemble
+    # wiring run for real.
+    write_repository(artifact_dir, work / "models", name="ens", kind="cpu")
+    write_repository(artifact_dir, work / "models", name="ens_model", backend="python",
+                     kind="cpu")
     grpc_port = free_port()
     with tritonserver(work / "models", work) as triton, \
             oecl_serve(artifact_dir, work / "serve.log", "--grpc-port", str(grpc_port)) as serve:
@@ -107,3 +113,17 @@ def test_triton_batches_concurrent_requests(servers: dict[str, str]) -> None:
     inferences, executions = (a - b for a, b in zip(counts(), before, strict=True))
     assert inferences == 24
     assert executions < 24, "no two requests ran as one batch"
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_native_ensemble_decodes_with_oecl_runtime(servers: dict[str, str], scorer: Scorer,
+                                                   protocol: str) -> None:
+    client = connect(protocol, servers[f"triton-{protocol}"])
+    batch = nchw_images(3, seed=21)
+    out = infer(client, protocol, "ens", "images", batch, outputs=("norm",))
+    np.testing.assert_allclose(out["norm"][:, 0], scorer.score_array(batch), rtol=1e-6)
+    imgs = random_images(3, seed=22, size=40)
+    blobs = [png_bytes(imgs[0]), _jpeg(imgs[1]), png_bytes(imgs[2])]
+    out = infer(client, protocol, "ens", "image_bytes", encoded(blobs), outputs=("norm",))
+    np.testing.assert_allclose(out["norm"][:, 0], [r.norm for r in scorer.score(blobs)],
+                               rtol=1e-6)
