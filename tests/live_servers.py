@@ -98,7 +98,8 @@ def triton_install() -> tuple[Path, Path] | str:
 @contextmanager
 def tritonserver(repository: Path, workdir: Path) -> Iterator[dict[str, str]]:
     """tritonserver on 127.0.0.1 (free HTTP, gRPC and metrics ports) with the Python backend;
-    the models' Python runs in the Triton-side environment. Yields the three host:ports."""
+    the models' Python runs in the Triton-side environment. Yields the three host:ports and the
+    server's pid."""
     found = triton_install()
     if isinstance(found, str):
         raise RuntimeError(found)
@@ -125,6 +126,6 @@ def tritonserver(repository: Path, workdir: Path) -> Iterator[dict[str, str]]:
     try:
         _wait(f"http://127.0.0.1:{http}/v2/health/ready", proc, "tritonserver", 60, log)
         yield {"http": f"127.0.0.1:{http}", "grpc": f"127.0.0.1:{grpc}",
-               "metrics": f"127.0.0.1:{metrics}"}
+               "metrics": f"127.0.0.1:{metrics}", "pid": str(proc.pid)}
     finally:
         _stop(proc)
