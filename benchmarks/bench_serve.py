@@ -137,6 +137,10 @@ def start(kind: str, args: argparse.Namespace, workers: int
     options = ["--log-level", "warning", "--workers", str(workers)]
     if getattr(args, "grpc_port", 0):
         options += ["--grpc-port", str(args.grpc_port)]
+    if args.protocols:
+        # Room for every connection's images (Triton's queue has no limit), so that K=16 at
+        # concurrency 32 measures work, not 503s.
+        options += ["--max-queue", str(max(256, args.concurrency * max(args.images_per_request)))]
     if args.precision:
         options += ["--precision", args.precision]
     if args.threads:
