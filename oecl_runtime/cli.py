@@ -506,16 +506,16 @@ def engine(artifact: Path, precisions: tuple[str, ...], max_batch: int | None,
 @click.command("triton-repo")
 @_artifact_argument
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Model repository directory; only the model's own subdirectory is written "
-                   "(replaced only if oecl wrote it).")
+              help="Model repository directory; only the model's own subdirectories are "
+                   "written (each replaced only if oecl wrote it).")
 @click.option("--name", default=TRITON_MODEL_NAME, show_default=True,
               callback=lambda ctx, param, v: _model_name(v), help="Model name in the repository.")
 @click.option("--backend", type=click.Choice(["native", "python"]), default="native",
               show_default=True,
-              help="native: Triton's onnxruntime or TensorRT backend runs the file (uint8 "
-                   "images in); python: Triton's Python backend runs oecl_runtime's scorer "
-                   "(uint8 images or encoded image_bytes in; oecl must be installed in "
-                   "Triton's Python).")
+              help="native: Triton's onnxruntime or TensorRT backend runs the file (see "
+                   "--image-bytes); python: Triton's Python backend runs oecl_runtime's scorer "
+                   "(uint8 images or encoded image_bytes in, norm and is_anomaly out; oecl "
+                   "must be installed in Triton's Python).")
 @click.option("--image-bytes/--no-image-bytes", default=True, show_default=True,
               help="native: NAME is an ensemble taking uint8 images or encoded image_bytes "
                    "(a Python step decodes with oecl_runtime, then NAME_model); without it, "
