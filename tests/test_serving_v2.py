@@ -266,3 +266,25 @@ def test_body_limit_applies_to_v2(client: TestClient) -> None:
     body, headers = _binary(_images_head([100, 3, 32, 32], len(big)), big)
     r = client.post(INFER, content=body, headers=headers)
     assert r.status_code == 413 and "byte limit" in r.json()["error"]
+
+
+def test_workers_each_serve_v2_and_grpc(artifact_dir: Path, tmp_path: Path,
+                                        scorer: Scorer) -> None:
+    """With --workers 2 every worker opens the gRPC port too (SO_REUSEPORT), so either worker
+    answers either protocol."""
+    grpc_port = free_port()
+    with oecl_serve(artifact_dir, tmp_path / "serve.log", "--workers", "2", "--threads", "1",
+                    "--grpc-port", str(grpc_port)) as url:
+        batch = nchw_images(2, seed=6)
+        want = scorer.score_array(batch)
+        for protocol, address in (("http", url), ("grpc", f"127.0.0.1:{grpc_port}")):
+            c = connect(protocol, address)
+            for _ in range(4):
+                out = infer(c, protocol, "oecl", "images", batch, outputs=("norm",))
+                np.testing.assert_allclose(out["norm"][:, 0], want, rtol=1e-6)
+        with urllib.request.urlopen(f"http://{url}/metrics") as r:
+            text = r.read().decode()
+        grpc_ok = [line for line in text.splitlines() if line.startswith("oecl_requests_total{")
+                   and 'path="grpc:ModelInfer"' in line and 'code="200"' in line]
+        assert [line.rsplit(" ", 1)[1] for line in grpc_ok] == ["4.0"], text
+        assert "oecl_workers 2.0" in text
