@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _harness import RESULTS, command_line, device_name, log, md_table
+from _harness import RESULTS, command_line, device_name, log, md_table, shown
 from _server_process import Server, oecl_serve, serving
 
 from oecl_runtime.atomic import write_json
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         out = (RESULTS / "serve-protocols.json" if args.out == RESULTS / "serve-cpu.json"
                else args.out)
         write_json(out, {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                         "device": device_name("cpu"), "model": str(args.model),
+                         "device": device_name("cpu"), "model": str(shown(args.model)),
                          "concurrency": args.concurrency, "duration_s": args.duration,
                          "rows": rows, "command": command_line("bench_serve.py", argv)})
         print(protocol_markdown(rows))
