@@ -184,7 +184,7 @@ def test_json_request_and_output_selection(client: TestClient, scorer: Scorer) -
     assert got["id"] == "r1" and got["model_name"] == "oecl" and got["model_version"] == "1"
     assert got["outputs"] == [{"name": "is_anomaly", "datatype": "BOOL", "shape": [2, 1],
                                "data": [True, True]}]
-    body["outputs"] = None
+    body["outputs"] = []  # empty: every output
     body["parameters"] = {"binary_data_output": True}
     r = client.post(INFER, json=body)
     head_len = int(r.headers["inference-header-content-length"])

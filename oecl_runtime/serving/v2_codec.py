@@ -129,7 +129,7 @@ def parse_infer(body: bytes, header_length: bytes | str | None) -> InferRequest:
                             f"carries {len(binary)} after the JSON header")
     params = _dict(head.get("parameters"), "request parameters")
     outputs = None
-    if head.get("outputs") is not None:
+    if head.get("outputs"):  # absent, null or empty: every output, as Triton answers
         if not isinstance(head["outputs"], list):
             raise ProtocolError("outputs must be a list")
         outputs = []
