@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .files import os_reason, regular_file_problem, short_path
-from .names import BACKEND_CHOICES, ENGINE_PRECISIONS, IMAGE_EXTENSIONS, PRECISIONS
+from .names import (
+    BACKEND_CHOICES,
+    ENGINE_PRECISIONS,
+    IMAGE_EXTENSIONS,
+    PRECISIONS,
+    TRITON_MODEL_NAME,
+    valid_model_name,
+)
 from .verbs import RUNTIME_VERBS, VerbGroup
 
 if TYPE_CHECKING:
@@ -66,6 +73,12 @@ def _open_scorer(model_dir: Path, backend: str, precision: str | None, threshold
                            batch_size=batch_size, threads=threads)
     except (ArtifactError, BackendUnavailable, ValueError) as e:
         raise click.ClickException(str(e)) from None
+
+
+def _model_name(name: str) -> str:
+    if not valid_model_name(name):
+        raise click.BadParameter(f"{name!r}: use letters, digits, '-', '_' or '.' (not first)")
+    return name
 
 
 def _say(msg: str) -> None:
@@ -332,15 +345,26 @@ def _write_rows(results: Iterator[FileResult], total: int,
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 @click.option("--access-log", is_flag=True, help="Log every request (off: /metrics counts them).")
+@click.option("--model-name", default=TRITON_MODEL_NAME, show_default=True,
+              callback=lambda ctx, param, v: _model_name(v),
+              help="The model's name under /v2/models/ (as `oecl triton-repo --name`).")
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Also serve the Open Inference Protocol over gRPC on this port (0: off; "
+                   "needs the grpc extra).")
 def serve(model_dir: Path, host: str, port: int, backend: str, precision: str | None,
           threads: int | None, threshold: float | None, max_batch: int | None,
           max_delay_ms: float, max_queue: int, max_body_mb: float,
           max_image_pixels: int | None, header_timeout: float, body_timeout: float,
-          workers: int, log_level: str, access_log: bool) -> None:
+          workers: int, log_level: str, access_log: bool, model_name: str,
+          grpc_port: int) -> None:
     """HTTP scoring server with dynamic batching. norm: higher = normal.
 
     POST /v1/score (image body, multipart files, or application/x-npy), GET /healthz,
-    GET /v1/model, GET /metrics. SIGTERM finishes in-flight requests before exiting.
+    GET /v1/model, GET /metrics; the Open Inference Protocol (KServe v2, as Triton speaks it)
+    under /v2: POST /v2/models/<model-name>/infer with `images` (UINT8 [N, C, H, W]) or
+    `image_bytes` (BYTES [N, 1]), JSON or binary tensors, outputs `norm` and `is_anomaly`;
+    the same over gRPC with --grpc-port.
+    SIGTERM finishes in-flight requests before exiting.
     Without --threads, each worker's backend gets the cores shared among the workers; on a
     machine shared with other busy work, --threads below the core count can serve more
     (onnxruntime's idle pool threads spin and compete with the event loop).
@@ -358,7 +382,13 @@ def serve(model_dir: Path, host: str, port: int, backend: str, precision: str | 
         "max_request_pixels": 4 * max_image_pixels}
     cfg = ServerConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
                        max_body_mb=max_body_mb, header_timeout_s=header_timeout,
-                       body_timeout_s=body_timeout, **limits)
+                       body_timeout_s=body_timeout, model_name=model_name,
+                       grpc_port=grpc_port, grpc_host=host, **limits)
+    if grpc_port:
+        from .serving.v2_grpc import missing
+
+        if (why := missing()) is not None:
+            raise click.ClickException(why)
     if threads is None:
         threads = serving_threads(workers)
     if workers > 1:
@@ -570,8 +600,20 @@ def engine(artifact: Path, precisions: tuple[str, ...], max_batch: int | None,
 @click.command("triton-repo")
 @_artifact_argument
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Repository directory to write (replaced only if oecl wrote it).")
-@click.option("--name", default="oecl", show_default=True, help="Model name in the repository.")
+              help="Model repository directory; only the model's own subdirectories are "
+                   "written (each replaced only if oecl wrote it).")
+@click.option("--name", default=TRITON_MODEL_NAME, show_default=True,
+              callback=lambda ctx, param, v: _model_name(v), help="Model name in the repository.")
+@click.option("--backend", type=click.Choice(["native", "python"]), default="native",
+              show_default=True,
+              help="native: Triton's onnxruntime or TensorRT backend runs the file (see "
+                   "--image-bytes); python: Triton's Python backend runs oecl_runtime's scorer "
+                   "(uint8 images or encoded image_bytes in, norm and is_anomaly out; oecl "
+                   "must be installed in Triton's Python).")
+@click.option("--image-bytes/--no-image-bytes", default=True, show_default=True,
+              help="native: NAME is an ensemble taking uint8 images or encoded image_bytes "
+                   "(a Python step decodes with oecl_runtime, then NAME_model); without it, "
+                   "NAME is the ONNX or TensorRT model alone (uint8 in, nothing to install).")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "tensorrt"]), default="onnx",
               show_default=True, help="onnx: Triton's onnxruntime backend; tensorrt: the plan.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
@@ -582,13 +624,16 @@ def engine(artifact: Path, precisions: tuple[str, ...], max_batch: int | None,
               help="Instance kind.")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
               help="Model instances per device.")
-def triton_repo(artifact: Path, out: Path, name: str, fmt: str, precision: str | None,
-                max_delay_us: int, kind: str, instances: int) -> None:
-    """Write a Triton Inference Server model repository for ARTIFACT.
+def triton_repo(artifact: Path, out: Path, name: str, backend: str, image_bytes: bool,
+                fmt: str, precision: str | None, max_delay_us: int, kind: str,
+                instances: int) -> None:
+    """Write model NAME of a Triton Inference Server model repository for ARTIFACT.
 
-    <name>/config.pbtxt (uint8 NCHW in, norm out, max_batch_size and dynamic batching from the
-    artifact), <name>/1/model.onnx or model.plan, and README.md with the tritonserver command
-    and a client call. norm: higher = normal.
+    <name>/config.pbtxt (max_batch_size and dynamic batching from the artifact) and
+    <name>/README.md with the tritonserver command and a client call; the model itself is the
+    ONNX or TensorRT file (native), behind an ensemble with a decoding step (<name>_preprocess,
+    <name>_model) unless --no-image-bytes, or oecl_runtime's scorer in Triton's Python backend
+    (--backend python). Other models in --out are left alone. norm: higher = normal.
     """
     import json
 
@@ -597,11 +642,12 @@ def triton_repo(artifact: Path, out: Path, name: str, fmt: str, precision: str |
 
     try:
         summary = write_repository(artifact, out, name=name, fmt=fmt, precision=precision,
-                                   max_delay_us=max_delay_us, kind=kind, instances=instances)
+                                   max_delay_us=max_delay_us, kind=kind, instances=instances,
+                                   backend=backend, image_bytes=image_bytes)
     except ArtifactError as e:
         raise click.ClickException(str(e)) from None
     _say(f"wrote {summary['config']} ({summary['platform']}, {summary['file']}, max batch "
-         f"{summary['max_batch_size']}); see {out / 'README.md'}")
+         f"{summary['max_batch_size']}); see {out / name / 'README.md'}")
     click.echo(json.dumps(summary))
 
 

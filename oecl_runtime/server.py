@@ -43,16 +43,17 @@ from starlette.types import Message, Receive, Scope, Send
 from .batcher import Draining, DynamicBatcher, QueueFull, TooManyImages
 from .inputs import Abandoned, load_each, npy_array, to_batch
 from .metrics import CONTENT_TYPE, MULTIPROC_ENV, ServerMetrics
+from .names import TRITON_MODEL_NAME
 from .preprocess import DEFAULT_MAX_PIXELS, ImageError, load_opened, open_image
 from .scorer import Scorer
+from .serving import v2_grpc
+from .serving.common import INLINE_PIXELS, HTTPError
+from .serving.v2_rest import V2Rest
 
 log = logging.getLogger("oecl_runtime.server")
 
 NPY_TYPE = "application/x-npy"
 SCORE_PATH = "/v1/score"
-# Images up to this many pixels are decoded on the event loop: a 32x32 PNG decodes in tens of
-# microseconds, less than handing it to a thread and back. Larger ones go to the thread pool.
-INLINE_PIXELS = 128 * 128
 
 
 @dataclass(frozen=True)
@@ -67,17 +68,13 @@ class ServerConfig:
     decode_threads: int = 2  # images decoded off the event loop at once, across requests
     header_timeout_s: float = 10.0  # 0: no limit
     body_timeout_s: float = 30.0  # whole body, from the end of the headers; 0: no limit
+    model_name: str = TRITON_MODEL_NAME  # the model's name under /v2 (Open Inference Protocol)
+    grpc_port: int = 0  # the Open Inference Protocol over gRPC on this port; 0: off
+    grpc_host: str = "127.0.0.1"
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, reason: str, kind: str,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(reason)
-        self.status, self.reason, self.kind, self.headers = status, reason, kind, headers or {}
 
 
 def _json_headers(body: bytes, extra: dict[str, str] | None) -> list[tuple[bytes, bytes]]:
@@ -162,6 +159,7 @@ class ScoringApp:
         self.batcher.on_depth = metrics.queue_depth.set
         self._decodes = asyncio.Semaphore(max(1, cfg.decode_threads))
         self._close_scorer = close_scorer
+        self.v2 = V2Rest(self, cfg.model_name)
         self.inner = self._starlette()
         self.state = self.inner.state
         self.state.batcher, self.state.metrics = self.batcher, metrics
@@ -169,6 +167,8 @@ class ScoringApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == SCORE_PATH:
             await self._score_endpoint(scope, receive, send)
+        elif scope["type"] == "http" and scope["path"].startswith("/v2"):
+            await self.v2(scope, receive, send)
         else:
             await self.inner(scope, receive, send)
 
@@ -193,7 +193,6 @@ class ScoringApp:
 
     async def _score(self, scope: Scope, receive: Receive
                      ) -> tuple[int, dict[str, Any], dict[str, str] | None]:
-        m = self.metrics
         try:
             threshold = _threshold(scope["query_string"], self.scorer.threshold)
             ctype, length = "", None
@@ -214,27 +213,33 @@ class ScoringApp:
             else:
                 batch = (await self._decode_one(body))[None]
             norms = await self._infer(batch, receive)
-        except HTTPError as e:
-            m.error(e.kind)
-            return e.status, {"error": e.reason}, e.headers
-        except ImageError as e:
-            m.error("bad_image")
-            return 400, {"error": str(e)}, None
-        except TooManyImages as e:
-            m.error("too_large")
-            return 413, {"error": str(e)}, None
-        except (QueueFull, Draining) as e:
-            m.error("queue_full" if isinstance(e, QueueFull) else "draining")
-            return 503, {"error": str(e)}, {"Retry-After": str(self.cfg.retry_after_s)}
-        except Abandoned:
-            m.error("client_gone")
-            return 400, {"error": "client went away"}, None
-        except Exception as e:  # a backend failure is this request's 500, not the server's end
-            log.exception("inference failed")
-            m.error("inference")
-            return 500, {"error": f"inference failed: {e}"}, None
+        except Exception as e:
+            return self._failure(e)
         return 200, self._payload(threshold, [{"norm": float(x), "is_anomaly": bool(x < threshold)}
                                               for x in norms.tolist()]), None
+
+    def _failure(self, e: Exception) -> tuple[int, dict[str, Any], dict[str, str] | None]:
+        """The response to a request that failed with `e` (any protocol), counted by reason."""
+        m = self.metrics
+        if isinstance(e, HTTPError):
+            m.error(e.kind)
+            return e.status, {"error": e.reason}, e.headers
+        if isinstance(e, ImageError):
+            m.error("bad_image")
+            return 400, {"error": str(e)}, None
+        if isinstance(e, TooManyImages):
+            m.error("too_large")
+            return 413, {"error": str(e)}, None
+        if isinstance(e, (QueueFull, Draining)):
+            m.error("queue_full" if isinstance(e, QueueFull) else "draining")
+            return 503, {"error": str(e)}, {"Retry-After": str(self.cfg.retry_after_s)}
+        if isinstance(e, Abandoned):
+            m.error("client_gone")
+            return 400, {"error": "client went away"}, None
+        # A backend failure is this request's 500, not the server's end.
+        log.error("inference failed", exc_info=e)
+        m.error("inference")
+        return 500, {"error": f"inference failed: {e}"}, None
 
     def _payload(self, threshold: float, results: list[dict[str, Any]]) -> dict[str, Any]:
         # `score` names what each `norm` holds: the plain norm or the K-view mean-view-norm.
@@ -446,12 +451,16 @@ class ScoringApp:
         @asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
             self.batcher.start()
+            grpc_server = await v2_grpc.start(self.v2, cfg.grpc_host, cfg.grpc_port) \
+                if cfg.grpc_port else None
             log.info("scoring with %s (%s), batches up to %d or %.1f ms, queue %d images",
                      scorer.backend.name, scorer.backend.precision, self.max_batch,
                      cfg.max_delay_ms, cfg.max_queue)
             try:
                 yield
             finally:
+                if grpc_server is not None:  # in-flight calls get the HTTP side's grace
+                    await grpc_server.stop(30)
                 # uvicorn runs this after in-flight requests finish; drain what is still queued.
                 await run_in_threadpool(self.batcher.close, True)
                 if self._close_scorer:
