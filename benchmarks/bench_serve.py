@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _harness import RESULTS, command_line, device_name, log, md_table
+from _harness import RESULTS, command_line, device_name, log, md_table, shown
 from _server_process import Server, oecl_serve, serving
 
 from oecl_runtime.atomic import write_json
@@ -120,9 +120,10 @@ def parse_wrk(out: str) -> dict[str, Any]:
     return {"requests_per_s": rps, "requests": total, "failures": failures, "latency_ms": lat}
 
 
-def drive(wrk: str, url: str, script: Path, concurrency: int, seconds: float) -> dict[str, Any]:
+def drive(wrk: str, url: str, script: Path, concurrency: int, seconds: float,
+          path: str = "/v1/score") -> dict[str, Any]:
     cmd = [wrk, "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--latency", "-s", str(script),
-           url + "/v1/score"]
+           url + path]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return parse_wrk(out)
 
@@ -134,6 +135,12 @@ def start(kind: str, args: argparse.Namespace, workers: int
         return serving(lambda port: [sys.executable, str(Path(__file__).resolve()),
                                      "--serve-bare", kind, "--port", str(port)], **timeouts)
     options = ["--log-level", "warning", "--workers", str(workers)]
+    if getattr(args, "grpc_port", 0):
+        options += ["--grpc-port", str(args.grpc_port)]
+    if args.protocols:
+        # Room for every connection's images (Triton's queue has no limit), so that K=16 at
+        # concurrency 32 measures work, not 503s.
+        options += ["--max-queue", str(max(256, args.concurrency * max(args.images_per_request)))]
     if args.precision:
         options += ["--precision", args.precision]
     if args.threads:
@@ -185,6 +192,100 @@ def markdown(report: dict[str, Any]) -> str:
                                "/ in-process"], rows, "lrlrrr"))
 
 
+# ----------------------------------------------------------------------------- protocols
+
+
+def measured(pid: int, run: Any, *run_args: Any) -> dict[str, Any]:
+    """`run(*run_args)`'s row with the server's CPU seconds per 1,000 requests during it."""
+    from _protocols import tree_cpu_seconds
+
+    cpu0 = tree_cpu_seconds(pid)
+    row = run(*run_args)
+    row["server_cpu_s_per_1000"] = (tree_cpu_seconds(pid) - cpu0) / max(row["requests"], 1) * 1e3
+    return row
+
+
+def protocol_rows(args: argparse.Namespace, wrk: str) -> dict[str, list[dict[str, Any]]]:
+    """`oecl serve` /v1, /v2 JSON, /v2 binary, gRPC; Triton's Python backend running
+    oecl_runtime over HTTP (binary) and gRPC; K uint8 images per request."""
+    from _protocols import bodies, grpc_drive, grpc_request, wrk_script
+    from live_servers import free_port, triton_install, tritonserver
+
+    from oecl_runtime.artifact import Artifact
+    from oecl_runtime.triton_repo import write_repository
+
+    art = Artifact.open(args.model, verify=False)
+    spec, name = art.spec, art.input_name
+    triton = triton_install()
+    if isinstance(triton, str):
+        log(f"no Triton rows: {triton}")
+    rows: dict[str, list[dict[str, Any]]] = {}
+    infer = "/v2/models/oecl/infer"
+
+    def add(label: str, k: int, r: int, row: dict[str, Any]) -> None:
+        row.update(round=r, images_per_request=k)
+        rows.setdefault(f"{label}, K={k}", []).append(row)
+        log(f"round {r} {label} K={k}: {row['requests_per_s']:.0f} req/s, p50 "
+            f"{row['latency_ms'].get('p50', float('nan')):.2f} ms, p99 "
+            f"{row['latency_ms'].get('p99', float('nan')):.2f} ms, "
+            f"{row['server_cpu_s_per_1000']:.2f} CPU s / 1000 requests, "
+            f"{row['failures']} failures")
+
+    with tempfile.TemporaryDirectory(prefix="bench-protocols-") as tmp:
+        work = Path(tmp)
+        write_repository(args.model, work / "models", backend="python", kind="cpu")
+        for k in args.images_per_request:
+            images = np.random.default_rng(k).integers(
+                0, 256, (k, spec.channels, spec.height, spec.width), dtype=np.uint8)
+            forms = {f: wrk_script(work / f"{f}-{k}.lua", *b)
+                     for f, b in bodies(images, name).items()}
+            request = grpc_request(images, name, "oecl")
+            for r in range(args.rounds):
+                grpc_port = free_port()
+                args_grpc = argparse.Namespace(**{**vars(args), "grpc_port": grpc_port})
+                with start("oecl-serve", args_grpc, 1) as server:
+                    for form, script in forms.items():
+                        path = "/v1/score" if form == "v1" else infer
+                        drive(wrk, server.url, script, args.concurrency, args.warmup, path)
+                        add(f"oecl serve {form}", k, r, measured(
+                            server.process.pid, drive, wrk, server.url, script,
+                            args.concurrency, args.duration, path))
+                    url = f"127.0.0.1:{grpc_port}"
+                    grpc_drive(url, request, args.concurrency, args.warmup)
+                    add("oecl serve grpc", k, r, measured(
+                        server.process.pid, grpc_drive, url, request, args.concurrency,
+                        args.duration))
+                if isinstance(triton, str):
+                    continue
+                tw = work / f"triton-{k}-{r}"
+                tw.mkdir()
+                with tritonserver(work / "models", tw) as t:
+                    pid = int(t["pid"])
+                    url = "http://" + t["http"]
+                    drive(wrk, url, forms["v2-binary"], args.concurrency, args.warmup, infer)
+                    add("triton python http", k, r, measured(
+                        pid, drive, wrk, url, forms["v2-binary"], args.concurrency,
+                        args.duration, infer))
+                    grpc_drive(t["grpc"], request, args.concurrency, args.warmup)
+                    add("triton python grpc", k, r, measured(
+                        pid, grpc_drive, t["grpc"], request, args.concurrency, args.duration))
+    return rows
+
+
+def protocol_markdown(rows: dict[str, list[dict[str, Any]]]) -> str:
+    table = []
+    for label, rs in rows.items():
+        best = max(rs, key=lambda x: x["requests_per_s"])
+        lat = best["latency_ms"]
+        table.append([label, f"{best['requests_per_s']:.0f}",
+                      ", ".join(f"{x['requests_per_s']:.0f}" for x in rs),
+                      f"{lat.get('p50', float('nan')):.2f}", f"{lat.get('p99', float('nan')):.2f}",
+                      f"{best['server_cpu_s_per_1000']:.2f}", sum(x["failures"] for x in rs)])
+    return "\n".join(md_table(["server, images per request", "best req/s", "all rounds",
+                               "p50 ms", "p99 ms", "server CPU s / 1000 req", "failures"],
+                              table, "lrlrrrr"))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path)
@@ -196,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--workers", default="2", help="extra `oecl serve --workers` counts")
     p.add_argument("--out", type=Path, default=RESULTS / "serve-cpu.json")
+    p.add_argument("--protocols", action="store_true",
+                   help="instead: the Open Inference Protocol rows (oecl serve /v1, /v2 JSON, "
+                        "/v2 binary, gRPC; Triton's Python backend over HTTP and gRPC)")
+    p.add_argument("--images-per-request", type=lambda t: [int(x) for x in t.split(",")],
+                   default=[1, 16], help="with --protocols: K uint8 images per request")
     p.add_argument("--serve-bare", choices=["bare-json", "bare-decode"], help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -205,6 +311,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is None:
         p.error("--model is required")
     wrk = ensure_wrk()
+    if args.protocols:
+        rows = protocol_rows(args, wrk)
+        out = (RESULTS / "serve-protocols.json" if args.out == RESULTS / "serve-cpu.json"
+               else args.out)
+        write_json(out, {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                         "device": device_name("cpu"), "model": str(shown(args.model)),
+                         "concurrency": args.concurrency, "duration_s": args.duration,
+                         "rows": rows, "command": command_line("bench_serve.py", argv)})
+        print(protocol_markdown(rows))
+        return 0
     bodies = request_bodies(args.model, 1024)
     refs: list[dict[str, float]] = []
     servers = [("bare-json", 1), ("bare-decode", 1), ("oecl-serve", 1)]

@@ -12,13 +12,14 @@ import json
 import math
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 
 from .atomic import write_json
+from .errors import one_line
 from .names import CONSUMERS, DATA_PRECISIONS, FILE_FORMATS, PRECISIONS
 from .preprocess import InputSpec
 
@@ -33,6 +34,7 @@ METADATA_NAME = "oecl.json"
 MAX_BATCH = 4096
 MAX_SIDE = 8192
 MAX_BATCH_BYTES = 1 << 30
+MAX_PATH = 1024  # characters of a path listed in files[]
 
 STAT_KEYS = ("n", "mean", "std", "min", "p05", "p50", "p95", "max")
 # The graph computes the score either way; the name says which: the single-pass norm, or the
@@ -88,29 +90,46 @@ def file_entry(path: str | os.PathLike, fmt: str, precision: str, **extra: Any) 
 
 
 def onnx_external_data(path: str | os.PathLike) -> list[str]:
-    """The external-data files (relative locations) an ONNX graph loads its tensors from."""
+    """The external-data files (relative locations) an ONNX graph loads its tensors from.
+
+    Every tensor anywhere in the model counts: initializers and sparse initializers of the
+    graph and of every subgraph, tensors and sparse tensors held in node attributes, function
+    bodies and their attribute defaults, training graphs. The walk is generic over the protobuf
+    messages, so a place ONNX adds later is not missed either.
+    """
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError, a recursion limit, a truncated file
+        raise ArtifactError(f"{Path(path).name}: not a readable ONNX graph: "
+                            f"{one_line(e)}") from e
     found: list[str] = []
-
-    def visit(graph: Any) -> None:
-        tensors = list(graph.initializer) + [a.t for n in graph.node for a in n.attribute
-                                             if a.HasField("t")]
-        for t in tensors:
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                loc = {e.key: e.value for e in t.external_data}.get("location", "")
-                if loc not in found:
-                    found.append(loc)
-        for n in graph.node:
-            for a in n.attribute:
-                if a.HasField("g"):
-                    visit(a.g)
-                for g in a.graphs:
-                    visit(g)
-
-    visit(model.graph)
+    for t in _tensors(model, onnx.TensorProto):
+        if t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data):
+            loc = {e.key: e.value for e in t.external_data}.get("location", "")
+            if loc not in found:
+                found.append(loc)
     return found
+
+
+def _tensors(message: Any, kind: type) -> Iterable[Any]:
+    """Every message of type `kind` reachable from `message` (itself included)."""
+    from google.protobuf.message import Message
+
+    stack = [message]
+    while stack:
+        m = stack.pop()
+        if isinstance(m, kind):
+            yield m
+        for desc, value in m.ListFields():
+            if desc.message_type is None:
+                continue
+            # A single message field, or a repeated one (a container of messages).
+            if isinstance(value, Message):
+                stack.append(value)
+            else:
+                stack.extend(v for v in value if isinstance(v, Message))
 
 
 def norm_stats(norms: Iterable[float] | np.ndarray) -> dict[str, float | int]:
@@ -188,10 +207,15 @@ def _is_pos_int(v: Any) -> bool:
 
 def _check_relative(p: Any, where: str) -> None:
     _need(isinstance(p, str) and p != "", f"{where} must be a non-empty string")
+    # Longer names than a file system holds would fail deep inside a path call instead.
+    _need(len(p) <= MAX_PATH and "\0" not in p
+          and all(len(part.encode("utf-8", "surrogatepass")) <= 255 for part in p.split("/")),
+          f"{where} {_short(p)!r} is not a usable file name (at most {MAX_PATH} characters, "
+          "255 bytes per part, no NUL)")
     pp = PurePosixPath(p)
     # Paths come from a file a user may have received: keep every read inside the directory.
     _need(not pp.is_absolute() and ".." not in pp.parts and "\\" not in p,
-          f"{where} {p!r} must be relative to the artifact directory")
+          f"{where} {_r(p)} must be relative to the artifact directory")
 
 
 def _check_digest(sha: Any, size: Any, p: str) -> None:
@@ -213,9 +237,9 @@ def _check_file_entry(f: Any, i: int) -> None:
         _need(key in f, f"files[{i}] lacks {key!r}")
     p = f["path"]
     _check_relative(p, f"files[{i}].path")
-    _need(f["format"] in FILE_FORMATS, f"{p}: unknown format {f['format']!r}")
+    _need(f["format"] in FILE_FORMATS, f"{p}: unknown format {_r(f['format'])}")
     known = DATA_PRECISIONS if f["format"] == "npy" else PRECISIONS
-    _need(f["precision"] in known, f"{p}: unknown precision {f['precision']!r}")
+    _need(f["precision"] in known, f"{p}: unknown precision {_r(f['precision'])}")
     consumers = f.get("consumers")
     _need(consumers is None or (isinstance(consumers, list) and consumers
                                 and all(c in CONSUMERS for c in consumers)),
@@ -234,12 +258,23 @@ def _check_file_entry(f: Any, i: int) -> None:
                   f"{p}: a TensorRT plan needs {key!r} (plans only run where they were built)")
 
 
+def _check_output(name: Any, out: Any) -> None:
+    """One `outputs` entry: a float32 tensor whose `shape` is "batch" and then sizes."""
+    where = f"outputs.{_short(name, 40)}"
+    _need(isinstance(out, dict), f"{where} must be an object")
+    _need(out.get("dtype", "float32") == "float32", f"{where}.dtype must be 'float32'")
+    shape = out.get("shape", ["batch"])
+    _need(isinstance(shape, list) and 1 <= len(shape) <= 8 and shape[0] == "batch"
+          and all(_is_pos_int(d) and d <= 1 << 20 for d in shape[1:]),
+          f"{where}.shape must be [\"batch\"] followed by positive sizes, got {_short(shape)}")
+
+
 def _check_views(score: dict[str, Any], inp: dict[str, Any]) -> None:
     """`score.views` (optional for `norm`: absent means the plain view alone): boxes inside the
     input, view 0 the plain image, and more than one view exactly when the name says so."""
     views = score.get("views")
     if views is None:
-        _need(score["name"] == "norm", f"score.name {score['name']!r} needs score.views")
+        _need(score["name"] == "norm", f"score.name {_r(score['name'])} needs score.views")
         return
     _need(isinstance(views, list) and views, "score.views must list at least one view")
     h, w = inp["height"], inp["width"]
@@ -264,12 +299,12 @@ def validate_metadata(meta: dict[str, Any]) -> None:
     _need(isinstance(meta, dict), "top level must be a JSON object")
     version = meta.get("schema_version")
     _need(_is_int(version) and version in READABLE_VERSIONS,
-          f"unknown schema_version {version!r} (this runtime reads "
+          f"unknown schema_version {_r(version)} (this runtime reads "
           f"{', '.join(map(str, READABLE_VERSIONS))})")
     _need(version >= 2 or not isinstance(meta.get("score"), dict)
           or meta["score"].get("name", "norm") == "norm",
           f"schema_version {version} has only the plain norm score; "
-          f"{meta['score'].get('name') if isinstance(meta.get('score'), dict) else ''!r} "
+          f"{_r(meta['score'].get('name') if isinstance(meta.get('score'), dict) else '')} "
           "needs schema_version 2")
     missing = [k for k in _TOP_KEYS if k not in meta]
     _need(not missing, f"missing key(s) {', '.join(missing)}")
@@ -283,10 +318,10 @@ def validate_metadata(meta: dict[str, Any]) -> None:
     inp = meta["input"]
     _need(isinstance(inp, dict), "input must be an object")
     _need(isinstance(inp.get("name"), str) and inp["name"] != "", "input.name must be a string")
-    _need(inp.get("dtype") == "uint8", f"input.dtype must be 'uint8', got {inp.get('dtype')!r}")
-    _need(inp.get("layout") == "NCHW", f"input.layout must be 'NCHW', got {inp.get('layout')!r}")
+    _need(inp.get("dtype") == "uint8", f"input.dtype must be 'uint8', got {_r(inp.get('dtype'))}")
+    _need(inp.get("layout") == "NCHW", f"input.layout must be 'NCHW', got {_r(inp.get('layout'))}")
     _need(_is_int(inp.get("channels")) and inp.get("channels") in (1, 3),
-          f"input.channels must be 1 or 3, got {inp.get('channels')!r}")
+          f"input.channels must be 1 or 3, got {_r(inp.get('channels'))}")
     expected_mode = "L" if inp["channels"] == 1 else "RGB"
     _need(inp.get("color_mode") == expected_mode,
           f"input.color_mode must be {expected_mode!r} for {inp['channels']} channel(s)")
@@ -297,7 +332,7 @@ def validate_metadata(meta: dict[str, Any]) -> None:
                                         and inp["resize"] <= MAX_SIDE),
           f"input.resize must be an integer from 1 to {MAX_SIDE} or null")
     _need(inp.get("interpolation") in ("bilinear", "nearest", "bicubic"),
-          f"input.interpolation {inp.get('interpolation')!r} is not bilinear, nearest or bicubic")
+          f"input.interpolation {_r(inp.get('interpolation'))} is not bilinear, nearest or bicubic")
     norm = inp.get("normalization")
     _need(isinstance(norm, dict) and norm.get("in_graph") is True,
           "input.normalization must say in_graph: true (the graph takes raw uint8)")
@@ -311,15 +346,21 @@ def validate_metadata(meta: dict[str, Any]) -> None:
     _need(isinstance(outputs, dict) and isinstance(outputs.get("norm"), dict),
           "outputs must describe 'norm'")
     _need(outputs["norm"].get("dtype") == "float32", "outputs.norm.dtype must be 'float32'")
+    for name, out in outputs.items():
+        _check_output(name, out)
+    _need(outputs["norm"].get("shape", ["batch"]) == ["batch"],
+          "outputs.norm.shape must be [\"batch\"]: one norm per image")
 
     score = meta["score"]
     _need(isinstance(score, dict), "score must be an object")
     _need(score.get("name") in SCORE_NAMES,
-          f"score.name must be one of {', '.join(SCORE_NAMES)}, got {score.get('name')!r}")
+          f"score.name must be one of {', '.join(SCORE_NAMES)}, got {_r(score.get('name'))}")
     _check_views(score, inp)
     _need(score.get("direction") == "higher_is_normal",
-          f"score.direction must be 'higher_is_normal', got {score.get('direction')!r}")
-    _need(_is_num(score.get("threshold")), "score.threshold must be a finite number")
+          f"score.direction must be 'higher_is_normal', got {_r(score.get('direction'))}")
+    # Norms are never negative: a negative threshold would call nothing anomalous.
+    _need(_is_num(score.get("threshold")) and score["threshold"] >= 0,
+          f"score.threshold must be a finite number >= 0, got {_short(score.get('threshold'))}")
     rule = score.get("threshold_rule")
     _need(isinstance(rule, dict) and isinstance(rule.get("method"), str),
           "score.threshold_rule must name its method")
@@ -328,7 +369,7 @@ def validate_metadata(meta: dict[str, Any]) -> None:
         _check_stats(score["oe_norm"], "score.oe_norm")
 
     _need(_is_pos_int(meta["max_batch"]) and meta["max_batch"] <= MAX_BATCH,
-          f"max_batch must be an integer from 1 to {MAX_BATCH}, got {meta['max_batch']!r}")
+          f"max_batch must be an integer from 1 to {MAX_BATCH}, got {_r(meta['max_batch'])}")
     batch_bytes = meta["max_batch"] * inp["channels"] * inp["height"] * inp["width"]
     _need(batch_bytes <= MAX_BATCH_BYTES,
           f"max_batch {meta['max_batch']} of {inp['channels']}x{inp['height']}x{inp['width']} "
@@ -349,74 +390,109 @@ def validate_metadata(meta: dict[str, Any]) -> None:
 
 @dataclass(frozen=True)
 class Artifact:
-    """A validated artifact directory: metadata plus verified model files."""
+    """A validated artifact directory: metadata, and model files checked when first used.
+
+    `open` validates `oecl.json` and keeps every listed path inside the directory; a file's
+    presence, size and hash (with `verify`) and, for ONNX, the external data it loads are
+    checked by `path_of`, the one way to a file's path. So a command checks exactly the files
+    it opens: int8 scoring works with `model.onnx` gone, and a damaged file it opens is refused.
+    """
 
     directory: Path
     meta: dict[str, Any]
+    verify: bool = True
+    _checked: set[str] = field(default_factory=set, compare=False, repr=False)
 
     @classmethod
     def open(cls, directory: str | os.PathLike, verify: bool = True) -> Artifact:
-        """Read and validate `oecl.json`; with `verify`, check every listed file's size and hash.
+        """Read and validate `oecl.json`; `verify`: hash each file before it is used.
 
-        Raises ArtifactError with a one-line reason naming the offending file.
+        Raises ArtifactError with a one-line reason naming the offending key or file.
         """
         directory = Path(directory)
-        if not directory.is_dir():
-            raise ArtifactError(f"artifact directory not found: {directory}")
-        # Every path is resolved (symlinks followed) and must stay inside the directory; a
-        # symlink inside the artifact could otherwise make oecl.json read and hash any file.
-        directory = directory.resolve()
+        try:
+            if not directory.is_dir():
+                raise ArtifactError(f"artifact directory not found: {_short(directory)}")
+            # Every path is resolved (symlinks followed) and must stay inside the directory; a
+            # symlink inside the artifact could otherwise make oecl.json read and hash any file.
+            directory = directory.resolve(strict=True)
+        except (OSError, RuntimeError) as e:  # a name too long, a symlink loop, no permission
+            raise ArtifactError(f"cannot open artifact directory {_short(directory)}: "
+                                f"{one_line(e)}") from e
         meta_path = _inside(directory, METADATA_NAME)
         if not meta_path.is_file():
             raise ArtifactError(f"no {METADATA_NAME} in {directory}")
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ArtifactError(f"{meta_path} is not valid JSON: {e}") from e
+            raise ArtifactError(f"{meta_path} is not valid JSON: {one_line(e)}") from e
+        except RecursionError as e:
+            raise ArtifactError(f"{meta_path} nests too deeply to be an {METADATA_NAME}") from e
+        except OSError as e:
+            raise ArtifactError(f"cannot read {meta_path}: {one_line(e)}") from e
         validate_metadata(meta)
-        art = cls(directory, meta)
         for f in meta["files"]:
-            art._check_file(f, verify)
-        return art
+            _inside(directory, f["path"])
+            for e in f.get("external_data", []):
+                _inside(directory, _beside(f["path"], e["path"]))
+        return cls(directory, meta, verify)
 
-    def _check_file(self, f: dict[str, Any], verify: bool) -> None:
-        self._check_one(f, verify)
+    def path_of(self, entry: dict[str, Any]) -> Path:
+        """The path of a file listed in `files[]`, checked on first use: present, of the listed
+        size and hash (with `verify`), and an ONNX graph loads no file the listing does not
+        hash. Raises ArtifactError naming the file (and, when missing, what remakes it)."""
+        path = _inside(self.directory, entry["path"])
+        if entry["path"] not in self._checked:
+            self._check_file(entry)
+            self._checked.add(entry["path"])
+        return path
+
+    def _check_file(self, f: dict[str, Any]) -> None:
+        self._check_one(f, f)
         if f["format"] != "onnx":
             return
         listed = {e["path"]: e for e in f.get("external_data", [])}
         for e in listed.values():
-            self._check_one(e, verify)
-        try:
-            refs = onnx_external_data(self.path_of(f))
-        except Exception as e:  # not a parseable graph: the backend will say so when loading
-            if verify:
-                raise ArtifactError(f"{f['path']}: not a readable ONNX graph: {e}") from e
-            return
-        for ref in refs:
+            self._check_one({**e, "path": _beside(f["path"], e["path"])}, f)
+        for ref in onnx_external_data(_inside(self.directory, f["path"])):
             _check_relative_ref(ref, f["path"])
-            _inside(self.directory, str(PurePosixPath(f["path"]).parent / ref))
+            _inside(self.directory, _beside(f["path"], ref))
             if ref not in listed:
-                raise ArtifactError(f"{f['path']} loads external data {ref!r} that "
+                raise ArtifactError(f"{f['path']} loads external data {_r(ref)} that "
                                     f"{METADATA_NAME} does not hash (files[].external_data)")
 
-    def _check_one(self, f: dict[str, Any], verify: bool) -> None:
+    def _check_one(self, f: dict[str, Any], owner: dict[str, Any]) -> None:
         path = _inside(self.directory, f["path"])
         if not path.is_file():
-            raise ArtifactError(f"missing file {f['path']} listed in {METADATA_NAME}")
-        if not verify:
+            raise ArtifactError(f"missing file {f['path']} listed in {METADATA_NAME}; "
+                                f"{self._remake(owner)}")
+        if not self.verify:
             return
-        size = path.stat().st_size
-        if size != f["bytes"]:
-            raise ArtifactError(
-                f"{f['path']} is {size} bytes but {METADATA_NAME} says {f['bytes']} "
-                "(truncated or replaced)"
-            )
-        digest = sha256_file(path)
+        try:
+            size = path.stat().st_size
+            if size != f["bytes"]:
+                raise ArtifactError(
+                    f"{f['path']} is {size} bytes but {METADATA_NAME} says {f['bytes']} "
+                    "(truncated or replaced)"
+                )
+            digest = sha256_file(path)
+        except OSError as e:  # no permission, an I/O error
+            raise ArtifactError(f"cannot read {f['path']}: {one_line(e)}") from e
         if digest != f["sha256"]:
             raise ArtifactError(
                 f"{f['path']} sha256 {digest[:12]}... does not match {METADATA_NAME} "
                 f"({f['sha256'][:12]}...): the file changed after export"
             )
+
+    def _remake(self, entry: dict[str, Any]) -> str:
+        """What makes a listed file again: `oecl engine` for a plan, else `oecl export`."""
+        if entry["format"] == "tensorrt":
+            return (f"rebuild it on this GPU with `oecl engine {self.directory} --precision "
+                    f"{entry['precision']}`")
+        source = self.meta.get("source")
+        run = source.get("run") if isinstance(source, dict) else None
+        run = run if isinstance(run, str) and run else "RUN_DIR"
+        return f"remake the artifact with `oecl export {run} --out {self.directory}`"
 
     # ---- convenient views of the metadata
 
@@ -485,22 +561,39 @@ class Artifact:
             raise ArtifactError(f"artifact {self.directory} has no {want} file (it has: {have})")
         return f
 
-    def path_of(self, entry: dict[str, Any]) -> Path:
-        return _inside(self.directory, entry["path"])
-
 
 def _inside(directory: Path, relative: str) -> Path:
     """`directory / relative` with symlinks resolved; refused (naming only the listed path,
     nothing about the target) when it leads outside the resolved `directory`."""
-    path = (directory / relative).resolve()
+    try:
+        path = (directory / relative).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop, a name the system cannot hold
+        raise ArtifactError(f"{_short(relative)} cannot be resolved: {one_line(e)}") from e
     if path != directory and directory not in path.parents:
         raise ArtifactError(f"{relative} resolves outside the artifact directory (a symlink?); "
                             "refusing to read it")
     return path
 
 
+def _beside(graph: str, ref: str) -> str:
+    """An external-data location, relative to the artifact directory (it is relative to the
+    graph that names it)."""
+    return str(PurePosixPath(graph).parent / ref)
+
+
+def _short(p: Any, limit: int = 120) -> str:
+    """`p` as text, cut to `limit` characters (a received file may hold anything)."""
+    text = str(p)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _r(v: Any) -> str:
+    """`repr(v)`, cut like `_short`: how a value read from oecl.json appears in a message."""
+    return _short(repr(v), 80)
+
+
 def _check_relative_ref(ref: str, graph: str) -> None:
     pp = PurePosixPath(ref)
     if not ref or pp.is_absolute() or ".." in pp.parts or "\\" in ref:
-        raise ArtifactError(f"{graph} loads external data from {ref!r}, outside the artifact "
+        raise ArtifactError(f"{graph} loads external data from {_r(ref)}, outside the artifact "
                             "directory; refusing to load it")

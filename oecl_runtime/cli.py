@@ -8,16 +8,27 @@ Both `oecl` and `python -m oecl_runtime` (a box that has the runtime alone) list
 from __future__ import annotations
 
 import glob
+import math
 import os
+import stat
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from .names import BACKEND_CHOICES, ENGINE_PRECISIONS, IMAGE_EXTENSIONS, PRECISIONS
+from .files import os_reason, regular_file_problem, short_path
+from .names import (
+    BACKEND_CHOICES,
+    ENGINE_PRECISIONS,
+    IMAGE_EXTENSIONS,
+    PRECISIONS,
+    TRITON_MODEL_NAME,
+    valid_model_name,
+)
 from .verbs import RUNTIME_VERBS, VerbGroup
 
 if TYPE_CHECKING:
@@ -64,6 +75,12 @@ def _open_scorer(model_dir: Path, backend: str, precision: str | None, threshold
         raise click.ClickException(str(e)) from None
 
 
+def _model_name(name: str) -> str:
+    if not valid_model_name(name):
+        raise click.BadParameter(f"{name!r}: use letters, digits, '-', '_' or '.' (not first)")
+    return name
+
+
 def _say(msg: str) -> None:
     click.echo(msg, err=True)
 
@@ -81,34 +98,77 @@ def _int_list(value: str) -> list[int]:
 # ----------------------------------------------------------------------------- score
 
 
-def expand_paths(paths: tuple[str, ...]) -> list[str]:
+class PathError(ValueError):
+    """A path given to `oecl score` that does not exist: a usage error, not an error row."""
+
+
+def expand_paths(paths: tuple[str, ...], problems: dict[str, str] | None = None) -> list[str]:
     """Files as given; directories walked recursively and globs expanded, keeping images only.
 
-    A named file is always scored (so a mistyped or unreadable one shows up as an error row);
-    files found by walking or globbing are filtered by image extension.
+    Returns one entry per row `oecl score` writes, in order. Every path given must exist (a
+    glob may match nothing): PathError names the first that does not. An entry that cannot be
+    scored stays in the list with its reason in `problems`: a directory that cannot be listed,
+    and anything but a regular file (a FIFO would block its read forever, a broken symlink has
+    nothing to read). A named file is always kept; walked and globbed files are filtered by
+    image extension.
     """
     out: list[str] = []
+    found = {} if problems is None else problems
 
     def walk(d: str) -> Iterator[str]:
-        for root, dirs, files in os.walk(d):
+        unlisted: list[OSError] = []
+
+        def directories_that_failed() -> Iterator[str]:
+            # os.walk reports a directory it cannot list here, and otherwise leaves it out.
+            while unlisted:
+                e = unlisted.pop(0)
+                where = os.fspath(e.filename) if e.filename is not None else d
+                found[where] = f"cannot list this directory: {os_reason(e)}"
+                yield where
+
+        for root, dirs, files in os.walk(d, onerror=unlisted.append):
+            yield from directories_that_failed()
             dirs.sort()
             for name in sorted(files):
                 if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                     yield os.path.join(root, name)
+        yield from directories_that_failed()
 
     for p in paths:
-        if os.path.isdir(p):
+        try:
+            mode = os.stat(p).st_mode
+        except OSError as e:
+            if isinstance(e, FileNotFoundError) and _GLOB_CHARS & set(p) \
+                    and not os.path.islink(p):
+                for m in sorted(glob.glob(p, recursive=True)):
+                    if os.path.isdir(m):
+                        out.extend(walk(m))
+                    elif Path(m).suffix.lower() in IMAGE_EXTENSIONS:
+                        out.append(m)
+                continue
+            raise PathError(f"{short_path(p)}: {regular_file_problem(p)}; give image files, "
+                            "directories or globs that exist") from None
+        if stat.S_ISDIR(mode):
             out.extend(walk(p))
-        elif not os.path.exists(p) and _GLOB_CHARS & set(p):
-            for m in sorted(glob.glob(p, recursive=True)):
-                if os.path.isdir(m):
-                    out.extend(walk(m))
-                elif Path(m).suffix.lower() in IMAGE_EXTENSIONS:
-                    out.append(m)
         else:
             out.append(p)
     seen: set[str] = set()
-    return [p for p in out if not (p in seen or seen.add(p))]
+    entries = [p for p in out if not (p in seen or seen.add(p))]
+    for p in entries:
+        if p not in found:
+            reason = regular_file_problem(p)
+            if reason is not None:
+                found[p] = reason
+    return entries
+
+
+def _printable(text: str) -> str:
+    """A file name that is not valid UTF-8 (held as surrogate escapes) with \\xNN for its odd
+    bytes: a row file stays valid UTF-8 and still says which bytes the name has."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file name decodes to
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class _RowWriter:
@@ -131,22 +191,33 @@ class _RowWriter:
 
         # str(float32) is the shortest text that reads back as the same float32.
         text = None if r.norm is None else str(np.float32(r.norm))
+        path = _printable(r.path)
+        error = None if r.error is None else _printable(r.error)
         if self.fmt == "csv":
             flag = "" if r.is_anomaly is None else str(r.is_anomaly).lower()
-            self._csv.writerow((r.path, text or "", flag, r.error or ""))
+            self._csv.writerow((path, text or "", flag, error or ""))
         else:
-            row = {"path": r.path, "norm": None if text is None else float(text),
-                   "is_anomaly": r.is_anomaly, "error": r.error}
+            row = {"path": path, "norm": None if text is None else float(text),
+                   "is_anomaly": r.is_anomaly, "error": error}
             self.stream.write(json.dumps(row) + "\n")
+
+
+def _check_threshold(ctx: click.Context, param: click.Parameter,
+                     value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise click.BadParameter(f"must be a finite number >= 0 (norms are >= 0), got {value}")
+    return value
 
 
 @click.command("score")
 @click.argument("paths", nargs=-1, required=True)
 @_model_option
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write rows to FILE.csv or FILE.jsonl (default: CSV on stdout).")
-@click.option("--threshold", type=float, default=None,
-              help="Anomaly when norm < threshold; default: the artifact's threshold.")
+              help="Write rows to FILE.csv or FILE.jsonl (default: CSV on stdout); written "
+                   "whole or not at all.")
+@click.option("--threshold", type=float, default=None, callback=_check_threshold,
+              help="Anomaly when norm < threshold (finite, >= 0); default: the artifact's "
+                   "threshold.")
 @_backend_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Images per inference call; default: the backend's maximum.")
@@ -158,35 +229,71 @@ def score(paths: tuple[str, ...], model_dir: Path, out: Path | None, threshold: 
           workers: int, strict: bool) -> None:
     """Score image files, directories (recursive) and globs. norm: higher = normal.
 
-    Each image gets a row (path, norm, is_anomaly, error); an unreadable image becomes an error
-    row and the run goes on.
+    Each image gets a row (path, norm, is_anomaly, error); an image that cannot be scored
+    becomes an error row and the run goes on: an unreadable or corrupt file, anything but a
+    regular file (a FIFO, a broken symlink), a directory that cannot be listed, a non-finite
+    norm. A path that does not exist is a usage error. Paths that are not valid UTF-8 are
+    written with \\xNN escapes.
     """
     fmt = "csv"
     if out is not None:
         fmt = {".csv": "csv", ".jsonl": "jsonl"}.get(out.suffix.lower(), "")
         if not fmt:
             raise click.BadParameter("must end in .csv or .jsonl", param_hint="--out")
-    files = expand_paths(paths)
+    problems: dict[str, str] = {}
+    try:
+        files = expand_paths(paths, problems)
+    except PathError as e:
+        raise click.BadParameter(str(e), param_hint="PATHS") from None
     if not files:
-        raise click.ClickException("no images found in " + " ".join(paths))
+        raise click.ClickException("no images found in " + " ".join(map(short_path, paths)))
     scorer = _open_scorer(model_dir, backend, precision, threshold, batch_size, threads)
-    _say(f"scoring {len(files)} images with {scorer.backend.name} ({scorer.backend.precision}), "
-         f"threshold {scorer.threshold:g}; {_direction(scorer)}")
-    results = scorer.score_files(files, workers=workers)
-    if out is None:
-        counts = _write_rows(results, len(files), _RowWriter(sys.stdout, fmt))
-    else:
-        from .atomic import atomic_path
+    try:
+        with ExitStack() as stack:
+            stack.callback(scorer.close)
+            stream = sys.stdout
+            if out is not None:
+                from .atomic import atomic_path
 
-        with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8", newline="") as stream:
+                tmp = stack.enter_context(atomic_path(out))
+                stream = stack.enter_context(open(tmp, "w", encoding="utf-8", newline=""))
+            _say(f"scoring {len(files)} images with {scorer.backend.name} "
+                 f"({scorer.backend.precision}), threshold {scorer.threshold:g}; "
+                 f"{_direction(scorer)}")
+            results = _with_problems(files, problems, scorer, workers)
             counts = _write_rows(results, len(files), _RowWriter(stream, fmt))
+    except OSError as e:  # file-size limit, full disk, read-only directory: nothing is left
+        where = "stdout" if out is None else short_path(out)
+        raise click.ClickException(f"cannot write {where}: {os_reason(e)}") from None
     n, anomalies, errors, seconds = counts
     _say(f"{n} images: {n - errors} scored, {anomalies} anomalies (norm < {scorer.threshold:g}), "
          f"{errors} errors; {n / seconds:.1f} images/s; {_direction(scorer)}"
-         + (f"; wrote {out}" if out else ""))
-    scorer.close()
+         + (f"; wrote {short_path(out)}" if out else ""))
     if strict and errors:
         raise SystemExit(1)
+
+
+def _with_problems(files: list[str], problems: dict[str, str], scorer: Any,
+                   workers: int) -> Iterator[FileResult]:
+    """A result per entry of `files`, in order: the scorer's for each scorable file, an error
+    row for each entry with a known problem (never opened)."""
+    from .scorer import FileResult
+
+    scored = scorer.score_files([p for p in files if p not in problems], workers=workers)
+    for p in files:
+        yield FileResult(p, error=problems[p]) if p in problems else next(scored)
+
+
+def _finite(r: FileResult) -> FileResult:
+    """A non-finite norm is an error for that image, never a decision (NaN < t is False:
+    it would be counted as normal)."""
+    if r.error is None and r.norm is not None and not math.isfinite(r.norm):
+        from .scorer import FileResult
+
+        return FileResult(r.path, error=f"the model returned a non-finite norm ({r.norm}) for "
+                                        "this image; the model file is broken or the image "
+                                        "drives it out of range")
+    return r
 
 
 def _write_rows(results: Iterator[FileResult], total: int,
@@ -197,10 +304,10 @@ def _write_rows(results: Iterator[FileResult], total: int,
     n = anomalies = errors = 0
     t0 = time.perf_counter()
     with tqdm(total=total, unit="img", file=sys.stderr, disable=None) as bar:
-        for r in results:
+        for r in map(_finite, results):
             writer.write(r)
             n += 1
-            anomalies += bool(r.is_anomaly)
+            anomalies += r.error is None and bool(r.is_anomaly)
             errors += r.error is not None
             bar.update()
     return n, anomalies, errors, max(time.perf_counter() - t0, 1e-9)
@@ -242,16 +349,26 @@ def _write_rows(results: Iterator[FileResult], total: int,
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               default="info", show_default=True)
 @click.option("--access-log", is_flag=True, help="Log every request (off: /metrics counts them).")
+@click.option("--model-name", default=TRITON_MODEL_NAME, show_default=True,
+              callback=lambda ctx, param, v: _model_name(v),
+              help="The model's name under /v2/models/ (as `oecl triton-repo --name`).")
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Also serve the Open Inference Protocol over gRPC on this port (0: off; "
+                   "needs the grpc extra).")
 def serve(model_dir: Path, host: str, port: int, backend: str, precision: str | None,
           threads: int | None, threshold: float | None, max_batch: int | None,
           max_delay_ms: float, max_queue: int, max_body_mb: float,
           max_image_pixels: int | None, header_timeout: float, body_timeout: float,
-          max_connections: int, workers: int, log_level: str, access_log: bool) -> None:
+          max_connections: int, workers: int, log_level: str, access_log: bool,
+          model_name: str, grpc_port: int) -> None:
     """HTTP scoring server with dynamic batching. norm: higher = normal.
 
     POST /v1/score (a PNG, JPEG, BMP or GIF body, multipart files, or application/x-npy),
-    GET /healthz, GET /v1/model, GET /metrics. SIGTERM finishes in-flight requests before
-    exiting.
+    GET /healthz, GET /v1/model, GET /metrics; the Open Inference Protocol (KServe v2, as
+    Triton speaks it) under /v2: POST /v2/models/<model-name>/infer with `images` (UINT8
+    [N, C, H, W]) or `image_bytes` (BYTES [N, 1]), JSON or binary tensors, outputs `norm` and
+    `is_anomaly`; the same over gRPC with --grpc-port.
+    SIGTERM finishes in-flight requests before exiting.
     Without --threads, each worker's backend gets the cores shared among the workers; on a
     machine shared with other busy work, --threads below the core count can serve more
     (onnxruntime's idle pool threads spin and compete with the event loop).
@@ -273,7 +390,13 @@ def serve(model_dir: Path, host: str, port: int, backend: str, precision: str | 
         "max_request_pixels": 4 * max_image_pixels}
     cfg = ServerConfig(max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
                        max_body_mb=max_body_mb, header_timeout_s=header_timeout,
-                       body_timeout_s=body_timeout, max_connections=max_connections, **limits)
+                       body_timeout_s=body_timeout, max_connections=max_connections,
+                       model_name=model_name, grpc_port=grpc_port, grpc_host=host, **limits)
+    if grpc_port:
+        from .serving.v2_grpc import missing
+
+        if (why := missing()) is not None:
+            raise click.ClickException(why)
     if threads is None:
         threads = serving_threads(workers)
     if workers > 1:
@@ -485,8 +608,20 @@ def engine(artifact: Path, precisions: tuple[str, ...], max_batch: int | None,
 @click.command("triton-repo")
 @_artifact_argument
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Repository directory to write (replaced only if oecl wrote it).")
-@click.option("--name", default="oecl", show_default=True, help="Model name in the repository.")
+              help="Model repository directory; only the model's own subdirectories are "
+                   "written (each replaced only if oecl wrote it).")
+@click.option("--name", default=TRITON_MODEL_NAME, show_default=True,
+              callback=lambda ctx, param, v: _model_name(v), help="Model name in the repository.")
+@click.option("--backend", type=click.Choice(["native", "python"]), default="native",
+              show_default=True,
+              help="native: Triton's onnxruntime or TensorRT backend runs the file (see "
+                   "--image-bytes); python: Triton's Python backend runs oecl_runtime's scorer "
+                   "(uint8 images or encoded image_bytes in, norm and is_anomaly out; oecl "
+                   "must be installed in Triton's Python).")
+@click.option("--image-bytes/--no-image-bytes", default=True, show_default=True,
+              help="native: NAME is an ensemble taking uint8 images or encoded image_bytes "
+                   "(a Python step decodes with oecl_runtime, then NAME_model); without it, "
+                   "NAME is the ONNX or TensorRT model alone (uint8 in, nothing to install).")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "tensorrt"]), default="onnx",
               show_default=True, help="onnx: Triton's onnxruntime backend; tensorrt: the plan.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
@@ -497,13 +632,16 @@ def engine(artifact: Path, precisions: tuple[str, ...], max_batch: int | None,
               help="Instance kind.")
 @click.option("--instances", type=click.IntRange(min=1), default=1, show_default=True,
               help="Model instances per device.")
-def triton_repo(artifact: Path, out: Path, name: str, fmt: str, precision: str | None,
-                max_delay_us: int, kind: str, instances: int) -> None:
-    """Write a Triton Inference Server model repository for ARTIFACT.
+def triton_repo(artifact: Path, out: Path, name: str, backend: str, image_bytes: bool,
+                fmt: str, precision: str | None, max_delay_us: int, kind: str,
+                instances: int) -> None:
+    """Write model NAME of a Triton Inference Server model repository for ARTIFACT.
 
-    <name>/config.pbtxt (uint8 NCHW in, norm out, max_batch_size and dynamic batching from the
-    artifact), <name>/1/model.onnx or model.plan, and README.md with the tritonserver command
-    and a client call. norm: higher = normal.
+    <name>/config.pbtxt (max_batch_size and dynamic batching from the artifact) and
+    <name>/README.md with the tritonserver command and a client call; the model itself is the
+    ONNX or TensorRT file (native), behind an ensemble with a decoding step (<name>_preprocess,
+    <name>_model) unless --no-image-bytes, or oecl_runtime's scorer in Triton's Python backend
+    (--backend python). Other models in --out are left alone. norm: higher = normal.
     """
     import json
 
@@ -512,11 +650,12 @@ def triton_repo(artifact: Path, out: Path, name: str, fmt: str, precision: str |
 
     try:
         summary = write_repository(artifact, out, name=name, fmt=fmt, precision=precision,
-                                   max_delay_us=max_delay_us, kind=kind, instances=instances)
+                                   max_delay_us=max_delay_us, kind=kind, instances=instances,
+                                   backend=backend, image_bytes=image_bytes)
     except ArtifactError as e:
         raise click.ClickException(str(e)) from None
     _say(f"wrote {summary['config']} ({summary['platform']}, {summary['file']}, max batch "
-         f"{summary['max_batch_size']}); see {out / 'README.md'}")
+         f"{summary['max_batch_size']}); see {out / name / 'README.md'}")
     click.echo(json.dumps(summary))
 
 

@@ -110,7 +110,8 @@ def load(artifact: Artifact) -> GoldenSet:
     if not isinstance(section, dict):
         raise ArtifactError(f"{artifact.directory} has no golden set (exported before it "
                             "existed, or by another tool)")
-    listed = {f["path"] for f in artifact.meta["files"]}
+    listed = {f["path"]: f for f in artifact.meta["files"]}
+    tol = _tolerances(section.get("tolerances", {}))
     arrays = {}
     for key in GOLDEN_FILES:
         name = section.get(key)
@@ -118,7 +119,7 @@ def load(artifact: Artifact) -> GoldenSet:
             raise ArtifactError(f"golden.{key} must name a file listed in files[] (so its hash "
                                 "is checked)")
         try:
-            arrays[key] = np.load(artifact.directory / name, allow_pickle=False)
+            arrays[key] = np.load(artifact.path_of(listed[name]), allow_pickle=False)
         except (OSError, ValueError) as e:
             raise ArtifactError(f"{name}: not a readable .npy array: {one_line(e)}") from None
     images, labels, ref = arrays["images"], arrays["labels"], arrays["reference_norms"]
@@ -134,8 +135,21 @@ def load(artifact: Artifact) -> GoldenSet:
     if ref.dtype != np.float32 or ref.shape != (n,) or not np.isfinite(ref).all():
         raise ArtifactError(f"{section['reference_norms']}: expected finite float32 (N,), got "
                             f"{ref.dtype} {ref.shape}")
-    tol = {**TOLERANCES, **section.get("tolerances", {})}
     return GoldenSet(images, labels.astype(bool), ref, tol)
+
+
+def _tolerances(given: Any) -> dict[str, float]:
+    """`golden.tolerances` over the defaults: an object of finite numbers >= 0."""
+    if not isinstance(given, dict):
+        raise ArtifactError(f"golden.tolerances must be an object like {TOLERANCES}, got "
+                            f"{type(given).__name__}")
+    tol = {**TOLERANCES, **given}
+    for key in TOLERANCES:
+        v = tol[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+            raise ArtifactError(f"golden.tolerances.{key} must be a finite number >= 0, got "
+                                f"{str(v)[:40]}")
+    return tol
 
 
 # ---------------------------------------------------------------- comparing
@@ -193,7 +207,8 @@ def only(artifact: Artifact, entry: dict[str, Any]) -> Artifact:
     file (say the int8 ONNX meant for TensorRT) is scored by a chosen backend."""
     solo = {k: v for k, v in entry.items() if k != "consumers"}
     keep = [f for f in artifact.meta["files"] if f["format"] == "npy"]
-    return Artifact(artifact.directory, {**artifact.meta, "files": [solo, *keep]})
+    return Artifact(artifact.directory, {**artifact.meta, "files": [solo, *keep]},
+                    artifact.verify)
 
 
 def score(artifact: Artifact, images: np.ndarray, backend: str = "auto",

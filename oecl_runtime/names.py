@@ -22,3 +22,14 @@ BACKEND_CHOICES = (
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm"}
 )
+
+# The model's name in `oecl triton-repo`'s repository and under `oecl serve`'s /v2 routes.
+TRITON_MODEL_NAME = "oecl"
+# The Open Inference Protocol input of encoded images (BYTES [N]), beside the artifact's own.
+BYTES_INPUT = "image_bytes"
+
+
+def valid_model_name(name: str) -> bool:
+    """A name Triton accepts as a directory and a URL path segment, and pbtxt as a string."""
+    return bool(name) and not name.startswith(".") and all(
+        c.isascii() and (c.isalnum() or c in "-_.") for c in name)

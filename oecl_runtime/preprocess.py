@@ -2,6 +2,8 @@
 
 An image becomes a uint8 CHW array in the colour mode and size an artifact declares:
 decode → colour mode → resize the shorter side to `resize` → centre crop to (height, width).
+There is no crop-only rule: without `resize` the shorter side goes to the input's shorter side,
+so an image of another size is brought to the size the model was trained at, never cut.
 Mean/std normalisation is not done here: it lives inside the exported graph.
 """
 
@@ -16,6 +18,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 _RESAMPLE = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "bicubic": Image.BICUBIC}
+# The rule an artifact states in `input.resize_rule` (its `resize` is always a number).
+RESIZE_RULE = "shorter side to `resize`, then centre crop to height x width"
 
 
 class ImageError(ValueError):
@@ -27,12 +31,20 @@ class InputSpec:
     height: int
     width: int
     channels: int = 3  # 1 = "L" (grayscale), 3 = "RGB"
-    resize: int | None = None  # shorter side to this, then centre crop; None: crop only
+    # Shorter side to this, then centre crop. None: to min(height, width), the size a model
+    # trained on images of its input size saw (artifacts exported before every one stated a
+    # number hold null; they are served the same way).
+    resize: int | None = None
     interpolation: str = "bilinear"
 
     @property
     def color_mode(self) -> str:
         return "L" if self.channels == 1 else "RGB"
+
+    @property
+    def short_side(self) -> int:
+        """The length the image's shorter side is resized to before the centre crop."""
+        return self.resize if self.resize is not None else min(self.height, self.width)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -161,13 +173,12 @@ def check_size(width: int, height: int, max_pixels: int, name: str) -> None:
 def _draft(img: Image.Image, spec: InputSpec) -> None:
     # JPEG can decode at 1/2, 1/4 or 1/8 scale in the DCT; Pillow picks the smallest scale
     # that still covers the requested size, so the resize that follows sees at least as many
-    # pixels as it needs. Other formats ignore draft.
-    if img.format != "JPEG" or spec.resize is None:
+    # pixels as it needs. Other formats ignore draft. The colour mode is left to the decoder
+    # (no mode given): a colour JPEG drafted straight to "L" keeps its raw luma, which is not
+    # the documented RGB -> L conversion.
+    if img.format != "JPEG":
         return
-    w, h = img.size
-    scale = spec.resize / min(w, h)
-    img.draft(spec.color_mode, (max(spec.width, round(w * scale)),
-                                max(spec.height, round(h * scale))))
+    img.draft(None, resized_size(*img.size, spec))
 
 
 def decode(source: Any, *, name: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -252,28 +263,28 @@ def to_model_input(img: Image.Image, spec: InputSpec, name: str = "image",
         raise ImageError(f"cannot convert {name}: {_reason(e)}") from e
 
 
+def resized_size(w: int, h: int, spec: InputSpec) -> tuple[int, int]:
+    """The size a w x h image is resampled to before the centre crop: shorter side to
+    `spec.short_side` (round half to even), never below the model input on either side."""
+    scale = spec.short_side / min(w, h)
+    return max(spec.width, round(w * scale)), max(spec.height, round(h * scale))
+
+
 def _to_model_input(img: Image.Image, spec: InputSpec, name: str,
                     max_pixels: int) -> np.ndarray:
     check_size(*img.size, max_pixels, name)
     img = _to_8bit(img, name)
     if img.mode != spec.color_mode:
         img = img.convert(spec.color_mode)
-    if spec.resize is not None:
-        w, h = img.size
-        scale = spec.resize / min(w, h)
-        nw, nh = max(spec.width, round(w * scale)), max(spec.height, round(h * scale))
-        # A 1 x 16M strip is within the pixel cap but would resize to 32 x 512M.
-        if nw * nh > max_pixels:
-            raise ImageError(f"{name}: {w}x{h} resizes to {nw}x{nh}, over the limit of "
-                             f"{max_pixels} pixels (aspect ratio too extreme)")
-        if (nw, nh) != (w, h):
-            img = img.resize((nw, nh), _RESAMPLE[spec.interpolation])
     w, h = img.size
-    if w < spec.width or h < spec.height:
-        raise ImageError(
-            f"{name} is {w}x{h}, smaller than the model input {spec.width}x{spec.height}, "
-            "and no resize rule is set"
-        )
+    nw, nh = resized_size(w, h, spec)
+    # A 1 x 16M strip is within the pixel cap but would resize to 32 x 512M.
+    if nw * nh > max_pixels:
+        raise ImageError(f"{name}: {w}x{h} resizes to {nw}x{nh}, over the limit of "
+                         f"{max_pixels} pixels (aspect ratio too extreme)")
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), _RESAMPLE[spec.interpolation])
+        w, h = nw, nh
     if (w, h) != (spec.width, spec.height):
         left, top = (w - spec.width) // 2, (h - spec.height) // 2
         img = img.crop((left, top, left + spec.width, top + spec.height))

@@ -29,6 +29,26 @@ class ScoreResult:
         return asdict(self)
 
 
+class ScoreError(ValueError):
+    """The model gave an image no usable score (NaN or infinite): an error for that image,
+    never a decision, since every comparison with NaN says "not below the threshold"."""
+
+
+def non_finite(norm: float) -> str:
+    """The one-line reason for an image whose norm is not a finite number."""
+    return (f"the model returned a non-finite norm ({norm}) for this image; the model file is "
+            "broken or the image drives it out of range")
+
+
+def check_threshold(value: float) -> float:
+    """`value` as a threshold: a finite number >= 0 (norms are never negative, and against NaN
+    no image would ever be anomalous); ValueError otherwise."""
+    t = float(value)
+    if not (np.isfinite(t) and t >= 0):
+        raise ValueError(f"threshold must be a finite number >= 0, got {value}")
+    return t
+
+
 @dataclass(frozen=True)
 class FileResult:
     """One file of `Scorer.score_files`: its norm and decision, or why it could not be read."""
@@ -58,7 +78,7 @@ class Scorer:
         self.artifact = artifact
         self.backend = backend
         self.spec: InputSpec = artifact.spec
-        self._threshold = None if threshold is None else float(threshold)
+        self._threshold = None if threshold is None else check_threshold(threshold)
         limit = backend.max_batch
         self.batch_size = limit if batch_size is None else max(1, min(int(batch_size), limit))
         # Backends need not be thread-safe; this keeps concurrent callers of one scorer correct.
@@ -109,13 +129,24 @@ class Scorer:
         return out
 
     def decide(self, norms: np.ndarray, threshold: float | None = None) -> list[ScoreResult]:
-        t = self.threshold if threshold is None else float(threshold)
-        return [ScoreResult(float(x), bool(x < t), t) for x in np.asarray(norms, np.float32)]
+        """One decision per norm; raises ScoreError naming the first non-finite one."""
+        decided = self._decide(norms, threshold)
+        for i, r in enumerate(decided):
+            if isinstance(r, str):
+                raise ScoreError(f"image {i}: {r}")
+        return decided  # type: ignore[return-value]
+
+    def _decide(self, norms: np.ndarray, threshold: float | None) -> list[ScoreResult | str]:
+        """A ScoreResult per finite norm, the reason (a string) in place of each other one."""
+        t = self.threshold if threshold is None else check_threshold(threshold)
+        return [ScoreResult(float(x), bool(x < t), t) if np.isfinite(x) else non_finite(float(x))
+                for x in np.asarray(norms, np.float32)]
 
     def score(self, images: Any, threshold: float | None = None) -> list[ScoreResult]:
         """Score one image or many: paths, bytes, PIL images, uint8 arrays (see `inputs`).
 
-        Raises `ImageError` naming the first input that cannot be read.
+        Raises `ImageError` naming the first input that cannot be read, and `ScoreError` the
+        first the model gives a non-finite norm.
         """
         buf = np.empty((self.batch_size, *self._chw), dtype=np.uint8)
         norms: list[np.ndarray] = []
@@ -164,11 +195,11 @@ class Scorer:
                 pending = submit(k + 1)
                 good = [i for i, x in enumerate(loaded) if isinstance(x, np.ndarray)]
                 norms = self.score_array(np.stack([loaded[i] for i in good])) if good else []
-                decided = dict(zip(good, self.decide(norms, threshold), strict=True))
+                decided = dict(zip(good, self._decide(norms, threshold), strict=True))
                 for i, path in enumerate(chunk):
-                    r = decided.get(i)
-                    yield (FileResult(path, r.norm, r.is_anomaly) if r is not None
-                           else FileResult(path, error=str(loaded[i])))
+                    r = decided.get(i, str(loaded[i]))
+                    yield (FileResult(path, error=r) if isinstance(r, str)
+                           else FileResult(path, r.norm, r.is_anomaly))
         finally:
             # A caller that stops early leaves no decoding behind.
             pool.shutdown(cancel_futures=True)

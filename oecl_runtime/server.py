@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import socket
-import struct
 import tempfile
 import threading
 import time
@@ -53,6 +52,7 @@ from starlette.types import Message, Receive, Scope, Send
 from .batcher import Draining, DynamicBatcher, QueueFull, TooManyImages
 from .inputs import Abandoned, load_each, npy_array, to_batch
 from .metrics import CONTENT_TYPE, MULTIPROC_ENV, ServerMetrics
+from .names import TRITON_MODEL_NAME
 from .preprocess import (
     ACCEPTED_FORMATS,
     DEFAULT_MAX_PIXELS,
@@ -62,22 +62,15 @@ from .preprocess import (
     load_opened,
     open_image,
 )
-from .scorer import Scorer
+from .scorer import Scorer, check_threshold, non_finite
+from .serving import v2_grpc
+from .serving.common import HTTPError, inline_body, inline_decode
+from .serving.v2_rest import V2Rest
 
 log = logging.getLogger("oecl_runtime.server")
 
 NPY_TYPE = "application/x-npy"
 SCORE_PATH = "/v1/score"
-# Images up to this many pixels, in bodies up to this many bytes, are decoded on the event
-# loop: a 32x32 PNG decodes in tens of microseconds, less than handing it to a thread and back.
-# The byte bound also bounds the header parsing `open` does (chunks, markers) on the loop.
-INLINE_PIXELS = 128 * 128
-INLINE_BYTES = 64 * 1024
-# PNG chunks that Pillow inflates besides the pixels (text, ICC profile): up to 1 MB each, so a
-# small body holding them is not a small constant's work.
-_INFLATED_PNG_CHUNKS = frozenset((b"zTXt", b"iTXt", b"iCCP"))
-_PNG_CHUNKS_WALKED = 32
-_PNG_CHUNK_HEAD = struct.Struct(">I4s")
 _BODY_KINDS = (f"{'/'.join(ACCEPTED_FORMATS)} image bytes (any Content-Type), an .npy array as "
                f"{NPY_TYPE}, or images as multipart/form-data files")
 
@@ -94,6 +87,9 @@ class ServerConfig:
     decode_threads: int = 2  # images decoded off the event loop at once, across requests
     header_timeout_s: float = 10.0  # 0: no limit
     body_timeout_s: float = 30.0  # whole body, from the end of the headers; 0: no limit
+    model_name: str = TRITON_MODEL_NAME  # the model's name under /v2 (Open Inference Protocol)
+    grpc_port: int = 0  # the Open Inference Protocol over gRPC on this port; 0: off
+    grpc_host: str = "127.0.0.1"
     # Open connections, idle ones included; over it the one idle longest is closed. Lowered
     # to what the open-file limit leaves room for (`connection_cap`).
     max_connections: int = 1024
@@ -113,13 +109,6 @@ class ServerConfig:
         """Bytes of request bodies still arriving, across requests, before a 503: bounds the
         memory slow uploads hold (each also holds a connection until the body timeout)."""
         return max(64, 2 * self.max_queue) * self.max_body_bytes // 8
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, reason: str, kind: str,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(reason)
-        self.status, self.reason, self.kind, self.headers = status, reason, kind, headers or {}
 
 
 def _json_headers(body: bytes, extra: dict[str, str] | None) -> list[tuple[bytes, bytes]]:
@@ -149,48 +138,16 @@ def _threshold(query: bytes, default: float) -> float:
         t = float(raw)
     except ValueError:
         raise HTTPError(400, f"threshold must be a number, got {raw!r}", "bad_request") from None
-    if not math.isfinite(t) or t < 0:  # a norm is >= 0: such a threshold decides nothing
-        raise HTTPError(400, f"threshold must be a finite number >= 0, got {raw!r}",
-                        "bad_request")
-    return t
-
-
-def _non_finite(x: float) -> str:
-    return (f"the model returned a non-finite score ({x}) for this image: the model or its "
-            "backend is broken; the image was not scored")
-
-
-def _plain_png(data: bytes) -> bool:
-    """Whether a PNG body holds no chunk that Pillow inflates besides the pixels, from a walk
-    over at most `_PNG_CHUNKS_WALKED` chunk headers (a typical body has three to ten; more,
-    and the body is not called plain). A substring search of the body cost several times more."""
-    pos, end = 8, len(data) - 8
-    for _ in range(_PNG_CHUNKS_WALKED):
-        if pos > end:
-            return True  # truncated: the decode fails at once
-        length, kind = _PNG_CHUNK_HEAD.unpack_from(data, pos)
-        if kind in _INFLATED_PNG_CHUNKS:
-            return False
-        if kind == b"IEND":
-            return True
-        pos += 12 + length
-    return False
-
-
-def _inline(img: Any) -> bool:
-    """Whether finishing the decode of `img` (opened from a small body) costs no more than a
-    small constant."""
-    if img.width * img.height > INLINE_PIXELS:
-        return False
-    if img.format == "JPEG":
-        return "progression" not in img.info  # each progressive scan passes over every pixel
-    return True
+    try:
+        return check_threshold(t)
+    except ValueError as e:
+        raise HTTPError(400, str(e), "bad_request") from None
 
 
 def _result(x: float, threshold: float) -> dict[str, Any]:
     if math.isfinite(x):
         return {"norm": x, "is_anomaly": x < threshold}
-    return {"error": _non_finite(x)}
+    return {"error": non_finite(x)}
 
 
 class _Deadline:
@@ -245,6 +202,7 @@ class ScoringApp:
         self._in_flight = 0  # score requests past their body: decoding, queued or running
         self._buffered = 0  # bytes of bodies still arriving, across requests
         self._close_scorer = close_scorer
+        self.v2 = V2Rest(self, cfg.model_name)
         self.inner = self._starlette()
         self.state = self.inner.state
         self.state.batcher, self.state.metrics = self.batcher, metrics
@@ -252,6 +210,8 @@ class ScoringApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] == SCORE_PATH:
             await self._score_endpoint(scope, receive, send)
+        elif scope["type"] == "http" and scope["path"].startswith("/v2"):
+            await self.v2(scope, receive, send)
         else:
             await self.inner(scope, receive, send)
 
@@ -288,7 +248,6 @@ class ScoringApp:
 
     async def _score(self, scope: Scope, receive: Receive
                      ) -> tuple[int, dict[str, Any], dict[str, str] | None]:
-        m = self.metrics
         try:
             threshold = _threshold(scope["query_string"], self.scorer.threshold)
             ctype, length = "", None
@@ -317,28 +276,8 @@ class ScoringApp:
                 norms = await self._infer(batch, receive)
             finally:
                 self._in_flight -= 1
-        except HTTPError as e:
-            m.error(e.kind)
-            return e.status, {"error": e.reason}, e.headers
-        except UnsupportedFormat as e:
-            m.error("bad_format")
-            return 415, {"error": str(e)}, None
-        except ImageError as e:
-            m.error("bad_image")
-            return 400, {"error": str(e)}, None
-        except TooManyImages as e:
-            m.error("too_large")
-            return 413, {"error": str(e)}, None
-        except (QueueFull, Draining) as e:
-            m.error("queue_full" if isinstance(e, QueueFull) else "draining")
-            return 503, {"error": str(e)}, {"Retry-After": str(self.cfg.retry_after_s)}
-        except Abandoned:
-            m.error("client_gone")
-            return 400, {"error": "client went away"}, None
-        except Exception as e:  # a backend failure is this request's 500, not the server's end
-            log.exception("inference failed")
-            m.error("inference")
-            return 500, {"error": f"inference failed: {e}"}, None
+        except Exception as e:
+            return self._failure(e)
         values = norms.tolist()
         return self._answer(threshold, [_result(x, threshold) for x in values], values)
 
@@ -349,10 +288,35 @@ class ScoringApp:
         if not all(map(math.isfinite, values)):
             self.metrics.error("non_finite")
             if not any("norm" in r for r in results):
-                first = next(r["error"] for r in results if r["error"].startswith(
-                    "the model returned"))
-                return 500, {"error": first, "results": results}, None
+                first = next(x for x in values if not math.isfinite(x))
+                return 500, {"error": non_finite(first), "results": results}, None
         return 200, self._payload(threshold, results), None
+
+    def _failure(self, e: Exception) -> tuple[int, dict[str, Any], dict[str, str] | None]:
+        """The response to a request that failed with `e` (any protocol), counted by reason."""
+        m = self.metrics
+        if isinstance(e, HTTPError):
+            m.error(e.kind)
+            return e.status, {"error": e.reason}, e.headers
+        if isinstance(e, UnsupportedFormat):
+            m.error("bad_format")
+            return 415, {"error": str(e)}, None
+        if isinstance(e, ImageError):
+            m.error("bad_image")
+            return 400, {"error": str(e)}, None
+        if isinstance(e, TooManyImages):
+            m.error("too_large")
+            return 413, {"error": str(e)}, None
+        if isinstance(e, (QueueFull, Draining)):
+            m.error("queue_full" if isinstance(e, QueueFull) else "draining")
+            return 503, {"error": str(e)}, {"Retry-After": str(self.cfg.retry_after_s)}
+        if isinstance(e, Abandoned):
+            m.error("client_gone")
+            return 400, {"error": "client went away"}, None
+        # A backend failure is this request's 500, not the server's end.
+        log.error("inference failed", exc_info=e)
+        m.error("inference")
+        return 500, {"error": f"inference failed: {e}"}, None
 
     def _payload(self, threshold: float, results: list[dict[str, Any]]) -> dict[str, Any]:
         # `score` names what each `norm` holds: the plain norm or the K-view mean-view-norm.
@@ -402,10 +366,9 @@ class ScoringApp:
     async def _decode_one(self, data: bytes, ctype: str) -> np.ndarray:
         cap = self.cfg.max_image_pixels
         try:
-            if len(data) <= INLINE_BYTES and (
-                    not data.startswith(b"\x89PNG") or _plain_png(data)):
+            if inline_body(data):
                 img = open_image(data, "image bytes", cap)
-                if _inline(img):
+                if inline_decode(img):
                     return load_opened(img, self.spec, "image bytes", cap)
                 async with self._decodes:
                     return await run_in_threadpool(load_opened, img, self.spec, "image bytes", cap)
@@ -588,12 +551,16 @@ class ScoringApp:
         @asynccontextmanager
         async def lifespan(app: Starlette) -> AsyncIterator[None]:
             self.batcher.start()
+            grpc_server = await v2_grpc.start(self.v2, cfg.grpc_host, cfg.grpc_port) \
+                if cfg.grpc_port else None
             log.info("scoring with %s (%s), batches up to %d or %.1f ms, queue %d images",
                      scorer.backend.name, scorer.backend.precision, self.max_batch,
                      cfg.max_delay_ms, cfg.max_queue)
             try:
                 yield
             finally:
+                if grpc_server is not None:  # in-flight calls get the HTTP side's grace
+                    await grpc_server.stop(30)
                 # uvicorn runs this after in-flight requests finish; drain what is still queued.
                 await run_in_threadpool(self.batcher.close, True)
                 if self._close_scorer:

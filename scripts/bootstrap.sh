@@ -44,5 +44,16 @@ else
   "$VENV/bin/python" -c "import torch" 2>/dev/null || pip install "${TORCH_SPEC:-torch==2.13.0}"
   pip install -e ".[train,dev]"
 fi
+# The Triton-side environment of the protocol tests (see the triton-test extra): its own venv,
+# because it needs numpy < 2. Optional: without it those tests skip and say why.
+if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ] && [ "${OECL_TRITON_TEST:-1}" != 0 ]; then
+  TVENV=${TRITON_VENV:-.venv-triton}
+  if { [ -x "$TVENV/bin/python" ] || "$PY" -m venv "$TVENV"; } \
+     && "$TVENV/bin/python" -m pip --disable-pip-version-check -q install -e ".[triton-test]"; then
+    echo "bootstrap: Triton test environment ready in $TVENV" >&2
+  else
+    echo "bootstrap: could not build $TVENV; the tests against tritonserver will skip" >&2
+  fi
+fi
 touch "$STAMP"
 echo "bootstrap: ready ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))" >&2

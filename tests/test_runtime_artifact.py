@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import copy_artifact
+from PIL import Image
 
 from oecl_runtime import Scorer
 from oecl_runtime.artifact import (
@@ -37,8 +38,11 @@ def _write_meta(d: Path, meta: dict) -> None:
 
 
 def _refused(d: Path, match: str) -> str:
+    """Refused when opened (metadata) or when its files are used (presence, size, hash)."""
     with pytest.raises(ArtifactError, match=match) as info:
-        Artifact.open(d)
+        art = Artifact.open(d)
+        for f in art.files:
+            art.path_of(f)
     msg = str(info.value)
     assert "\n" not in msg, f"reason should be one line: {msg!r}"
     return msg
@@ -70,9 +74,52 @@ def test_version_1_artifacts_are_read_with_the_plain_norm_only(plain_art: Path) 
     _refused(plain_art, r"schema_version 1 has only the plain norm score")
 
 
-def test_missing_file_is_refused(plain_art: Path) -> None:
+def test_missing_file_is_refused_when_used_and_named_with_its_remedy(plain_art: Path) -> None:
     (plain_art / "model.onnx").unlink()
-    _refused(plain_art, "missing file model.onnx")
+    art = Artifact.open(plain_art)  # nothing is opened yet
+    with pytest.raises(ArtifactError, match=r"missing file model.onnx listed in oecl.json; "
+                       r"remake the artifact with `oecl export RUN_DIR --out .*`"):
+        Scorer.open(plain_art, backend="onnxruntime-cpu")
+    meta = _meta(plain_art)
+    (plain_art / "model.plan").write_bytes(b"engine")
+    plan = file_entry(plain_art / "model.plan", "tensorrt", "fp16", tensorrt_version="10.7.0",
+                      gpu_name="NVIDIA H100", compute_capability="9.0")
+    (plain_art / "model.plan").unlink()
+    meta["source"] = {"run": "runs/widgets"}
+    _write_meta(plain_art, meta)
+    art = Artifact.open(plain_art)
+    with pytest.raises(ArtifactError, match="remake the artifact with `oecl export runs/widgets"):
+        art.path_of(art.files[0])
+    with pytest.raises(ArtifactError, match=r"missing file model.plan .*; rebuild it on this "
+                       r"GPU with `oecl engine .* --precision fp16`"):
+        art.path_of(plan)
+
+
+def test_int8_scores_with_the_fp32_file_gone(plain_art: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from oecl_runtime.cli import score
+    from oecl_train.export.quantize import INT8_FORMS, quantize_int8
+
+    calib = np.random.default_rng(0).integers(0, 256, (8, 3, 32, 32), dtype=np.uint8)
+    quantize_int8(plain_art / "model.onnx", plain_art / "model.int8.onnx", calib, tmp_path)
+    meta = _meta(plain_art)
+    meta["files"].append(file_entry(plain_art / "model.int8.onnx", "onnx", "int8",
+                                    **INT8_FORMS["onnxruntime"]))
+    _write_meta(plain_art, meta)
+    (plain_art / "model.onnx").unlink()
+    with Scorer.open(plain_art, backend="onnxruntime-cpu", precision="int8") as s:
+        assert s.backend.precision == "int8"
+        assert np.isfinite(s.score_array(calib)).all()
+    png = tmp_path / "a.png"
+    Image.fromarray(calib[0].transpose(1, 2, 0)).save(png)
+    res = CliRunner().invoke(score, [str(png), "--model", str(plain_art), "--precision", "int8",
+                                     "--backend", "onnxruntime-cpu"])
+    assert res.exit_code == 0, res.output
+    assert "a.png" in res.stdout and "error" not in res.stdout.split("\n", 1)[1]
+    res = CliRunner().invoke(score, [str(png), "--model", str(plain_art),
+                                     "--backend", "onnxruntime-cpu", "--precision", "fp32"])
+    assert res.exit_code != 0 and "missing file model.onnx" in res.output
 
 
 def test_tampered_file_is_refused(plain_art: Path) -> None:

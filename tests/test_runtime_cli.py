@@ -124,7 +124,7 @@ def test_score_directory_with_a_corrupt_file(artifact_dir: Path, image_dir: Path
 def test_score_strict_jsonl_glob_and_threshold(artifact_dir: Path, image_dir: Path,
                                                tmp_path: Path) -> None:
     out = tmp_path / "scores.jsonl"
-    args = [str(image_dir / "**" / "*.png"), str(image_dir / "missing.png"),
+    args = [str(image_dir / "**" / "*.png"), str(image_dir / "corrupt.jpg"),
             "--model", str(artifact_dir), "--out", str(out), "--threshold", "1e9", "--strict",
             "--threads", "1"]
     res = CliRunner().invoke(score, args)
@@ -132,7 +132,7 @@ def test_score_strict_jsonl_glob_and_threshold(artifact_dir: Path, image_dir: Pa
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 6
     assert all(r["is_anomaly"] is True for r in rows if r["error"] is None)
-    assert rows[-1]["norm"] is None and "no such file" in rows[-1]["error"]
+    assert rows[-1]["norm"] is None and "cannot decode" in rows[-1]["error"]
 
 
 def test_score_to_stdout_and_usage_errors(artifact_dir: Path, image_dir: Path,

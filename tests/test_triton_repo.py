@@ -34,7 +34,8 @@ def test_onnx_repository_parses_against_tritons_schema(artifact_dir: Path, tmp_p
 
     out = tmp_path / "repo"
     result = CliRunner().invoke(main, ["triton-repo", str(artifact_dir), "--out", str(out),
-                                       "--name", "digits-oecl", "--max-delay-us", "2000"])
+                                       "--name", "digits-oecl", "--max-delay-us", "2000",
+                                       "--no-image-bytes"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output.strip().splitlines()[-1])
     assert summary["platform"] == "onnxruntime_onnx" and summary["max_batch_size"] == 32
@@ -61,16 +62,27 @@ def test_onnx_repository_parses_against_tritons_schema(artifact_dir: Path, tmp_p
     assert [i.name for i in graph.input] == [inp.name]
     assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert {o.name for o in graph.output} == set(outs)
-    readme = (out / "README.md").read_text()
-    assert "tritonserver --model-repository" in readme and 'client.infer("digits-oecl"' in readme
+    readme = (out / "digits-oecl" / "README.md").read_text()
+    assert "tritonserver --model-repository" in readme and "client.infer('digits-oecl'" in readme
     assert f"{Artifact.open(artifact_dir).threshold:.6g}" in readme
+    assert "--gpus all" in readme
 
-    # Written again over its own output: replaced.
-    assert CliRunner().invoke(main, ["triton-repo", str(artifact_dir), "--out", str(out),
-                                     "--kind", "cpu"]).exit_code == 0
-    assert _parse(out / "oecl" / "config.pbtxt").instance_group[0].kind == \
+    # A second model in the same repository leaves the first alone; written again over its own
+    # output, a model is replaced.
+    for kind in ("gpu", "cpu"):
+        assert CliRunner().invoke(main, ["triton-repo", str(artifact_dir), "--out", str(out),
+                                         "--kind", kind]).exit_code == 0
+    assert _parse(out / "oecl_model" / "config.pbtxt").instance_group[0].kind == \
         T.ModelInstanceGroup.KIND_CPU
-    assert not (out / "digits-oecl").exists()
+    assert _parse(out / "digits-oecl" / "config.pbtxt").name == "digits-oecl"
+    assert sorted(p.name for p in out.iterdir()) == ["digits-oecl", "oecl", "oecl_model",
+                                                     "oecl_preprocess"]
+    # A CPU repository's command asks for no GPU, and its client does not call port 8000,
+    # where `oecl serve` listens by default.
+    readme = (out / "oecl" / "README.md").read_text()
+    assert "--gpus" not in readme and "-p 8010:8000" in readme
+    assert 'InferenceServerClient("127.0.0.1:8010")' in readme
+    assert "pip install --no-deps /wheels/oecl-" in readme  # the decoding step needs oecl
 
 
 def test_plan_repository(artifact_dir: Path, tmp_path: Path) -> None:
@@ -80,11 +92,14 @@ def test_plan_repository(artifact_dir: Path, tmp_path: Path) -> None:
                                       tensorrt_version="10.7.0", gpu_name="NVIDIA L4",
                                       compute_capability="8.9")])
     summary = write_repository(art, tmp_path / "repo", fmt="tensorrt")
-    cfg = _parse(tmp_path / "repo" / "oecl" / "config.pbtxt")
+    cfg = _parse(tmp_path / "repo" / "oecl_model" / "config.pbtxt")
     assert cfg.platform == "tensorrt_plan" and summary["precision"] == "fp16"
     assert cfg.max_batch_size == 16  # the plan's own profile, below the artifact's 32
-    assert (tmp_path / "repo" / "oecl" / "1" / "model.plan").is_file()
-    assert "TensorRT 10.7.0" in (tmp_path / "repo" / "README.md").read_text()
+    # The whole ensemble batches no more than the plan takes.
+    assert {_parse(tmp_path / "repo" / m / "config.pbtxt").max_batch_size
+            for m in ("oecl", "oecl_preprocess")} == {16}
+    assert (tmp_path / "repo" / "oecl_model" / "1" / "model.plan").is_file()
+    assert "TensorRT 10.7.0" in (tmp_path / "repo" / "oecl" / "README.md").read_text()
 
 
 def test_refusals(artifact_dir: Path, tmp_path: Path) -> None:
@@ -94,9 +109,81 @@ def test_refusals(artifact_dir: Path, tmp_path: Path) -> None:
         write_repository(artifact_dir, tmp_path / "a", fmt="tensorrt", kind="cpu")
     with pytest.raises(ArtifactError, match="model name"):
         write_repository(artifact_dir, tmp_path / "a", name="../x")
-    other = tmp_path / "notes"
-    other.mkdir()
-    (other / "keep.txt").write_text("mine")
+    # A model directory oecl did not write is never replaced.
+    other = tmp_path / "repo"
+    (other / "oecl").mkdir(parents=True)
+    (other / "oecl" / "keep.txt").write_text("mine")
     result = CliRunner().invoke(main, ["triton-repo", str(artifact_dir), "--out", str(other)])
-    assert result.exit_code == 1 and "not a model repository made by oecl" in result.output
-    assert (other / "keep.txt").read_text() == "mine"
+    assert result.exit_code == 1 and "is not a model made by oecl" in result.output
+    assert (other / "oecl" / "keep.txt").read_text() == "mine"
+    result = CliRunner().invoke(main, ["triton-repo", str(artifact_dir), "--out", str(other),
+                                       "--name", 'x" platform: "y'])
+    assert result.exit_code == 2 and "--name" in result.output
+
+
+def test_tensor_names_are_escaped(artifact_dir: Path, tmp_path: Path) -> None:
+    """An input name with quotes cannot end its string and add fields to config.pbtxt."""
+    art = copy_artifact(artifact_dir, tmp_path / "art")
+    meta = json.loads((art / "oecl.json").read_text())
+    evil = 'images" } ] output [ { name: "x'
+    meta["input"]["name"] = evil
+    (art / "oecl.json").write_text(json.dumps(meta))
+    from oecl_runtime.triton_repo import config_pbtxt, python_config_pbtxt
+
+    a = Artifact.open(art, verify=False)
+    for text in (config_pbtxt(a, "m", "onnx", 8, 100, "cpu", 1),
+                 python_config_pbtxt(a, "m", "onnxruntime-cpu", "fp32", 8, 100, "cpu", 1)):
+        cfg = text_format.Parse(text, model_config_pb2.ModelConfig())
+        assert cfg.input[0].name == evil
+
+
+def test_python_backend_repository(artifact_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "repo"
+    result = CliRunner().invoke(main, ["triton-repo", str(artifact_dir), "--out", str(out),
+                                       "--backend", "python", "--kind", "cpu"])
+    assert result.exit_code == 0, result.output
+    cfg = _parse(out / "oecl" / "config.pbtxt")
+    T = model_config_pb2
+    assert cfg.backend == "python" and not cfg.platform and cfg.max_batch_size == 32
+    ins = {i.name: i for i in cfg.input}
+    assert ins["images"].data_type == T.TYPE_UINT8 and list(ins["images"].dims) == [3, 32, 32]
+    assert ins["image_bytes"].data_type == T.TYPE_STRING and list(ins["image_bytes"].dims) == [1]
+    assert all(i.optional for i in cfg.input)
+    assert [(o.name, o.data_type) for o in cfg.output] == [("norm", T.TYPE_FP32),
+                                                          ("is_anomaly", T.TYPE_BOOL)]
+    assert cfg.parameters["oecl_backend"].string_value == "onnxruntime-cpu"
+    version = out / "oecl" / "1"
+    assert "from oecl_runtime.serving.triton_model import TritonPythonModel" in \
+        (version / "model.py").read_text()
+    # The copied artifact opens and verifies (hashes included) where model.py looks for it.
+    assert Artifact.open(version / "artifact").input_name == "images"
+
+
+def test_native_ensemble_takes_image_bytes(artifact_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "repo"
+    summary = write_repository(artifact_dir, out, name="m", max_delay_us=700)
+    assert summary["models"] == ["m_model", "m_preprocess", "m"]
+    T = model_config_pb2
+    ens, pre, model = (_parse(out / n / "config.pbtxt") for n in ("m", "m_preprocess",
+                                                                   "m_model"))
+    assert ens.platform == "ensemble" and pre.backend == "python"
+    assert model.platform == "onnxruntime_onnx" and model.name == "m_model"
+    assert model.dynamic_batching.max_queue_delay_microseconds == 700
+    assert {i.name: (i.data_type, i.optional) for i in ens.input} == {
+        "images": (T.TYPE_UINT8, True), "image_bytes": (T.TYPE_STRING, True)}
+    assert [(o.name, list(o.dims)) for o in ens.output] == [("norm", [1])]
+    # Each step's maps name tensors the step model declares, and the wiring connects.
+    first, second = ens.ensemble_scheduling.step
+    assert (first.model_name, second.model_name) == ("m_preprocess", "m_model")
+    assert set(first.input_map) == {i.name for i in pre.input}
+    assert set(first.output_map) == {o.name for o in pre.output} == {"pixels"}
+    assert set(second.input_map) == {i.name for i in model.input}
+    assert second.input_map["images"] == first.output_map["pixels"]
+    assert second.output_map["norm"] == "norm"
+    (pixels,) = pre.output
+    assert list(pixels.dims) == list(model.input[0].dims) == [3, 32, 32]
+    assert "import TritonPreprocessModel as TritonPythonModel" in \
+        (out / "m_preprocess" / "1" / "model.py").read_text()
+    assert json.loads((out / "m_preprocess" / "1" / "oecl.json").read_text()) == \
+        Artifact.open(artifact_dir).meta
+    assert "A step of the ensemble `m`" in (out / "m_model" / "README.md").read_text()

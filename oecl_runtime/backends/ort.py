@@ -12,6 +12,7 @@ import numpy as np
 from ..artifact import Artifact, ArtifactError
 from ..errors import one_line
 from .base import Backend, BackendUnavailable, gpu_models
+from .outputs import norms_of, probe
 
 _PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -116,6 +117,9 @@ class OnnxRuntimeBackend(Backend):
                 f"{_PROVIDERS[device]} did not initialise (the session runs on {active})"
             )
         self._check_signature(artifact, entry["path"])
+        self._source = entry["path"]
+        spec = artifact.spec
+        probe(self, (spec.channels, spec.height, spec.width))
 
     @staticmethod
     def _providers(artifact: Artifact, entry: dict[str, Any], device: str,
@@ -163,12 +167,12 @@ class OnnxRuntimeBackend(Backend):
     def run(self, batch: np.ndarray) -> np.ndarray:
         if self.device == "cpu":
             norms = self.session.run(["norm"], {self._input: batch})[0]
-            return norms.astype(np.float32, copy=False)
+            return norms_of(norms, len(batch), self._source)
         io = self.session.io_binding()
         io.bind_cpu_input(self._input, np.ascontiguousarray(batch))
         io.bind_output("norm", "cuda", self._device_id)
         self.session.run_with_iobinding(io)
-        return io.copy_outputs_to_cpu()[0].astype(np.float32, copy=False)
+        return norms_of(io.copy_outputs_to_cpu()[0], len(batch), self._source)
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]

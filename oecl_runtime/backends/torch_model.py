@@ -17,6 +17,7 @@ import numpy as np
 
 from ..artifact import Artifact, ArtifactError
 from .base import Backend, BackendUnavailable
+from .outputs import norms_of, probe
 
 _AUTOCAST = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
@@ -85,10 +86,13 @@ class TorchBackend(Backend):
         self._use_graphs = cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[int, tuple[Any, Any, Any]] = {}
         self._buckets: tuple[int, ...] = ()
+        self._source = entry["path"]
+        spec = artifact.spec
+        chw = (spec.channels, spec.height, spec.width)
         if self._use_graphs:
             self._buckets = graph_buckets(self.max_batch, graph_batch_sizes)
-            spec = artifact.spec
-            self._capture((spec.channels, spec.height, spec.width))
+            self._capture(chw)
+        probe(self, chw)
 
     @staticmethod
     def _check_normalization(artifact: Artifact, arch: dict[str, Any]) -> None:
@@ -157,10 +161,10 @@ class TorchBackend(Backend):
             # so the padding changes nothing and is not worth clearing.
             static_in[:n].copy_(self._host_in[:n], non_blocking=True)
             graph.replay()
-            return static_out[:n].cpu().numpy().astype(np.float32, copy=True)
+            return norms_of(static_out[:n].cpu().numpy(), n, self._source)
         with self._true_fp32(), torch.inference_mode():
             out = self._forward(x.to(self.device, non_blocking=True))
-        return out.float().cpu().numpy()
+        return norms_of(out.float().cpu().numpy(), n, self._source)
 
     def describe(self) -> dict[str, object]:
         return {**super().describe(), "cuda_graph_batch_sizes": list(self._buckets)}

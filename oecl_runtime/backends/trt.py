@@ -15,6 +15,7 @@ import numpy as np
 from ..artifact import Artifact, ArtifactError
 from ..errors import one_line
 from .base import Backend, BackendUnavailable, nvidia_gpu_present
+from .outputs import check_norm_shape, probe
 
 
 def _import_cudart() -> Any:
@@ -160,6 +161,8 @@ class TensorRTBackend(Backend):
             self.context.set_tensor_address(self._input, self._d_in)
             self._norm_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype("norm")))
             self._h_norm = self._pin((self.max_batch,), self._norm_dtype)
+            self._source = entry["path"]
+            probe(self, chw)
         except Exception:
             self.close()
             raise
@@ -183,6 +186,8 @@ class TensorRTBackend(Backend):
         self._h_in[:n] = batch
         if not self.context.set_input_shape(self._input, batch.shape):
             raise ValueError(f"engine rejects input shape {batch.shape}")
+        # Checked before the copy: the host buffer holds one norm per image of max_batch.
+        check_norm_shape(tuple(self.context.get_tensor_shape("norm")), n, self._source)
         h2d = rt.cudaMemcpyKind.cudaMemcpyHostToDevice
         d2h = rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
         cuda(rt.cudaMemcpyAsync(self._d_in, self._h_in.ctypes.data, batch.nbytes, h2d,

@@ -7,9 +7,13 @@ and kept as uint8 NCHW; conversion to the model's input spec happens in `conform
 from __future__ import annotations
 
 import gzip
+import math
+import os
 import pickle
+import stat
 import struct
 import sys
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from oecl_runtime.files import os_reason, regular_file_problem, short_path
 from oecl_runtime.preprocess import ImageError, InputSpec, decode, to_model_input
 from oecl_train.config import DATA_SOURCES
 
@@ -116,23 +121,103 @@ class DigitsReader(Reader):
         return ImageSet(images[idx], labels[idx], [str(i) for i in range(10)])
 
 
-def _read_idx(path: Path) -> np.ndarray:
+def require_file(path: Path) -> None:
+    """Refuse anything but a regular file before it is opened (a FIFO blocks its reader)."""
+    problem = regular_file_problem(path)
+    if problem is not None:
+        raise DataError(f"{short_path(path)}: {problem}")
+
+
+def require_dir(path: Path) -> None:
+    """A data root that is a directory, or one line saying why not (a symlink loop or a name
+    too long included: `Path.is_dir` raises on the latter)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise DataError(f"{short_path(path)}: no such directory") from None
+    except OSError as e:
+        raise DataError(f"{short_path(path)}: {os_reason(e)}") from None
+    if not stat.S_ISDIR(mode):
+        raise DataError(f"{short_path(path)}: not a directory")
+
+
+def check_labels(raw: np.ndarray, source: str, n_classes: int) -> np.ndarray:
+    """Class labels as int64, checked once: whole numbers in 0..n_classes-1. A float array of
+    whole numbers is accepted; NaN, fractions and anything out of range are refused with the
+    first bad index (a -1 would otherwise index the last class, 0.7 truncate to 0)."""
+    labels = np.asarray(raw).reshape(-1)
+    if labels.dtype == np.bool_ or not (np.issubdtype(labels.dtype, np.integer)
+                                        or np.issubdtype(labels.dtype, np.floating)):
+        raise DataError(f"{source}: labels must be integers, got {labels.dtype}")
+    if np.issubdtype(labels.dtype, np.floating):
+        with np.errstate(invalid="ignore"):
+            bad = np.flatnonzero(~np.isfinite(labels) | (labels != np.round(labels)))
+        if len(bad):
+            i = int(bad[0])
+            raise DataError(f"{source}: label {labels[i]:g} at index {i} is not an integer "
+                            "class index")
+    bad = np.flatnonzero((labels < 0) | (labels >= n_classes))
+    if len(bad):
+        i = int(bad[0])
+        value = labels[i].item()
+        text = f"{value:g}" if isinstance(value, float) else str(value)
+        raise DataError(f"{source}: label {text} at index {i} is outside the class indices "
+                        f"0..{n_classes - 1}")
+    return labels.astype(np.int64)
+
+
+# Largest IDX payload read (the header declares it): MNIST's training images are 47 MB, the
+# largest EMNIST split 547 MB.
+IDX_MAX_BYTES = 1 << 31
+
+
+def _read_exact(f: Any, out: memoryview) -> int:
+    got = 0
+    while got < len(out):
+        n = f.readinto(out[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An unsigned-byte IDX array of `ndim` dimensions, raw or gzipped. Exactly the bytes the
+    header declares are read: a gzip that inflates to more is refused after that many, never
+    inflated whole."""
+    require_file(path)
     opener = gzip.open if path.suffix == ".gz" else open
+    name = short_path(path)
     try:
         with opener(path, "rb") as f:
-            data = f.read()
-        zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-        if zero != 0 or dtype_code != 0x08:
-            raise DataError(f"{path}: not an unsigned-byte IDX file")
-        shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-        arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-        if arr.size != int(np.prod(shape)):
-            raise DataError(
-                f"{path}: truncated IDX file ({arr.size} of {int(np.prod(shape))} bytes)"
-            )
+            head = f.read(4)
+            if len(head) < 4:
+                raise DataError(f"{name}: not an IDX file (shorter than its 4-byte header)")
+            zero, dtype_code, dims = struct.unpack(">HBB", head)
+            if zero != 0 or dtype_code != 0x08:
+                raise DataError(f"{name}: not an unsigned-byte IDX file")
+            if dims != ndim:
+                raise DataError(f"{name}: an IDX file of {dims} dimensions, expected {ndim}")
+            sizes = f.read(4 * ndim)
+            if len(sizes) < 4 * ndim:
+                raise DataError(f"{name}: truncated IDX header")
+            shape = struct.unpack(f">{ndim}I", sizes)
+            size = math.prod(shape)
+            if size > IDX_MAX_BYTES:
+                raise DataError(f"{name}: the IDX header declares {shape} = {size} bytes, over "
+                                f"the limit of {IDX_MAX_BYTES}")
+            arr = np.empty(size, np.uint8)
+            got = _read_exact(f, memoryview(arr))
+            if got < size:
+                raise DataError(f"{name}: truncated IDX file ({got} of {size} bytes)")
+            if f.read(1):
+                raise DataError(f"{name}: more data than the IDX header declares ({shape} = "
+                                f"{size} bytes); the file is not one IDX array")
         return arr.reshape(shape)
-    except (OSError, EOFError, struct.error) as e:
-        raise DataError(f"{path}: cannot read IDX file: {e}") from e
+    except (OSError, EOFError, zlib.error) as e:
+        # gzip's BadGzipFile is an OSError; a corrupt deflate stream is a zlib.error and a cut
+        # one an EOFError.
+        raise DataError(f"{name}: cannot read IDX file: {e}") from e
 
 
 class MnistReader(Reader):
@@ -149,15 +234,16 @@ class MnistReader(Reader):
 
     def _find(self, stem: str) -> Path:
         for cand in (self.root / stem, self.root / f"{stem}.gz"):
-            if cand.exists():
+            if os.path.lexists(cand):
                 return cand
         raise DataError(f"{self.root}: missing {stem}[.gz]")
 
     def load(self, split: str) -> ImageSet:
         img_name, lab_name = self.FILES[split]
-        images = _read_idx(self._find(img_name))
-        labels = _read_idx(self._find(lab_name)).astype(np.int64)
-        return ImageSet(images[:, None].copy(), labels, [str(i) for i in range(10)])
+        images = _read_idx(self._find(img_name), 3)
+        lab_path = self._find(lab_name)
+        labels = check_labels(_read_idx(lab_path, 1), short_path(lab_path), 10)
+        return ImageSet(images[:, None], labels, [str(i) for i in range(10)])
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -185,10 +271,11 @@ class CifarReader(Reader):
         self.name = variant
 
     def _unpickle(self, path: Path) -> dict:
-        if not path.exists():
+        if not os.path.lexists(path):
             raise DataError(
                 f"{self.root}: missing {path.name} (expected the python-version batches)"
             )
+        require_file(path)
         # The CIFAR distribution is itself a pickle, and a pickle can run code: these files are
         # read by an unpickler that builds only what CIFAR batches hold (dicts, lists, strings,
         # numbers, numpy arrays) and refuses any other global.
@@ -209,10 +296,21 @@ class CifarReader(Reader):
             meta, key, names_key = "batches.meta", "labels", "label_names"
         else:
             files, meta, key, names_key = [split], "meta", "fine_labels", "fine_label_names"
+        names = self._unpickle(self.root / meta)
+        if names_key not in names:
+            raise DataError(f"{short_path(self.root / meta)}: no {names_key}")
+        classes = [str(c) for c in names[names_key]]
         batches = [self._unpickle(self.root / f) for f in files]
+        for f, b in zip(files, batches, strict=True):
+            missing = sorted({"data", key} - set(b))
+            if missing:
+                raise DataError(f"{short_path(self.root / f)}: not a CIFAR batch (no "
+                                f"{', '.join(missing)})")
         data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
-        labels = np.concatenate([np.asarray(b[key], dtype=np.int64) for b in batches])
-        classes = list(self._unpickle(self.root / meta)[names_key])
+        labels = np.concatenate([
+            check_labels(np.asarray(b[key]), short_path(self.root / f), len(classes))
+            for f, b in zip(files, batches, strict=True)
+        ])
         return ImageSet(data.reshape(-1, 3, 32, 32), labels, classes)
 
 
@@ -255,8 +353,7 @@ class FolderReader(Reader):
         self.root, self.spec, self.strict = Path(root), spec, strict
         self.test_fraction, self.seed = test_fraction, seed
         self.channels, self.progress = channels, progress
-        if not self.root.is_dir():
-            raise DataError(f"{self.root}: no such directory")
+        require_dir(self.root)
         has = [(self.root / d).is_dir() for d in ("train", "test")]
         if any(has) and not all(has):
             missing = "test" if has[0] else "train"
@@ -272,13 +369,28 @@ class FolderReader(Reader):
         arr = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
         return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
+    def _unlisted(self, e: OSError) -> None:
+        message = f"cannot list {short_path(e.filename)}: {os_reason(e)}"
+        if self.strict:
+            raise DataError(message)
+        print(f"warning: {message}; its images are not read", file=sys.stderr)
+
+    def _images_under(self, folder: Path) -> list[Path]:
+        """Every entry under `folder` named like an image, sorted; a directory that cannot be
+        listed is one warning line (an error with strict), never left out in silence."""
+        found = []
+        for top, dirs, names in os.walk(folder, onerror=self._unlisted):
+            found += [Path(top, n) for n in dirs + names
+                      if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+        return sorted(found)
+
     def _read_dir(self, root: Path) -> ImageSet:
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        try:
+            classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+        except OSError as e:
+            raise DataError(f"cannot list {short_path(root)}: {os_reason(e)}") from None
         files = [
-            (p, c)
-            for c, name in enumerate(classes)
-            for p in sorted((root / name).rglob("*"))
-            if p.suffix.lower() in IMAGE_EXTENSIONS
+            (p, c) for c, name in enumerate(classes) for p in self._images_under(root / name)
         ]
         if not files:
             raise DataError(f"{root}: no images (expected <class>/<image>.png|jpg|bmp)")
@@ -286,8 +398,16 @@ class FolderReader(Reader):
         arrays, labels, paths, skipped = [], [], [], 0
         bar = tqdm(files, disable=not progress_enabled(self.progress), unit="img", leave=False)
         for path, label in bar:
+            # Only regular files are opened: a FIFO named x.png would block the read forever.
+            problem = regular_file_problem(path)
+            if problem is not None:
+                if self.strict:
+                    raise DataError(f"{short_path(path)}: {problem}")
+                print(f"warning: skipped {path}: {problem}", file=sys.stderr)
+                skipped += 1
+                continue
             try:
-                arr = self._to_array(decode(path))
+                arr = self._to_array(decode(path, spec=self.spec))
             except ImageError as e:
                 if self.strict:
                     raise DataError(str(e)) from e
@@ -341,10 +461,10 @@ class NpyReader(Reader):
     def load(self, split: str) -> ImageSet:
         ip, lp = self.root / f"{split}_images.npy", self.root / f"{split}_labels.npy"
         for p in (ip, lp):
-            if not p.exists():
+            if not os.path.lexists(p):
                 raise DataError(f"{self.root}: missing {p.name}")
-        images = np.load(ip, allow_pickle=False)
-        labels = np.load(lp, allow_pickle=False).astype(np.int64).reshape(-1)
+        images = _load_npy(ip)
+        labels = check_labels(_load_npy(lp), short_path(lp), NPY_MAX_CLASSES)
         if images.dtype != np.uint8:
             raise DataError(f"{ip}: images must be uint8, got {images.dtype}")
         if images.ndim == 3:
@@ -355,6 +475,23 @@ class NpyReader(Reader):
             raise DataError(f"{ip}: expected (N,H,W), (N,H,W,C) or (N,C,H,W), got {images.shape}")
         n_classes = int(labels.max()) + 1 if len(labels) else 0
         return ImageSet(np.ascontiguousarray(images), labels, [str(i) for i in range(n_classes)])
+
+
+# Class indices an .npy label may hold: the class list is 0..max(label), so a corrupt label
+# (10^12) would otherwise build a list of that many names.
+NPY_MAX_CLASSES = 65536
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    require_file(path)
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:  # a cut or foreign file, or object arrays
+        raise DataError(f"{short_path(path)}: cannot read .npy file: {_one_line(e)}") from e
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
 
 
 class PhotosReader(Reader):
@@ -410,8 +547,7 @@ def make_reader(
     if name in needs_root:
         if not root:
             raise DataError(f"data source {name!r} needs a directory (--data-root / --oe-root)")
-        if not Path(root).exists():
-            raise DataError(f"{root}: no such directory")
+        require_dir(Path(root))
     if name == "digits":
         return DigitsReader(seed=seed)
     if name == "mnist":

@@ -68,7 +68,8 @@ def align_classes(train: ImageSet, test: ImageSet) -> tuple[list[str], np.ndarra
     then the classes only the test split has (MVTec AD's defect folders). Returns that list
     and the test labels as indices into it."""
     classes = list(train.classes) + sorted(set(test.classes) - set(train.classes))
-    index = np.array([classes.index(c) for c in test.classes], np.int64)
+    position = {c: i for i, c in enumerate(classes)}
+    index = np.array([position[c] for c in test.classes], np.int64)
     return classes, index[test.labels] if len(test.labels) else test.labels
 
 

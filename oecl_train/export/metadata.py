@@ -16,7 +16,7 @@ import torch
 
 from oecl_runtime import __version__ as runtime_version
 from oecl_runtime.artifact import SCHEMA_VERSION, norm_stats, threshold_at_tpr, write_metadata
-from oecl_runtime.preprocess import InputSpec
+from oecl_runtime.preprocess import RESIZE_RULE, InputSpec
 from oecl_train.export.graph import INPUT_NAME
 from oecl_train.export.norms import oe_images, torch_norms
 from oecl_train.export.progress import Progress
@@ -62,8 +62,10 @@ def build_metadata(
         "input": {
             "name": INPUT_NAME, "dtype": "uint8", "layout": "NCHW",
             "channels": s["channels"], "color_mode": s["color_mode"],
-            "height": s["height"], "width": s["width"], "resize": s["resize"],
-            "interpolation": s["interpolation"], "resize_rule": s["resize_rule"],
+            # Always a number: a run trained at its images' own size states that size, so a
+            # served image of another size is resized to it, as it would be for any other run.
+            "height": s["height"], "width": s["width"], "resize": spec.short_side,
+            "interpolation": s["interpolation"], "resize_rule": RESIZE_RULE,
             "normalization": {"in_graph": True, "mean": [float(x) for x in arch["mean"]],
                               "std": [float(x) for x in arch["std"]]},
         },
