@@ -62,7 +62,7 @@ from .preprocess import (
     load_opened,
     open_image,
 )
-from .scorer import Scorer, check_threshold, non_finite
+from .scorer import ScoreError, Scorer, check_threshold, non_finite
 from .serving import v2_grpc
 from .serving.common import HTTPError, inline_body, inline_decode
 from .serving.v2_rest import V2Rest
@@ -298,6 +298,9 @@ class ScoringApp:
         if isinstance(e, HTTPError):
             m.error(e.kind)
             return e.status, {"error": e.reason}, e.headers
+        if isinstance(e, ScoreError):  # a non-finite norm: the model's fault, never "normal"
+            m.error("non_finite")
+            return 500, {"error": str(e)}, None
         if isinstance(e, UnsupportedFormat):
             m.error("bad_format")
             return 415, {"error": str(e)}, None

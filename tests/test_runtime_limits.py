@@ -288,6 +288,23 @@ def test_a_non_finite_score_is_an_error_never_normal(scorer: Scorer) -> None:
         assert 'oecl_errors_total{reason="non_finite"} 3.0' in c.get("/metrics").text
 
 
+def test_a_non_finite_score_fails_a_v2_request(scorer: Scorer) -> None:
+    app = create_app(Scorer(scorer.artifact, _NaNForBlack(scorer.backend)))
+    name = scorer.artifact.input_name
+
+    def infer(images: np.ndarray, **parameters: float) -> object:
+        req = {"inputs": [{"name": name, "shape": list(images.shape), "datatype": "UINT8",
+                           "data": images.ravel().tolist()}], "parameters": parameters}
+        return c.post("/v2/models/oecl/infer", json=req)
+
+    with TestClient(app) as c:
+        r = infer(np.zeros((2, 3, 32, 32), np.uint8))
+        assert r.status_code == 500 and "non-finite norm (nan)" in _strict_json(r.text)["error"]
+        assert infer(np.full((1, 3, 32, 32), 120, np.uint8)).status_code == 200
+        r = infer(np.full((1, 3, 32, 32), 120, np.uint8), threshold=-1.0)
+        assert r.status_code == 400 and "finite number >= 0" in r.json()["error"]
+
+
 @pytest.mark.parametrize("value", ["-1", "nan", "inf", "-inf", "1e999"])
 def test_a_threshold_query_must_be_finite_and_not_negative(client: TestClient,
                                                            value: str) -> None:

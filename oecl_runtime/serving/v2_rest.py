@@ -22,7 +22,6 @@ version).
 from __future__ import annotations
 
 import json
-import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +32,7 @@ from .. import __version__
 from ..batcher import TooManyImages
 from ..names import BYTES_INPUT
 from ..preprocess import ImageError, load_opened, open_image
+from ..scorer import ScoreError, check_threshold, non_finite
 from .common import HTTPError, inline_body, inline_decode
 from .v2_codec import (
     HEADER_LENGTH,
@@ -164,6 +164,10 @@ class V2Rest:
                                 f"{len(req.inputs)}")
         batch = await self._batch(req.inputs[0], receive)
         norms = (await self.app._infer(batch, receive)).astype(np.float32).reshape(-1, 1)
+        bad = ~np.isfinite(norms[:, 0])
+        if bad.any():  # never a decision ("not below the threshold") on a NaN
+            i = int(np.argmax(bad))
+            raise ScoreError(f"image {i}: {non_finite(float(norms[i, 0]))}")
         arrays = {"norm": norms, "is_anomaly": norms < threshold}
         return [(n, OUTPUTS[n], arrays[n], binary) for n, binary in wanted], threshold
 
@@ -205,9 +209,12 @@ class V2Rest:
 
 def _threshold(params: dict[str, Any], default: float) -> float:
     t = params.get("threshold", default)
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
-        raise ProtocolError(f"parameter threshold must be a finite number, got {t!r}")
-    return float(t)
+    if isinstance(t, bool) or not isinstance(t, (int, float)):
+        raise ProtocolError(f"parameter threshold must be a finite number >= 0, got {t!r}")
+    try:
+        return check_threshold(t)
+    except ValueError as e:
+        raise ProtocolError(f"parameter {e}") from None
 
 
 def _outputs(req: Any) -> list[tuple[str, bool]]:
