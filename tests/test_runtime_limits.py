@@ -639,7 +639,6 @@ def test_bodies_still_arriving_are_bounded_in_bytes(scorer: Scorer) -> None:
 
     # 64 requests x 1 MB / 8: 8 MB of bodies may be arriving at once.
     cfg = ServerConfig(max_queue=16, max_body_mb=1, body_timeout_s=20)
-    assert cfg.max_buffered_bytes == 8 * 1024 * 1024
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -686,3 +685,55 @@ def test_bodies_still_arriving_are_bounded_in_bytes(scorer: Scorer) -> None:
             u.close()
         server.should_exit = True
         thread.join(15)
+
+
+def test_score_requests_past_their_body_are_limited(scorer: Scorer,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests being decoded (or queued) count against `max_requests`; one more gets 503."""
+    import oecl_runtime.server as server_mod
+
+    release = asyncio.Event()
+
+    async def held(fn, *args, **kw):  # every off-loop decode waits for the test
+        await release.wait()
+        return fn(*args, **kw)
+
+    monkeypatch.setattr(server_mod, "run_in_threadpool", held)
+    app = create_app(scorer, ServerConfig(max_queue=16))
+    limit = 64  # max_requests: max(64, 2 x max_queue)
+    big = _encoded(np.random.default_rng(9).integers(0, 256, (200, 200, 3), np.uint8), "PNG")
+    assert len(big) > 64 * 1024  # decoded off the event loop
+
+    async def post() -> int:
+        sent, status = False, []
+
+        async def receive():
+            nonlocal sent
+            if sent:
+                await asyncio.sleep(3600)
+            sent = True
+            return {"type": "http.request", "body": big, "more_body": False}
+
+        async def send(msg):
+            if msg["type"] == "http.response.start":
+                status.append(msg["status"])
+
+        await app({"type": "http", "method": "POST", "path": "/v1/score", "query_string": b"",
+                   "headers": []}, receive, send)
+        return status[0]
+
+    async def run() -> tuple[list[int], int]:
+        app.batcher.start()
+        try:
+            waiting = [asyncio.ensure_future(post()) for _ in range(limit)]
+            await asyncio.sleep(0.2)
+            # All `limit` are decoding: turned away at once (the old server had it wait).
+            extra = await asyncio.wait_for(post(), 5)
+            release.set()
+            return await asyncio.gather(*waiting), extra
+        finally:
+            app.batcher.close()
+
+    statuses, extra = asyncio.run(run())
+    assert extra == 503 and statuses.count(200) > limit // 2
+    assert 'oecl_errors_total{reason="busy"} 1.0' in app.metrics.render().decode()
