@@ -101,6 +101,4 @@ def print_summary(summary: dict[str, Any]) -> None:
     click.echo(f"threshold {summary['threshold']:.4g} ({score} keeping {rule['tpr']:.0%} of "
                f"{rule['n_images']} ID-validation images over {summary['views']} view(s), fp32; "
                f"score: {score}, higher = normal)")
-    if summary.get("threshold_warning"):
-        click.echo(f"warning: {summary['threshold_warning']}")
     click.echo(json.dumps(summary))

@@ -39,7 +39,9 @@ def budget_line(b: dict[str, Any]) -> str:
     )
 
 
-def threshold_line(t: dict[str, Any] | None) -> str:
+def threshold_line(t: dict[str, Any] | None, warning: bool = False) -> str:
+    """The threshold in one line; `warning` adds the few-images warning on a second one (for
+    report.md: on the console it is `oecl train`'s to say, once, before training)."""
     if t is None:
         return "threshold: none (no ID-validation images)"
     line = (
@@ -52,7 +54,7 @@ def threshold_line(t: dict[str, Any] | None) -> str:
             f"; on the test split it accepts {t['test']['TPR']:.1%} of ID "
             f"and {t['test']['FPR']:.1%} of OOD"
         )
-    if t.get("warning"):
+    if warning and t.get("warning"):
         line += f"\nwarning: {t['warning']}"
     return line
 
@@ -89,10 +91,28 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _score_label(report: dict[str, Any], name: str) -> str:
+    """The score's name, marked when it is the one an export of the run serves."""
+    return f"{name} (served)" if name == report["evaluation"].get("served_score") else name
+
+
 def _score_rows(report: dict[str, Any]) -> list[list[str]]:
     return [
-        [name, *(f"{s['metrics'][m]:.4f}" for m in METRICS)] for name, s in report["scores"].items()
+        [_score_label(report, name), *(f"{s['metrics'][m]:.4f}" for m in METRICS)]
+        for name, s in report["scores"].items()
     ]
+
+
+def scores_line(report: dict[str, Any]) -> str:
+    """What the table's numbers are computed on, in one line."""
+    d, e = report["data"], report["evaluation"]
+    parts = [f"whole test split ({d['n_test_id']} ID + {d['n_test_ood']} OOD images)", DIRECTION]
+    if e.get("served_score") in report["scores"]:
+        views = f" over {e['n_views']} views" if e.get("n_views", 1) > 1 else ""
+        parts.append(f"(served) = the score `oecl export` serves{views}")
+    if any(n in report["scores"] for n in ("mean-aug-norm", "mean-sq-norm")):
+        parts.append(f"K = {e['k']} random augmented views")
+    return "scores on the " + "; ".join(parts)
 
 
 def format_run_table(report: dict[str, Any]) -> str:
@@ -101,7 +121,7 @@ def format_run_table(report: dict[str, Any]) -> str:
     lines = [
         f"run: {report['run_dir']}  ({d['source']}, {d['protocol']}, ID class {d['id_class']}: "
         f"{d['n_test_id']} ID / {d['n_test_ood']} OOD test images)",
-        f"scores: {DIRECTION}; K = {report['evaluation']['k']} augmented views",
+        scores_line(report),
         _table(["score", *METRICS], _score_rows(report)),
     ]
     header, rows = per_class_rows(report)
@@ -127,7 +147,8 @@ def run_markdown(report: dict[str, Any], files: dict[str, Any]) -> str:
         f"- scoring: K = {e['k']} SimCLR views (seed {e['seed']}), {e['precision']}, "
         f"batch {e['batch_size']}, device {e['device']}, {e['seconds']:.1f} s",
         "",
-        f"Every score: **{DIRECTION}**. Metrics take ID as the positive class.",
+        f"Every score: **{DIRECTION}**. Metrics take ID as the positive class; "
+        + scores_line(report) + ".",
         "",
         _md_table(["score", *METRICS], _score_rows(report)),
         "",
@@ -149,7 +170,7 @@ def run_markdown(report: dict[str, Any], files: dict[str, Any]) -> str:
         ]
     lines += [
         "",
-        "- " + threshold_line(report["threshold"]).replace("\n", "\n- "),
+        "- " + threshold_line(report["threshold"], warning=True).replace("\n", "\n- "),
         "- budget: " + budget_line(report["budget"]),
         "",
     ]

@@ -123,13 +123,19 @@ def print_result(result: dict) -> None:
         click.echo(f"unreadable images skipped: {result['skipped_images']}")
     if "test" in result:
         t = result["test"]
+        score = t["score"].split(" ")[0]
         click.echo(
-            "test (score: norm, higher = normal): "
-            + "  ".join(f"{k} {t[k]:.4f}" for k in ("AUROC", "AUPR-IN", "AUPR-OUT", "FPR@95TPR"))
+            f"test AUROC {t['AUROC']:.4f} ({score} over {t['views']} views, the score `oecl "
+            f"export` serves; higher = normal; {t['images']} images)"
+        )
+        click.echo(
+            "same score, same images: "
+            + "  ".join(f"{k} {t[k]:.4f}" for k in ("AUPR-IN", "AUPR-OUT", "FPR@95TPR"))
         )
         if len(t.get("per_ood_class", {})) > 1:
             click.echo(
                 "AUROC per OOD class: "
                 + "  ".join(f"{c} {a:.4f}" for c, a in t["per_ood_class"].items())
+                + "  (same score; all ID test images against each class)"
             )
     click.echo(json.dumps(result))

@@ -93,9 +93,8 @@ def write_export_metadata(
         oe = oe_images(src.splits, src.cfg.seed)
         oe_norms = None if oe is None else torch_norms(src.net, oe, src.device, views=src.views)
         threshold = threshold_at_tpr(id_norms, threshold_tpr)
+        # Recorded, not printed: `oecl train` says it before training, where it can be acted on.
         few = threshold_warning(len(id_norms), threshold_tpr)
-        if few:
-            progress.log(f"warning: {few}")
         cfg = src.cfg
         meta = build_metadata(
             spec=src.spec, arch=dict(src.checkpoint["architecture"]), embedding=embedding,
