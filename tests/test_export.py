@@ -397,8 +397,10 @@ def test_golden_set_holds_reference_norms_of_the_run(artifact, trained):
     _, net, _ = load_trained(trained[0], torch.device("cpu"))
     want = export.torch_norms(net, g.images, torch.device("cpu"))
     np.testing.assert_allclose(g.reference, want, rtol=1e-6)
-    assert art.meta["golden"]["tolerances"] == {"fp32_max_rel_diff": export.FP32_REL_TOL,
-                                                "AUROC_diff": export.AUROC_TOL}
+    assert art.meta["golden"]["tolerances"] == {
+        "fp32_max_rel_diff": export.FP32_REL_TOL, "AUROC_diff": export.AUROC_TOL,
+        "reduced_mean_rel_diff": export.verify.REDUCED_MEAN_REL_TOL,
+        "rank_correlation_min": export.verify.RANK_CORRELATION_MIN}
 
 
 @pytest.mark.parametrize("backend,precision", [("onnxruntime-cpu", "fp32"),
