@@ -219,6 +219,27 @@ def plot_roc(
     _savefig(fig, path)
 
 
+def hist_scores(report: dict[str, Any], names: Sequence[str]) -> list[str]:
+    """The scores hist.png shows: the served one (with the threshold) and the plain norm; the
+    others are research scores whose ROC and metrics are in the report. Without either of
+    those, every score asked for."""
+    served = report["evaluation"].get("served_score")
+    keep = [n for n in dict.fromkeys([served, "norm"]) if n in names]
+    return keep or list(names)
+
+
+def hist_bins(values: np.ndarray, n: int = 60) -> tuple[np.ndarray, bool]:
+    """Bin edges that show every series: the 0.5-99.5 percentile range of all the scores (a
+    few extreme values cannot squeeze the rest into one bin), on a log axis when positive
+    scores span more than 30x (OE-trained norms put OOD near 0 and ID far above it)."""
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    if lo > 0 and hi / lo > 30:
+        return np.geomspace(lo, hi, n + 1), True
+    if hi <= lo:  # all (nearly) equal
+        lo, hi = lo - 0.5, hi + 0.5
+    return np.linspace(lo, hi, n + 1), False
+
+
 def plot_hist(
     path: Path,
     report: dict[str, Any],
@@ -226,34 +247,52 @@ def plot_hist(
     is_id: np.ndarray,
     labels: Sequence[str] | None = None,
 ) -> None:
-    """ID vs OOD histogram of each score, one panel per score and one series per OOD class
-    (two defect types on opposite sides of the ID would cancel out in one merged OOD series);
-    the threshold on the score it was taken on (the served one)."""
+    """ID against each OOD class, one wide panel per score that matters (`hist_scores`), on a
+    scale where both show (`hist_bins`), each series as its share of images per bin (so a
+    small class is as visible as a large one), the threshold on top of the served score's."""
     plt = _pyplot()
-    names = list(test_scores)
-    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.8), squeeze=False)
-    thr = report["threshold"]["value"] if report["threshold"] else None
-    thr_score = report["threshold"].get("score", "norm") if report["threshold"] else None
+    names = hist_scores(report, list(test_scores))
+    fig, axes = plt.subplots(len(names), 1, figsize=(10, 3.8 * len(names)), squeeze=False,
+                             layout="constrained")
+    t = report["threshold"]
     ood_labels = np.asarray(labels if labels is not None else ["OOD"] * len(is_id))[~is_id]
     if len(set(ood_labels.tolist())) > HIST_CLASSES:
         ood_labels = np.full(len(ood_labels), "OOD")
     ood_classes = sorted(set(ood_labels.tolist()))
-    for ax, name in zip(axes[0], names, strict=True):
-        s = test_scores[name]
-        bins = np.histogram_bin_edges(s, bins=50)
-        ax.hist(s[is_id], bins=bins, alpha=0.6, density=True, label=f"ID ({is_id.sum()})")
-        for c in ood_classes:
-            sel = s[~is_id][ood_labels == c]
+    # ID in a neutral blue, filled; each OOD class an outline in its own tab10 colour.
+    colours = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 0]
+    for ax, name in zip(axes[:, 0], names, strict=True):
+        s = np.asarray(test_scores[name], np.float64)
+        bins, log = hist_bins(s)
+        clip = (bins[0], bins[-1])
+
+        def share(x: np.ndarray) -> np.ndarray:
+            return np.full(len(x), 1.0 / max(len(x), 1))
+
+        ids = np.clip(s[is_id], *clip)
+        ax.hist(ids, bins=bins, weights=share(ids), color="tab:blue", alpha=0.35,
+                label=f"ID ({is_id.sum()})")
+        ax.hist(ids, bins=bins, weights=share(ids), color="tab:blue", histtype="step", lw=1.5)
+        for c, colour in zip(ood_classes, colours * 2, strict=False):
+            sel = np.clip(s[~is_id][ood_labels == c], *clip)
             tag = "OOD" if c == "OOD" else f"OOD {c}"
-            ax.hist(sel, bins=bins, alpha=0.5, density=True, histtype="stepfilled",
+            ax.hist(sel, bins=bins, weights=share(sel), histtype="step", lw=2, color=colour,
                     label=f"{tag} ({len(sel)})")
-        if name == thr_score and thr is not None:
-            ax.axvline(thr, color="black", lw=1, ls="--", label="threshold (ID-val, 95% TPR)")
-        ax.set_xlabel(f"{name} ({DIRECTION})")
-        ax.set_ylabel("density")
-        ax.legend(fontsize=8)
+        if log:
+            ax.set_xscale("log")
+        if t and name == t.get("score", "norm"):
+            ax.axvline(t["value"], color="black", lw=2.5, ls="--", zorder=10,
+                       label=f"threshold {t['value']:.4g} (ID-val, {t['tpr_target']:.0%} TPR)")
+        auroc = report["scores"][name]["metrics"]["AUROC"]
+        served = " (served)" if name == report["evaluation"].get("served_score") else ""
+        ax.set_title(f"{name}{served}: AUROC {auroc:.4f}, whole test split", fontsize=11)
+        scale = "log scale, " if log else ""
+        ax.set_xlabel(f"{name} ({DIRECTION}; {scale}0.5-99.5 percentile range, "
+                      "outside values in the end bins)")
+        ax.set_ylabel("share of the series' images")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
+        ax.grid(axis="x", alpha=0.3, which="both")
     fig.suptitle("ID vs OOD test scores")
-    fig.tight_layout()
     _savefig(fig, path)
 
 
