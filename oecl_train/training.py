@@ -161,6 +161,9 @@ def _run_training(
         result["rank"] = dist.rank
         return result
     if quick_eval:
+        # K forward passes per image: on a CPU a large test split takes a while, so say so.
+        echo(f"scoring the test split ({len(splits.test_images)} images over {DEFAULT_VIEWS} "
+             "views, the served score) ...")
         result["test"] = served_test_metrics(trainer.net, splits, cfg, trainer.device)
     return result
 
