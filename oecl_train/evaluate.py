@@ -263,6 +263,8 @@ def build_report(
         },
         "evaluation": {
             "scores": list(test_scores),
+            "served_score": served_score(views),
+            "n_views": views,
             "k": k,
             "seed": EVAL_SEED,
             **({"views": views_to_json(views_for(cfg, splits.spec.height, splits.spec.width,

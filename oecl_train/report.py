@@ -39,7 +39,9 @@ def budget_line(b: dict[str, Any]) -> str:
     )
 
 
-def threshold_line(t: dict[str, Any] | None) -> str:
+def threshold_line(t: dict[str, Any] | None, warning: bool = False) -> str:
+    """The threshold in one line; `warning` adds the few-images warning on a second one (for
+    report.md: on the console it is `oecl train`'s to say, once, before training)."""
     if t is None:
         return "threshold: none (no ID-validation images)"
     line = (
@@ -52,7 +54,7 @@ def threshold_line(t: dict[str, Any] | None) -> str:
             f"; on the test split it accepts {t['test']['TPR']:.1%} of ID "
             f"and {t['test']['FPR']:.1%} of OOD"
         )
-    if t.get("warning"):
+    if warning and t.get("warning"):
         line += f"\nwarning: {t['warning']}"
     return line
 
@@ -89,10 +91,28 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _score_label(report: dict[str, Any], name: str) -> str:
+    """The score's name, marked when it is the one an export of the run serves."""
+    return f"{name} (served)" if name == report["evaluation"].get("served_score") else name
+
+
 def _score_rows(report: dict[str, Any]) -> list[list[str]]:
     return [
-        [name, *(f"{s['metrics'][m]:.4f}" for m in METRICS)] for name, s in report["scores"].items()
+        [_score_label(report, name), *(f"{s['metrics'][m]:.4f}" for m in METRICS)]
+        for name, s in report["scores"].items()
     ]
+
+
+def scores_line(report: dict[str, Any]) -> str:
+    """What the table's numbers are computed on, in one line."""
+    d, e = report["data"], report["evaluation"]
+    parts = [f"whole test split ({d['n_test_id']} ID + {d['n_test_ood']} OOD images)", DIRECTION]
+    if e.get("served_score") in report["scores"]:
+        views = f" over {e['n_views']} views" if e.get("n_views", 1) > 1 else ""
+        parts.append(f"(served) = the score `oecl export` serves{views}")
+    if any(n in report["scores"] for n in ("mean-aug-norm", "mean-sq-norm")):
+        parts.append(f"K = {e['k']} random augmented views")
+    return "scores on the " + "; ".join(parts)
 
 
 def format_run_table(report: dict[str, Any]) -> str:
@@ -101,7 +121,7 @@ def format_run_table(report: dict[str, Any]) -> str:
     lines = [
         f"run: {report['run_dir']}  ({d['source']}, {d['protocol']}, ID class {d['id_class']}: "
         f"{d['n_test_id']} ID / {d['n_test_ood']} OOD test images)",
-        f"scores: {DIRECTION}; K = {report['evaluation']['k']} augmented views",
+        scores_line(report),
         _table(["score", *METRICS], _score_rows(report)),
     ]
     header, rows = per_class_rows(report)
@@ -127,7 +147,8 @@ def run_markdown(report: dict[str, Any], files: dict[str, Any]) -> str:
         f"- scoring: K = {e['k']} SimCLR views (seed {e['seed']}), {e['precision']}, "
         f"batch {e['batch_size']}, device {e['device']}, {e['seconds']:.1f} s",
         "",
-        f"Every score: **{DIRECTION}**. Metrics take ID as the positive class.",
+        f"Every score: **{DIRECTION}**. Metrics take ID as the positive class; "
+        + scores_line(report) + ".",
         "",
         _md_table(["score", *METRICS], _score_rows(report)),
         "",
@@ -149,7 +170,7 @@ def run_markdown(report: dict[str, Any], files: dict[str, Any]) -> str:
         ]
     lines += [
         "",
-        "- " + threshold_line(report["threshold"]).replace("\n", "\n- "),
+        "- " + threshold_line(report["threshold"], warning=True).replace("\n", "\n- "),
         "- budget: " + budget_line(report["budget"]),
         "",
     ]
@@ -198,6 +219,27 @@ def plot_roc(
     _savefig(fig, path)
 
 
+def hist_scores(report: dict[str, Any], names: Sequence[str]) -> list[str]:
+    """The scores hist.png shows: the served one (with the threshold) and the plain norm; the
+    others are research scores whose ROC and metrics are in the report. Without either of
+    those, every score asked for."""
+    served = report["evaluation"].get("served_score")
+    keep = [n for n in dict.fromkeys([served, "norm"]) if n in names]
+    return keep or list(names)
+
+
+def hist_bins(values: np.ndarray, n: int = 60) -> tuple[np.ndarray, bool]:
+    """Bin edges that show every series: the 0.5-99.5 percentile range of all the scores (a
+    few extreme values cannot squeeze the rest into one bin), on a log axis when positive
+    scores span more than 30x (OE-trained norms put OOD near 0 and ID far above it)."""
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    if lo > 0 and hi / lo > 30:
+        return np.geomspace(lo, hi, n + 1), True
+    if hi <= lo:  # all (nearly) equal
+        lo, hi = lo - 0.5, hi + 0.5
+    return np.linspace(lo, hi, n + 1), False
+
+
 def plot_hist(
     path: Path,
     report: dict[str, Any],
@@ -205,34 +247,52 @@ def plot_hist(
     is_id: np.ndarray,
     labels: Sequence[str] | None = None,
 ) -> None:
-    """ID vs OOD histogram of each score, one panel per score and one series per OOD class
-    (two defect types on opposite sides of the ID would cancel out in one merged OOD series);
-    the threshold on the score it was taken on (the served one)."""
+    """ID against each OOD class, one wide panel per score that matters (`hist_scores`), on a
+    scale where both show (`hist_bins`), each series as its share of images per bin (so a
+    small class is as visible as a large one), the threshold on top of the served score's."""
     plt = _pyplot()
-    names = list(test_scores)
-    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.8), squeeze=False)
-    thr = report["threshold"]["value"] if report["threshold"] else None
-    thr_score = report["threshold"].get("score", "norm") if report["threshold"] else None
+    names = hist_scores(report, list(test_scores))
+    fig, axes = plt.subplots(len(names), 1, figsize=(10, 3.8 * len(names)), squeeze=False,
+                             layout="constrained")
+    t = report["threshold"]
     ood_labels = np.asarray(labels if labels is not None else ["OOD"] * len(is_id))[~is_id]
     if len(set(ood_labels.tolist())) > HIST_CLASSES:
         ood_labels = np.full(len(ood_labels), "OOD")
     ood_classes = sorted(set(ood_labels.tolist()))
-    for ax, name in zip(axes[0], names, strict=True):
-        s = test_scores[name]
-        bins = np.histogram_bin_edges(s, bins=50)
-        ax.hist(s[is_id], bins=bins, alpha=0.6, density=True, label=f"ID ({is_id.sum()})")
-        for c in ood_classes:
-            sel = s[~is_id][ood_labels == c]
+    # ID in a neutral blue, filled; each OOD class an outline in its own tab10 colour.
+    colours = [c for i, c in enumerate(plt.get_cmap("tab10").colors) if i != 0]
+    for ax, name in zip(axes[:, 0], names, strict=True):
+        s = np.asarray(test_scores[name], np.float64)
+        bins, log = hist_bins(s)
+        clip = (bins[0], bins[-1])
+
+        def share(x: np.ndarray) -> np.ndarray:
+            return np.full(len(x), 1.0 / max(len(x), 1))
+
+        ids = np.clip(s[is_id], *clip)
+        ax.hist(ids, bins=bins, weights=share(ids), color="tab:blue", alpha=0.35,
+                label=f"ID ({is_id.sum()})")
+        ax.hist(ids, bins=bins, weights=share(ids), color="tab:blue", histtype="step", lw=1.5)
+        for c, colour in zip(ood_classes, colours * 2, strict=False):
+            sel = np.clip(s[~is_id][ood_labels == c], *clip)
             tag = "OOD" if c == "OOD" else f"OOD {c}"
-            ax.hist(sel, bins=bins, alpha=0.5, density=True, histtype="stepfilled",
+            ax.hist(sel, bins=bins, weights=share(sel), histtype="step", lw=2, color=colour,
                     label=f"{tag} ({len(sel)})")
-        if name == thr_score and thr is not None:
-            ax.axvline(thr, color="black", lw=1, ls="--", label="threshold (ID-val, 95% TPR)")
-        ax.set_xlabel(f"{name} ({DIRECTION})")
-        ax.set_ylabel("density")
-        ax.legend(fontsize=8)
+        if log:
+            ax.set_xscale("log")
+        if t and name == t.get("score", "norm"):
+            ax.axvline(t["value"], color="black", lw=2.5, ls="--", zorder=10,
+                       label=f"threshold {t['value']:.4g} (ID-val, {t['tpr_target']:.0%} TPR)")
+        auroc = report["scores"][name]["metrics"]["AUROC"]
+        served = " (served)" if name == report["evaluation"].get("served_score") else ""
+        ax.set_title(f"{name}{served}: AUROC {auroc:.4f}, whole test split", fontsize=11)
+        scale = "log scale, " if log else ""
+        ax.set_xlabel(f"{name} ({DIRECTION}; {scale}0.5-99.5 percentile range, "
+                      "outside values in the end bins)")
+        ax.set_ylabel("share of the series' images")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9, frameon=False)
+        ax.grid(axis="x", alpha=0.3, which="both")
     fig.suptitle("ID vs OOD test scores")
-    fig.tight_layout()
     _savefig(fig, path)
 
 

@@ -64,7 +64,8 @@ def config_options(fn):
 @click.option(
     "--progress/--no-progress",
     default=None,
-    help="Show progress bars on stderr (default: only when stderr is a terminal).",
+    help="Show progress bars on stderr (default: only when stderr is a terminal); without "
+    "one, a plain progress line every 30 s or 5% of the run.",
 )
 @click.option(
     "--classes",
@@ -83,6 +84,8 @@ def train(
 ) -> None:
     """Train an OECL model. --oe none = SimCLR, self = self-OECL, photos/<source> = OECL.
 
+    Prints the expected duration after the first steps, and at the end the test AUROC of
+    the score an export serves (mean-view-norm over 8 views) on the whole test split.
     Ctrl-C or SIGTERM finishes the current step, writes a checkpoint and exits non-zero;
     `--resume RUN` continues from it, and `--resume RUN --steps N` extends a finished run.
     """
@@ -123,13 +126,19 @@ def print_result(result: dict) -> None:
         click.echo(f"unreadable images skipped: {result['skipped_images']}")
     if "test" in result:
         t = result["test"]
+        score = t["score"].split(" ")[0]
         click.echo(
-            "test (score: norm, higher = normal): "
-            + "  ".join(f"{k} {t[k]:.4f}" for k in ("AUROC", "AUPR-IN", "AUPR-OUT", "FPR@95TPR"))
+            f"test AUROC {t['AUROC']:.4f} ({score} over {t['views']} views, the score `oecl "
+            f"export` serves; higher = normal; {t['images']} images)"
+        )
+        click.echo(
+            "same score, same images: "
+            + "  ".join(f"{k} {t[k]:.4f}" for k in ("AUPR-IN", "AUPR-OUT", "FPR@95TPR"))
         )
         if len(t.get("per_ood_class", {})) > 1:
             click.echo(
                 "AUROC per OOD class: "
                 + "  ".join(f"{c} {a:.4f}" for c, a in t["per_ood_class"].items())
+                + "  (same score; all ID test images against each class)"
             )
     click.echo(json.dumps(result))

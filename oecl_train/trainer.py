@@ -36,6 +36,7 @@ from oecl_train.model import Architecture, OECLNet
 from oecl_train.optim import build_optimizer, cosine_lr
 from oecl_train.plots import plot_training
 from oecl_train.rundir import require_run_dir
+from oecl_train.train_progress import TrainingProgress, cpu_sized
 
 
 class TrainingDiverged(RuntimeError):
@@ -435,6 +436,7 @@ class Trainer:
             dynamic_ncols=True,
             desc=self.run_dir.name,
         )
+        lines = self._progress_lines(bar)
         last: dict = {}
         self.net.train()
         self._last_save = time.monotonic()
@@ -461,8 +463,11 @@ class Trainer:
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_steps += 1
-                n_images += (len(x_id) + (0 if x_oe is None else len(x_oe))) * self.dist.world
+                seen = (len(x_id) + (0 if x_oe is None else len(x_oe))) * self.dist.world
+                n_images += seen
                 bar.update(1)
+                if lines is not None:
+                    lines.step(step + 1, seen, lambda m=m: float(m["loss"]))
                 if step % 10 == 0 or self.device.type == "cpu":
                     loss = float(m["loss"])
                     self._check_finite(loss, step)
@@ -517,6 +522,28 @@ class Trainer:
         if self.dist.rank == 0:
             plot_training(self.run_dir)
         return last
+
+    def _progress_lines(self, bar: tqdm) -> TrainingProgress | None:
+        """Rank 0's duration estimate and, without a bar, its plain progress lines."""
+        if self.dist.rank != 0:
+            return None
+        spec = self.splits.spec
+
+        def log(msg: str) -> None:
+            if self.progress:
+                bar.write(msg, file=sys.stderr)
+            else:
+                print(msg, file=sys.stderr, flush=True)
+
+        side = max(spec.height, spec.width)
+        return TrainingProgress(
+            total_steps=self.total_steps,
+            start_step=self.start_step,
+            log=log,
+            plain_lines=not self.progress,
+            cpu_hint=self.device.type == "cpu" and not cpu_sized(self.cfg.depth, self.cfg.width,
+                                                                 side),
+        )
 
     def _agree_to_stop(self, signum: int | None, step: int) -> bool:
         """Whether to stop after this step. Every rank must stop at the same step (a rank

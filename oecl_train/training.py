@@ -5,6 +5,7 @@ the benchmarks all train through `run_training`."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,17 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from oecl_train.config import TrainConfig, read_config_file
 from oecl_train.data import Splits
 from oecl_train.distributed import distributed_context, torchrun_environment
-from oecl_train.metrics import ood_metrics, per_class_metrics, threshold_warning
+from oecl_train.metrics import (
+    FEW_THRESHOLD_IMAGES,
+    ood_metrics,
+    per_class_metrics,
+    threshold_warning,
+)
 from oecl_train.rundir import require_run_dir
+from oecl_train.score_names import served_score
 from oecl_train.scores import compute_scores
 from oecl_train.trainer import Trainer
+from oecl_train.views import DEFAULT_VIEWS, views_for
 
 # Options `--resume` may change: where and how it runs, and how long (--steps / --epochs).
 RESUME_OPTIONS = (
@@ -83,17 +91,22 @@ def run_training(
     progress: bool = True,
     quick_eval: bool = True,
     extend: bool = False,
+    warn_threshold: bool = True,
     echo: Callable[[str], None] = lambda m: click.echo(m, err=True),
 ) -> dict[str, Any]:
-    """Build the splits, train (or resume), and report the plain-norm AUROC on the test set.
+    """Build the splits, train (or resume), and report the test-split metrics of the score an
+    export of the run serves (`served_test_metrics`).
 
     `extend` (with `resume`): cfg's --steps / --epochs are the run's new length. A resumed run
     that is already that long is not trained or evaluated again: the result says it is
-    complete. `echo` takes the warnings and the resume line.
+    complete. `echo` takes the warnings and the resume line. `warn_threshold`: say, before
+    training, when the threshold `oecl eval` and `oecl export` will set rests on too few
+    ID-validation images (the one place the warning is printed: the place it can be acted on).
 
     Under torchrun every rank runs this; it trains data-parallel and only rank 0 evaluates.
     """
-    kw = dict(resume=resume, progress=progress, quick_eval=quick_eval, extend=extend, echo=echo)
+    kw = dict(resume=resume, progress=progress, quick_eval=quick_eval, extend=extend,
+              warn_threshold=warn_threshold, echo=echo)
     if torchrun_environment() is None:
         return _run_training(cfg, **kw)
     # torchrun's error handling: an exception here is written to the error file its agent
@@ -109,12 +122,14 @@ def _run_training(
     progress: bool,
     quick_eval: bool,
     extend: bool,
+    warn_threshold: bool,
     echo: Callable[[str], None],
 ) -> dict[str, Any]:
     splits = Splits.from_config(cfg, progress=progress)
-    warning = threshold_warning(len(splits.id_val), 0.95)
-    if warning:
-        echo(f"warning: {warning}")
+    if warn_threshold and not resume:
+        few = few_validation_images(splits, cfg)
+        if few:
+            echo(f"warning: {few}")
     run_dir = Path(cfg.out_dir) / cfg.run_name()
     with distributed_context(cfg.device, cfg.dist_timeout) as dist:
         trainer = Trainer(cfg, splits, run_dir, dist=dist, progress=progress)
@@ -146,21 +161,43 @@ def _run_training(
         result["rank"] = dist.rank
         return result
     if quick_eval:
-        s = compute_scores(
-            trainer.net,
-            splits.test_images,
-            scores=("norm",),
-            device=trainer.device,
-            precision=cfg.precision,
-        )["norm"]
-        result["test"] = {
-            "score": "norm (higher = normal)",
-            **ood_metrics(s, splits.test_is_id),
-            "per_ood_class": {
-                c: m["AUROC"]
-                for c, m in per_class_metrics(
-                    s, splits.test_is_id, splits.test_labels, splits.classes
-                ).items()
-            },
-        }
+        # K forward passes per image: on a CPU a large test split takes a while, so say so.
+        echo(f"scoring the test split ({len(splits.test_images)} images over {DEFAULT_VIEWS} "
+             "views, the served score) ...")
+        result["test"] = served_test_metrics(trainer.net, splits, cfg, trainer.device)
     return result
+
+
+def served_test_metrics(net, splits: Splits, cfg: TrainConfig, device) -> dict[str, Any]:
+    """Metrics on the whole test split of the score `oecl export` serves by default
+    (mean-view-norm over DEFAULT_VIEWS views; `oecl eval` reports the same number), at the
+    run's precision, overall and per OOD class."""
+    name = served_score(DEFAULT_VIEWS)
+    views = views_for(cfg, splits.spec.height, splits.spec.width, DEFAULT_VIEWS)
+    s = compute_scores(net, splits.test_images, scores=(name,), views=views, device=device,
+                       precision=cfg.precision)[name]
+    is_id = splits.test_is_id
+    return {
+        "score": f"{name} (higher = normal)",
+        "views": DEFAULT_VIEWS,
+        "images": f"whole test split: {int(is_id.sum())} ID + {int((~is_id).sum())} OOD",
+        **ood_metrics(s, is_id),
+        "per_ood_class": {
+            c: m["AUROC"]
+            for c, m in per_class_metrics(s, is_id, splits.test_labels, splits.classes).items()
+        },
+    }
+
+
+def few_validation_images(splits: Splits, cfg: TrainConfig, tpr: float = 0.95) -> str | None:
+    """The warning for a threshold on too few ID-validation images, with the --val-fraction
+    that would hold out enough of them (when the ID class is large enough to spare them)."""
+    warning = threshold_warning(len(splits.id_val), tpr)
+    if warning is None:
+        return None
+    n_id = len(splits.id_val) + len(splits.id_train)
+    needed = FEW_THRESHOLD_IMAGES / max(n_id, 1)
+    if needed <= 0.5 and needed > cfg.val_fraction:
+        fraction = math.ceil(needed * 100) / 100
+        warning += f" (--val-fraction {fraction:g} holds out {round(fraction * n_id)})"
+    return warning

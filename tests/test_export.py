@@ -398,8 +398,10 @@ def test_golden_set_holds_reference_norms_of_the_run(artifact, trained):
     _, net, _ = load_trained(trained[0], torch.device("cpu"))
     want = export.torch_norms(net, g.images, torch.device("cpu"))
     np.testing.assert_allclose(g.reference, want, rtol=1e-6)
-    assert art.meta["golden"]["tolerances"] == {"fp32_max_rel_diff": export.FP32_REL_TOL,
-                                                "AUROC_diff": export.AUROC_TOL}
+    assert art.meta["golden"]["tolerances"] == {
+        "fp32_max_rel_diff": export.FP32_REL_TOL, "AUROC_diff": export.AUROC_TOL,
+        "reduced_mean_rel_diff": export.verify.REDUCED_MEAN_REL_TOL,
+        "rank_correlation_min": export.verify.RANK_CORRELATION_MIN}
 
 
 @pytest.mark.parametrize("backend,precision", [("onnxruntime-cpu", "fp32"),
@@ -604,3 +606,72 @@ def test_view_golden_set_holds_the_served_score(artifact_views):
         np.testing.assert_allclose(scorer.score_array(g.images), g.reference, rtol=1e-4)
     report = golden.verify(out, backend="onnxruntime-cpu", precision="fp32")
     assert report["pass"] is True and report["score"].startswith("mean-view-norm")
+
+
+# ---------------------------------------------------------------- cost and progress
+
+
+def test_verify_json_records_the_time_of_each_stage(artifact):
+    out, summary = artifact
+    t = json.loads((out / "verify.json").read_text())["timings_s"]
+    assert {"data", "export_fp32", "quantise_int8", "reference", "golden", "metadata",
+            "verify", "total"} <= set(t)
+    assert all(v >= 0 for v in t.values()) and t["total"] >= max(
+        v for k, v in t.items() if k != "total")
+    assert summary["timings_s"] == t
+
+
+def test_each_image_is_scored_by_pytorch_once(trained, tmp_path, monkeypatch):
+    """Threshold, OE statistics, golden set and parity check share one scoring pass: the
+    ID-validation images and the parity sample's ID images are one pool, scored once."""
+    from oecl_runtime import golden
+    from oecl_train.export import norms
+
+    run_dir, splits = trained
+    scored: list[int] = []
+    real = norms.torch_norms
+
+    def counting(net, images, *args, **kwargs):
+        scored.append(len(images))
+        return real(net, images, *args, **kwargs)
+
+    monkeypatch.setattr(norms, "torch_norms", counting)
+    out = tmp_path / "model"
+    export_run(run_dir, out, "onnx", max_batch=16, views=2, splits=splits, log=lambda m: None)
+    n_val, n_test_id = len(splits.id_val), int(splits.test_is_id.sum())
+    held_id = n_val + n_test_id
+    sample_id = min(held_id, norms.VERIFY_PER_SIDE)
+    sample_ood = min(int((~splits.test_is_id).sum()), norms.VERIFY_PER_SIDE)
+    n_oe = min(len(splits.oe), norms.OE_STATS_MAX)
+    # At most the union of the validation images and the ID sample, never both in full.
+    assert sum(scored) <= min(held_id, n_val + sample_id) + sample_ood + n_oe
+    assert sum(scored) >= sample_id + sample_ood + n_oe
+    # The golden set is part of the parity sample, with the same reference scores.
+    g = golden.load(Artifact.open(out))
+    report = json.loads((out / "verify.json").read_text())
+    assert report["n_id"] == sample_id and report["n_ood"] == sample_ood
+    assert len(g.images) <= report["n_images"]
+
+
+def test_a_long_stage_says_it_is_still_running_and_counts_when_it_can():
+    import time
+
+    from oecl_train.export.progress import Progress
+
+    lines: list[str] = []
+    p = Progress(lines.append, every_s=0.05)
+    with p.stage("export: model.onnx (fp32)", "export_fp32"):
+        time.sleep(0.2)
+    assert lines[0] == "export: model.onnx (fp32) ..."
+    assert any(ln.startswith("export: model.onnx (fp32): still running, ") for ln in lines)
+    assert lines[-1].startswith("export: model.onnx (fp32): ") and lines[-1].endswith(" s")
+    lines.clear()
+    with p.stage("reference: PyTorch scores", "reference"):
+        tick = p.counter("reference", 30, "images")
+        for _ in range(3):
+            time.sleep(0.08)
+            tick(10)
+    # A counter speaks for its stage: counts, no heartbeat; the last count is the end line.
+    assert [ln for ln in lines if "still running" in ln] == []
+    assert "reference: 10/30 images" in lines and "reference: 20/30 images" in lines
+    assert set(p.timings) == {"export_fp32", "reference"}

@@ -368,8 +368,15 @@ def test_quickstart_end_to_end(tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert "AUROC" in r.output and "higher = normal" in r.output
+    # Clean: no warning at all (it sets no threshold), and the first number is the served
+    # score on the whole test split.
+    assert "warning" not in r.output.lower(), r.output
+    first = next(ln for ln in r.stdout.splitlines() if "AUROC" in ln)
+    assert first.startswith("test AUROC ") and "mean-view-norm over 8 views" in first
+    assert "whole test split" in first
     result = json.loads(r.output.strip().splitlines()[-1])
     assert result["final"]["step"] == 40 and result["test"]["AUROC"] > 0.5
+    assert result["test"]["score"] == "mean-view-norm (higher = normal)"
     assert (tmp_path / "quickstart-digit0" / "checkpoints").is_dir()
 
 

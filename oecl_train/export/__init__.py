@@ -1,6 +1,7 @@
 """Export a trained run to a model artifact: ONNX (fp32, fp16, int8), TensorRT, oecl.json.
 
-Stages, each timed on stderr (`export_run` in `run.py` calls them in this order):
+Stages, each timed on stderr with progress inside the long ones, the times also in
+`verify.json` (`export_run` in `run.py` calls them in this order):
 1. export (`graph`): the eval-mode network with every BatchNorm folded into the layer before
    it, wrapped so that uint8 NCHW images go in and `norm` (and optionally the 128-d
    `embedding`) come out, through the dynamo ONNX exporter with a dynamic batch dimension. The
@@ -9,9 +10,11 @@ Stages, each timed on stderr (`export_run` in `run.py` calls them in this order)
 2. quantise (`quantize`): static int8 QDQ quantisation with onnxruntime, calibrated on the
    run's own ID training images: `model.int8.onnx` (u8s8, for onnxruntime) and its symmetric
    twin `model.int8.symmetric.onnx` (for TensorRT, here or on the edge box).
-3. metadata (`metadata`, `verify.write_golden`): threshold and norm statistics from the PyTorch
-   model (`norms`) on the run's held-out data, and the golden set (`oecl_runtime.golden`) that
-   lets any machine check its backend.
+3. reference (`norms.reference_scores`): the PyTorch fp32 served scores of every image the
+   later stages need, each image once: the ID-validation images (threshold), a parity sample
+   of held-out ID and OOD images (verification; the golden set is a subset) and an OE sample.
+   Then metadata (`metadata`, `verify.write_golden`): threshold and norm statistics from those
+   scores, and the golden set (`oecl_runtime.golden`) that lets any machine check its backend.
 4. tensorrt (`engines`): engines built from the artifact by `oecl_runtime.engine`, as `oecl
    engine` does.
 5. verify (`verify`): held-out ID and OOD images scored by the PyTorch model and by every

@@ -18,7 +18,7 @@ from oecl_runtime import __version__ as runtime_version
 from oecl_runtime.artifact import SCHEMA_VERSION, norm_stats, threshold_at_tpr, write_metadata
 from oecl_runtime.preprocess import RESIZE_RULE, InputSpec
 from oecl_train.export.graph import INPUT_NAME
-from oecl_train.export.norms import oe_images, torch_norms
+from oecl_train.export.norms import Reference
 from oecl_train.export.progress import Progress
 from oecl_train.export.source import Source
 from oecl_train.metrics import threshold_warning
@@ -87,17 +87,16 @@ def build_metadata(
 def write_export_metadata(
     src: Source, directory: Path, *, files: list[dict[str, Any]], golden: dict[str, Any],
     embedding: bool, threshold_tpr: float, max_batch: int, progress: Progress,
+    ref: Reference,
 ) -> dict[str, Any]:
     """oecl.json with the threshold at `threshold_tpr` of the held-out ID images and the norm
-    statistics, all from PyTorch fp32; verification is marked skipped until it has run."""
-    with progress.stage("metadata: threshold and norm statistics (PyTorch fp32)", "metadata"):
-        id_norms = torch_norms(src.net, src.splits.id_val, src.device, views=src.views)
-        oe = oe_images(src.splits, src.cfg.seed)
-        oe_norms = None if oe is None else torch_norms(src.net, oe, src.device, views=src.views)
+    statistics, all from the PyTorch fp32 scores in `ref`; verification is marked skipped
+    until it has run."""
+    with progress.stage("metadata: threshold and norm statistics", "metadata"):
+        id_norms, oe_norms = ref.id_val, ref.oe_norms
         threshold = threshold_at_tpr(id_norms, threshold_tpr)
+        # Recorded, not printed: `oecl train` says it before training, where it can be acted on.
         few = threshold_warning(len(id_norms), threshold_tpr)
-        if few:
-            progress.log(f"warning: {few}")
         cfg = src.cfg
         meta = build_metadata(
             spec=src.spec, arch=dict(src.checkpoint["architecture"]), embedding=embedding,

@@ -8,16 +8,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from oecl_runtime.atomic import atomic_dir
+from oecl_runtime.atomic import atomic_dir, write_json
 from oecl_train.data import Splits
 from oecl_train.export.engines import build_engines
 from oecl_train.export.graph import Graphs, export_graphs, graph_entries
 from oecl_train.export.metadata import write_export_metadata
+from oecl_train.export.norms import reference_scores, require_ood
 from oecl_train.export.options import check_options, check_paths, parse_formats
 from oecl_train.export.progress import Log, Progress, stderr
 from oecl_train.export.quantize import int8_entries, quantize_graphs
 from oecl_train.export.source import load_source, write_weights
-from oecl_train.export.verify import verify_or_fail, write_golden
+from oecl_train.export.verify import VERIFY_FILE, verify_or_fail, write_golden
 from oecl_train.views import DEFAULT_VIEWS
 
 
@@ -53,6 +54,8 @@ def export_run(
     check_paths(run_dir, out)
     progress = Progress(log)
     src = load_source(run_dir, device, views, splits, progress)
+    if verify:
+        require_ood(src.splits)  # before the long stages, not after them
 
     with atomic_dir(out) as tmp, _scratch() as scratch:
         weights = write_weights(src, tmp)
@@ -60,20 +63,26 @@ def export_run(
         if "onnx-int8" in fmts:
             quantize_graphs(src, graphs, tmp, scratch, calib_images, progress)
         files = [*graph_entries(graphs), *int8_entries(graphs), weights]
-        golden_files, golden = write_golden(src, tmp, progress)
+        ref = reference_scores(src.net, src.splits, src.cfg.seed, src.device, src.views,
+                               progress)
+        golden_files, golden = write_golden(src, tmp, progress, ref)
         files += golden_files
         meta = write_export_metadata(src, tmp, files=files, golden=golden, embedding=embedding,
                                      threshold_tpr=threshold_tpr, max_batch=max_batch,
-                                     progress=progress)
+                                     progress=progress, ref=ref)
         if "tensorrt" in fmts:
             meta = build_engines(tmp, max_batch, int8="int8" in graphs.paths, verify=verify,
                                  progress=progress)
         if verify:
-            report = verify_or_fail(src, tmp, meta, progress)
+            report = verify_or_fail(src, tmp, meta, progress, ref)
         else:
             report = None
             log("verify: skipped (--no-verify)")
         log(f"artifact: {out} ({progress.finish():.1f} s in all)")
+        if report is not None:
+            # The time of each stage beside the parity figures (verify.json is not hashed).
+            report["timings_s"] = dict(progress.timings)
+            write_json(tmp / VERIFY_FILE, report)
 
     return _summary(out, fmts, files, meta, len(src.views), graphs, report, progress)
 
