@@ -1,8 +1,8 @@
 """The model artifact contract: `oecl.json` beside the model files, validated before any use.
 
 `docs/ARTIFACT.md` describes the schema for clients in other languages; this module is its
-executable form. The exporter builds the metadata with `file_entry`, `norm_stats` and
-`threshold_at_tpr` and writes it with `write_metadata`; the runtime reads it with `Artifact.open`.
+executable form. The exporter builds the metadata with `file_entry` and writes it with
+`write_metadata`; the runtime reads it with `Artifact.open`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
-
-import numpy as np
 
 from .atomic import write_json
 from .errors import one_line
@@ -130,33 +128,6 @@ def _tensors(message: Any, kind: type) -> Iterable[Any]:
                 stack.append(value)
             else:
                 stack.extend(v for v in value if isinstance(v, Message))
-
-
-def norm_stats(norms: Iterable[float] | np.ndarray) -> dict[str, float | int]:
-    """Summary of a set of norms in the shape `score.id_norm` / `score.oe_norm` expect."""
-    x = np.asarray(norms, dtype=np.float64).ravel()
-    if x.size == 0:
-        raise ArtifactError("norm statistics need at least one norm")
-    p05, p50, p95 = np.percentile(x, [5, 50, 95])
-    return {"n": int(x.size), "mean": float(x.mean()), "std": float(x.std()),
-            "min": float(x.min()), "p05": float(p05), "p50": float(p50), "p95": float(p95),
-            "max": float(x.max())}
-
-
-def threshold_at_tpr(id_norms: Iterable[float] | np.ndarray, tpr: float = 0.95) -> float:
-    """The norm above which a fraction `tpr` of in-distribution images lie (ID = positive).
-
-    An image is called anomalous when its norm is below this value, so `tpr` of the ID
-    validation images are accepted as normal.
-    """
-    x = np.asarray(id_norms, dtype=np.float64).ravel()
-    if x.size == 0 or not 0.0 < tpr <= 1.0:
-        raise ArtifactError(
-            f"threshold needs ID norms and 0 < tpr <= 1 (got {x.size} norms, tpr {tpr})"
-        )
-    # The largest observed norm that still keeps at least `tpr` of ID at or above it.
-    keep = max(1, math.ceil(tpr * x.size - 1e-9))
-    return float(np.sort(x)[x.size - keep])
 
 
 def write_metadata(directory: str | os.PathLike, meta: dict[str, Any]) -> Path:

@@ -15,17 +15,12 @@ import numpy as np
 from PIL import Image
 
 from oecl_runtime import golden
-from oecl_runtime.artifact import (
-    SCHEMA_VERSION,
-    file_entry,
-    norm_stats,
-    threshold_at_tpr,
-    update_files,
-    write_metadata,
-)
+from oecl_runtime.artifact import SCHEMA_VERSION, file_entry, update_files, write_metadata
 from oecl_runtime.preprocess import InputSpec, load
 from oecl_train.config import TrainConfig
 from oecl_train.data import Splits
+from oecl_train.export.metadata import norm_stats
+from oecl_train.metrics import threshold_at_tpr
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,7 +133,7 @@ def torch_artifact(tmp_path: Path, artifact_dir: Path, width: int):
     import torch
     from safetensors.torch import save_file
 
-    from oecl_train import model
+    from oecl_model import model
 
     arch = {"depth": "resnet10", "width": width, "stem": "cifar", "in_channels": 3,
             "proj_dim": 128, "mean": MEAN, "std": STD}

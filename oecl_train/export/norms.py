@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from oecl_model.model import ScoreModel
+from oecl_model.views import View, is_plain
 from oecl_train.data import Splits
 from oecl_train.export.errors import ExportError
-from oecl_train.model import ScoreModel
 from oecl_train.scores import view_scores
-from oecl_train.views import View, is_plain
 
 VERIFY_PER_SIDE = 500  # at most this many ID and this many OOD images are verified
 OE_STATS_MAX = 2000  # at most this many OE images make `score.oe_norm`
@@ -24,7 +24,7 @@ def torch_norms(net: nn.Module, images: np.ndarray, device: torch.device,
                 batch: int = 256, views: Sequence[View] | None = None) -> np.ndarray:
     """fp32 eval-mode scores of uint8 NCHW images: the reference every file is checked against.
     With `views` (more than the plain one), the K-view score `oecl eval` reports as
-    mean-view-norm, from the same `oecl_train.views` code the graph is built with."""
+    mean-view-norm, from the same `oecl_model.views` code the graph is built with."""
     model = ScoreModel(net).to(device).eval()
     ensemble = views is not None and not is_plain(views, images.shape[2], images.shape[3])
     # TF32 would put GPU reference norms ~1e-3 off the fp32 graph; keep true fp32.

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from oecl_model.views import View, views_from_json
 from oecl_runtime import golden
 from oecl_runtime.artifact import Artifact, write_metadata
 from oecl_runtime.atomic import write_json
@@ -21,7 +22,6 @@ from oecl_train.export.norms import held_out, torch_norms, verification_images
 from oecl_train.export.progress import Log, Progress, stderr
 from oecl_train.export.source import Source
 from oecl_train.trainer import load_trained
-from oecl_train.views import View, views_from_json
 
 # Verification fails beyond these (module constants so tests can tighten them).
 FP32_REL_TOL = 1e-4  # largest |norm - norm_torch| / norm_torch of the fp32 files
