@@ -21,7 +21,7 @@ from oecl_model.views import (
     views_from_json,
     views_to_json,
 )
-from oecl_runtime.artifact import ArtifactError, _check_views
+from oecl_runtime.artifact_schema import ArtifactError, _check_views
 from oecl_train.scores import compute_scores, view_scores
 
 
