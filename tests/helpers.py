@@ -6,12 +6,15 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import os
 import shutil
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from oecl_runtime import golden
@@ -23,6 +26,19 @@ from oecl_train.export.metadata import norm_stats
 from oecl_train.metrics import threshold_at_tpr
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def deny_listing(monkeypatch: pytest.MonkeyPatch, locked: Path) -> None:
+    """Listing `locked` fails as a chmod-000 directory does for anyone but root (tests may run
+    as root, which lists it all the same)."""
+    real = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
 
 
 def import_benchmark(name: str):
