@@ -155,11 +155,11 @@ def view_study(net: Any, cfg: Any, spec: Any, images: np.ndarray, is_id: np.ndar
     images of `spec`, the fixed sets scored in PyTorch by the code the graph is built from."""
     import dataclasses
 
+    from oecl_model.views import make_views
     from oecl_train.augment import CROP_RATIO
     from oecl_train.evaluate import augment_for
     from oecl_train.metrics import ood_metrics
     from oecl_train.scores import compute_scores, view_scores
-    from oecl_train.views import make_views
 
     h, w = images.shape[2], images.shape[3]
     out: dict[str, dict[str, float | None]] = {}

@@ -143,7 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--serve-views", default=None,
                    help="K values exported and served per run (default '1,<served-k>').")
     p.add_argument("--served-k", type=int, default=None,
-                   help="The K reported as `served` (default: oecl_train.views.DEFAULT_VIEWS).")
+                   help="The K reported as `served` (default: oecl_model.views.DEFAULT_VIEWS).")
     p.add_argument("--serve-threads", type=int, default=None,
                    help="onnxruntime intra-op threads (default: one per physical core).")
     p.add_argument("--views", default="1,2,4,8,16",
@@ -551,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = parse_steps(args.steps)
     from _served import parse_families, parse_ks
 
-    from oecl_train.views import DEFAULT_VIEWS
+    from oecl_model.views import DEFAULT_VIEWS
 
     args.served_k = DEFAULT_VIEWS if args.served_k is None else args.served_k
     try:

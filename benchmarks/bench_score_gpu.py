@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from _harness import RESULTS, device_name, log, md_table
 
+from oecl_model.model import Architecture, OECLNet, ScoreModel
 from oecl_runtime import bench as B
 from oecl_runtime.atomic import write_json
-from oecl_train.model import Architecture, OECLNet, ScoreModel
 
 # Measured dense bf16 matmul rate of an H100 / H200 (ENVIRONMENT of this project).
 H100_BF16_FLOPS = 790e12

@@ -27,10 +27,10 @@ from _harness import REPO, RESULTS, device_name, log, md_table
 from PIL import Image, ImageEnhance
 
 from kernels import ntxent_oe_dense
+from oecl_model.model import OECLNet
 from oecl_runtime.atomic import write_json
 from oecl_train.config import TrainConfig
 from oecl_train.data import Splits
-from oecl_train.model import OECLNet
 from oecl_train.trainer import Trainer, architecture_for
 
 

@@ -11,12 +11,14 @@ import asyncio
 import csv
 import io
 import ipaddress
+import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+from PIL import Image
 
+from . import __version__
 from .atomic import with_file, write_json, write_text
 
 # ----------------------------------------------------------------------------- statistics
@@ -67,8 +71,6 @@ def _gpu_names() -> list[str]:
 
 def device_info() -> dict[str, Any]:
     """Where the numbers came from: CPU, GPU, and the versions of what ran the model."""
-    from . import __version__
-
     versions = {"python": platform.python_version(), "numpy": np.__version__,
                 "oecl_runtime": __version__}
     for mod in ("onnxruntime", "tensorrt", "torch"):
@@ -278,8 +280,6 @@ def bench_http(
 
 def request_images(spec: Any, count: int) -> list[bytes]:
     """Distinct PNG images of the model's input size, so no cache can flatter the numbers."""
-    from PIL import Image
-
     rng = np.random.default_rng(0)
     out = []
     for _ in range(count):
@@ -292,9 +292,6 @@ def request_images(spec: Any, count: int) -> list[bytes]:
 
 def server_runtime(url: str) -> dict[str, Any]:
     """The server's own account of its backend and batching, recorded beside its numbers."""
-    import json
-    import urllib.request
-
     try:
         with urllib.request.urlopen(url.rstrip("/") + "/v1/model", timeout=10) as r:
             return json.loads(r.read()).get("runtime", {})
@@ -335,6 +332,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def _plot(rows: Sequence[dict[str, Any]], titles: dict[str, str], path: Path) -> None:
+    # matplotlib is optional (the train extra); the backend must be chosen before pyplot loads.
     import matplotlib
 
     matplotlib.use("Agg")

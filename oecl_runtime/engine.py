@@ -31,9 +31,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import golden
 from .artifact import Artifact, file_entry, update_files
 from .atomic import write_bytes
 from .backends.base import BackendUnavailable, nvidia_gpu_present
+from .backends.trt import _Cuda
 from .errors import one_line
 from .names import ENGINE_PRECISIONS
 
@@ -73,7 +75,7 @@ def import_tensorrt() -> Any:
     """The tensorrt module, or EngineError naming why not. A broken install (missing libnvinfer,
     wrong CUDA) raises OSError or RuntimeError rather than ImportError; all say the same."""
     try:
-        import tensorrt as trt
+        import tensorrt as trt  # optional (the gpu extra), and only an engine build needs it
     except ImportError:
         raise EngineError("building an engine needs the tensorrt Python package, which is not "
                           "installed (pip install 'oecl[gpu]'; on a Jetson it comes with JetPack)"
@@ -99,8 +101,6 @@ def preflight() -> None:
 
 def gpu_info(device_id: int = 0) -> GpuInfo:
     """Name and compute capability of the GPU, from the CUDA runtime (cuda-python, no torch)."""
-    from .backends.trt import _Cuda
-
     try:
         cuda = _Cuda()
         props = cuda(cuda.rt.cudaGetDeviceProperties(device_id))
@@ -232,9 +232,7 @@ def source_entry(artifact: Artifact, precision: str, strongly_typed: bool) -> di
 
 
 def _check_engine(artifact: Artifact, entry: dict[str, Any]) -> dict[str, Any]:
-    from .golden import verify
-
-    return verify(artifact, backend="tensorrt", precision=entry["precision"])
+    return golden.verify(artifact, backend="tensorrt", precision=entry["precision"])
 
 
 def build_engines(

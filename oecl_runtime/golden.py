@@ -16,6 +16,7 @@ checked. numpy only: no torch, no training code.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,10 @@ from typing import Any
 import numpy as np
 
 from .artifact import Artifact, ArtifactError, file_entry
+from .atomic import with_file
+from .backends import open_backend
 from .errors import one_line
+from .scorer import Scorer
 
 GOLDEN_FILES = {"images": "golden.images.npy", "labels": "golden.labels.npy",
                 "reference_norms": "golden.norms.npy"}
@@ -71,8 +75,6 @@ def write(directory: str | os.PathLike, images: np.ndarray, is_id: np.ndarray,
           ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Write the three files into `directory`; returns their `files[]` entries and the
     `golden` object of `oecl.json`."""
-    from .atomic import with_file
-
     directory = Path(directory)
     images = np.ascontiguousarray(images)
     is_id = np.asarray(is_id, bool)
@@ -263,9 +265,6 @@ def only(artifact: Artifact, entry: dict[str, Any]) -> Artifact:
 def score(artifact: Artifact, images: np.ndarray, backend: str = "auto",
           precision: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Norms of `images` through a runtime backend, and that backend's description."""
-    from .backends import open_backend
-    from .scorer import Scorer
-
     with Scorer(artifact, open_backend(artifact, backend, precision)) as scorer:
         return scorer.score_array(images), scorer.backend.describe()
 
@@ -288,8 +287,6 @@ def verify_files(directory: str | os.PathLike, images: np.ndarray, is_id: np.nda
                  ) -> dict[str, Any]:
     """Every model file of the artifact scored on `images` with its checking backend
     (`CHECK_BACKEND`) and compared to `reference`: the exporter's parity check."""
-    import time
-
     art = Artifact.open(directory)
     rows = []
     for entry in art.meta["files"]:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from oecl_model.views import DEFAULT_VIEWS, views_for, views_to_json
 from oecl_train import checkpoint
 from oecl_train.augment import AugmentConfig, SimCLRAugment
 from oecl_train.data import Splits
@@ -42,7 +43,6 @@ from oecl_train.scores import (
     parse_scores,
 )
 from oecl_train.trainer import load_trained
-from oecl_train.views import DEFAULT_VIEWS, views_for, views_to_json
 
 REPORT_SCHEMA = "oecl-eval-report/1"
 # The machine-readable direction: the same token as oecl.json's `score.direction`.

@@ -28,7 +28,7 @@ from oecl_train.score_names import SCORES
 @click.option(
     "--views", "views", default=None, type=click.IntRange(min=1),
     help="Fixed views of mean-view-norm (the --views K export serves); default: "
-    "oecl_train.views.DEFAULT_VIEWS.",
+    "oecl_model.views.DEFAULT_VIEWS.",
 )
 @click.option("--save-scores", is_flag=True, help="Also write RUN/eval/scores.csv (per image).")
 @click.option(
@@ -63,10 +63,10 @@ def eval_cmd(
     sweep.json and sweep.md.
     """
     # torch is imported once the verb runs, so that `oecl eval --help` does without it.
+    from oecl_model.views import DEFAULT_VIEWS
     from oecl_train.evaluate import evaluate_run
     from oecl_train.scores import parse_scores
     from oecl_train.sweep import evaluate_sweep, is_sweep_dir, print_sweep
-    from oecl_train.views import DEFAULT_VIEWS
 
     progress = progress_enabled(progress)
     try:

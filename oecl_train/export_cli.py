@@ -37,7 +37,7 @@ from oecl_train.errors import user_errors
 @click.option("--views", default=None, type=click.IntRange(min=1),
               help="K fixed views per image inside the graph (the plain image and K - 1 crops "
                    "of the training family); the score is the norm of the mean projection. "
-                   "1 = single pass. Default: oecl_train.views.DEFAULT_VIEWS.")
+                   "1 = single pass. Default: oecl_model.views.DEFAULT_VIEWS.")
 def export_cmd(run: str, out_dir: str, formats: str, max_batch: int, threshold_tpr: float,
                embedding: bool, calib_images: int, verify: bool, device: str,
                views: int | None) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+
 import numpy as np
 
-# One threshold rule for evaluation, export and serving.
-from oecl_runtime.artifact import threshold_at_tpr
+from oecl_runtime.artifact import ArtifactError
 
 __all__ = ["METRICS", "ood_metrics", "rates_at_threshold", "roc_points", "threshold_at_tpr"]
 
@@ -60,6 +62,23 @@ def rates_at_threshold(scores: np.ndarray, is_id: np.ndarray, threshold: float) 
     scores, is_id = _check(scores, is_id)
     accept = scores >= threshold
     return {"TPR": float(accept[is_id].mean()), "FPR": float(accept[~is_id].mean())}
+
+
+def threshold_at_tpr(id_norms: Iterable[float] | np.ndarray, tpr: float = 0.95) -> float:
+    """The one threshold rule of evaluation and export (the exported `score.threshold`): the
+    norm above which a fraction `tpr` of in-distribution images lie (ID = positive).
+
+    An image is called anomalous when its norm is below this value, so `tpr` of the ID
+    validation images are accepted as normal.
+    """
+    x = np.asarray(id_norms, dtype=np.float64).ravel()
+    if x.size == 0 or not 0.0 < tpr <= 1.0:
+        raise ArtifactError(
+            f"threshold needs ID norms and 0 < tpr <= 1 (got {x.size} norms, tpr {tpr})"
+        )
+    # The largest observed norm that still keeps at least `tpr` of ID at or above it.
+    keep = max(1, math.ceil(tpr * x.size - 1e-9))
+    return float(np.sort(x)[x.size - keep])
 
 
 # Below this many ID-validation images the threshold is noisy: the 95%-TPR norm is set by the

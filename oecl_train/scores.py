@@ -3,7 +3,7 @@
 - norm:          ‖z‖ of the plain test view (what the exported runtime serves)
 - mean-aug-norm: ‖mean of z over the plain view and K SimCLR views‖
 - mean-sq-norm:  mean of ‖z‖² over those views
-- mean-view-norm: ‖mean of z over a fixed set of K deterministic views‖ (`oecl_train.views`;
+- mean-view-norm: ‖mean of z over a fixed set of K deterministic views‖ (`oecl_model.views`;
   what an artifact exported with `--views K` serves)
 """
 
@@ -14,10 +14,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from oecl_model.views import View, ViewStack, mean_over_views
 from oecl_train.augment import SimCLRAugment
 from oecl_train.score_names import DESCRIPTIONS, DIRECTION, RANDOM_VIEW_SCORES, SCORES, VIEW_SCORE
 from oecl_train.trainer import autocast
-from oecl_train.views import View, ViewStack, mean_over_views
 
 __all__ = ["DESCRIPTIONS", "DIRECTION", "RANDOM_VIEW_SCORES", "SCORES", "VIEW_SCORE",
            "compute_scores", "embed", "parse_scores", "view_scores"]

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from kernels import NTXentOEOutput, ntxent_oe
+from oecl_model.model import Architecture, OECLNet
 from oecl_runtime.atomic import write_json, write_text
 from oecl_train import checkpoint
 from oecl_train.augment import AugmentConfig, SimCLRAugment, jigsaw, overlay, rotate
@@ -32,7 +33,6 @@ from oecl_train.config import TrainConfig
 from oecl_train.data import Splits
 from oecl_train.devices import resolve_device
 from oecl_train.distributed import Dist
-from oecl_train.model import Architecture, OECLNet
 from oecl_train.optim import build_optimizer, cosine_lr
 from oecl_train.plots import plot_training
 from oecl_train.rundir import require_run_dir

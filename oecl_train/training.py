@@ -13,6 +13,7 @@ from typing import Any
 import click
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from oecl_model.views import DEFAULT_VIEWS, views_for
 from oecl_train.config import TrainConfig, read_config_file
 from oecl_train.data import Splits
 from oecl_train.distributed import distributed_context, torchrun_environment
@@ -26,7 +27,6 @@ from oecl_train.rundir import require_run_dir
 from oecl_train.score_names import served_score
 from oecl_train.scores import compute_scores
 from oecl_train.trainer import Trainer
-from oecl_train.views import DEFAULT_VIEWS, views_for
 
 # Options `--resume` may change: where and how it runs, and how long (--steps / --epochs).
 RESUME_OPTIONS = (

@@ -6,28 +6,39 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import os
 import shutil
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from oecl_runtime import golden
-from oecl_runtime.artifact import (
-    SCHEMA_VERSION,
-    file_entry,
-    norm_stats,
-    threshold_at_tpr,
-    update_files,
-    write_metadata,
-)
+from oecl_runtime.artifact import SCHEMA_VERSION, file_entry, update_files, write_metadata
 from oecl_runtime.preprocess import InputSpec, load
 from oecl_train.config import TrainConfig
 from oecl_train.data import Splits
+from oecl_train.export.metadata import norm_stats
+from oecl_train.metrics import threshold_at_tpr
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def deny_listing(monkeypatch: pytest.MonkeyPatch, locked: Path) -> None:
+    """Listing `locked` fails as a chmod-000 directory does for anyone but root (tests may run
+    as root, which lists it all the same)."""
+    real = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
 
 
 def import_benchmark(name: str):
@@ -138,7 +149,7 @@ def torch_artifact(tmp_path: Path, artifact_dir: Path, width: int):
     import torch
     from safetensors.torch import save_file
 
-    from oecl_train import model
+    from oecl_model import model
 
     arch = {"depth": "resnet10", "width": width, "stem": "cifar", "in_channels": 3,
             "proj_dim": 128, "mean": MEAN, "std": STD}

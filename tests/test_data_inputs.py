@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import deny_listing
 from PIL import Image
 
 from oecl_train.data import DataError, make_reader
@@ -237,15 +238,7 @@ def test_a_folder_that_cannot_be_listed_is_one_line(tmp_path: Path, capsys,
                 Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(
                     tmp_path / c / sub / f"{i}.png")
     locked = tmp_path / "dog" / "more"
-    # Simulated: root (as tests may run) lists a chmod-000 directory all the same.
-    real = os.scandir
-
-    def scandir(path: Any = ".") -> Any:
-        if os.fspath(path) == str(locked):
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return real(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    deny_listing(monkeypatch, locked)
     train = make_reader("folder", str(tmp_path)).load("train")
     test = make_reader("folder", str(tmp_path)).load("test")
     assert len(train.labels) + len(test.labels) == 6

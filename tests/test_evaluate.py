@@ -12,18 +12,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from oecl_model.model import build_model
+from oecl_model.views import make_views
 from oecl_train import checkpoint
 from oecl_train.augment import SimCLRAugment
 from oecl_train.config import TrainConfig
 from oecl_train.evaluate import REPORT_SCHEMA, evaluate_run
 from oecl_train.evaluate_cli import eval_cmd
 from oecl_train.metrics import METRICS, ood_metrics, rates_at_threshold, threshold_at_tpr
-from oecl_train.model import build_model
 from oecl_train.scores import SCORES, compute_scores
 from oecl_train.sweep import evaluate_sweep, run_sweep
 from oecl_train.train_cli import train
 from oecl_train.training import run_training
-from oecl_train.views import make_views
 
 TINY = dict(
     data="digits",
@@ -323,10 +323,10 @@ def test_sweep_extends_a_shorter_finished_run_only_when_asked(tmp_path: Path) ->
 def test_view_score_in_eval_is_the_exported_score(tiny_run):
     """eval's mean-view-norm and the exporter's reference come from one view set, so a served
     K-view artifact and `oecl eval --views K` cannot drift."""
+    from oecl_model.views import views_for, views_to_json
     from oecl_train import export
     from oecl_train.data import Splits
     from oecl_train.trainer import load_trained
-    from oecl_train.views import views_for, views_to_json
 
     res = CliRunner().invoke(eval_cmd, [str(tiny_run), "--scores", "norm,mean-view-norm",
                                         "--views", "3", "--save-scores", "--no-progress"])

@@ -22,13 +22,15 @@ torch = pytest.importorskip("torch")
 from click.testing import CliRunner  # noqa: E402
 
 from oecl_runtime import Artifact, ArtifactError, Scorer  # noqa: E402
-from oecl_runtime.artifact import sha256_file, threshold_at_tpr, validate_metadata  # noqa: E402
+from oecl_runtime.artifact import sha256_file, validate_metadata  # noqa: E402
 from oecl_runtime.backends.base import nvidia_gpu_present  # noqa: E402
 from oecl_runtime.golden import GOLDEN_FILES  # noqa: E402
 from oecl_train import export  # noqa: E402
 from oecl_train.data import Splits  # noqa: E402
 from oecl_train.export import ExportError, VerificationFailed, export_run  # noqa: E402
+from oecl_train.export.metadata import norm_stats  # noqa: E402
 from oecl_train.export.norms import oe_images  # noqa: E402
+from oecl_train.metrics import threshold_at_tpr  # noqa: E402
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 TRT_REASON = "tensorrt is not installed" if not HAVE_TRT else "no NVIDIA GPU is visible"
@@ -177,10 +179,22 @@ def test_threshold_is_id_validation_norm_at_tpr(artifact, trained):
     assert meta["score"]["id_norm"]["n"] == len(splits.id_val)
 
 
+def test_threshold_and_stats_helpers() -> None:
+    norms = np.arange(1, 101, dtype=np.float64)  # 1..100
+    t = threshold_at_tpr(norms, 0.95)
+    assert np.mean(norms >= t) >= 0.95
+    assert np.mean(norms >= np.nextafter(t, np.inf)) < 0.95
+    stats = norm_stats(norms)
+    assert stats["n"] == 100 and stats["min"] == 1 and stats["max"] == 100
+    assert stats["p50"] == pytest.approx(50.5)
+    with pytest.raises(ArtifactError):
+        threshold_at_tpr([], 0.95)
+
+
 def test_safetensors_serves_through_torch_backend(artifact, trained):
     from safetensors.numpy import load_file
 
-    from oecl_train.model import build_model
+    from oecl_model.model import build_model
 
     out, _ = artifact
     _, splits = trained
@@ -360,7 +374,7 @@ def test_cli_export(trained, tmp_path, monkeypatch):
     assert summary["threshold_rule"]["tpr"] == 0.9
     meta = Artifact.open(out).meta
     assert meta["max_batch"] == 16 and "embedding" not in meta["outputs"]
-    from oecl_train.views import DEFAULT_VIEWS
+    from oecl_model.views import DEFAULT_VIEWS
 
     assert len(meta["score"]["views"]) == summary["views"] == DEFAULT_VIEWS  # the CLI default
     with Scorer.open(out, backend="onnxruntime-cpu") as scorer:
@@ -480,8 +494,8 @@ def artifact_views(trained, tmp_path_factory):
 
 
 def _view_set(run_dir):
+    from oecl_model.views import views_for
     from oecl_train.config import TrainConfig
-    from oecl_train.views import views_for
 
     cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     return views_for(cfg, 16, 16, VIEWS)
@@ -513,8 +527,8 @@ def test_view_graph_matches_torch_view_score(artifact_views, trained):
 def test_view_graph_embedding_is_the_mean_projection(artifact_views, trained):
     import onnxruntime as ort
 
+    from oecl_model.views import ViewStack
     from oecl_train.trainer import load_trained
-    from oecl_train.views import ViewStack
 
     out, _ = artifact_views
     run_dir, splits = trained
@@ -531,8 +545,8 @@ def test_view_graph_embedding_is_the_mean_projection(artifact_views, trained):
 
 
 def test_view_metadata_lists_the_views_and_thresholds_the_view_score(artifact_views, trained):
+    from oecl_model.views import views_to_json
     from oecl_train.trainer import load_trained
-    from oecl_train.views import views_to_json
 
     out, _ = artifact_views
     run_dir, splits = trained

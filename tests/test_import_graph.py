@@ -1,6 +1,7 @@
-"""No import cycles among the project's packages, counting imports inside functions too: a
-function-local import that closes a cycle works only as long as nothing imports the two
-modules in the other order at load time."""
+"""The project's packages import each other only downwards, and no module closes an import
+cycle. Imports inside functions count too: a function-local import that closes a cycle works
+only as long as nothing imports the two modules in the other order at load time, and one that
+reaches up a layer still runs the upper package's code."""
 
 from __future__ import annotations
 
@@ -9,7 +10,22 @@ from collections.abc import Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("oecl_train", "oecl_runtime", "kernels")
+PACKAGES = ("oecl_model", "kernels", "oecl_runtime", "oecl_train")
+# The layers: each package and the packages it may import. The network and its views
+# (oecl_model) and the loss kernels depend on no other package; the runtime serves without the
+# training code; training, evaluation and export sit on top of all three.
+MAY_IMPORT: dict[str, set[str]] = {
+    "oecl_model": set(),
+    "kernels": set(),
+    "oecl_runtime": {"oecl_model"},
+    "oecl_train": {"oecl_model", "kernels", "oecl_runtime"},
+}
+# Layer edges allowed from the named modules alone: the runtime rebuilds the network only in
+# its optional torch backend, so importing oecl_runtime (or scoring with onnxruntime) never
+# imports torch.
+ONLY_FROM: dict[tuple[str, str], set[str]] = {
+    ("oecl_runtime", "oecl_model"): {"oecl_runtime.backends.torch_model"},
+}
 # Imports known to close a cycle, left out of the check until their module is reshaped.
 KNOWN_CYCLE_EDGES: set[tuple[str, str]] = set()
 
@@ -82,6 +98,23 @@ def import_graph(root: Path, packages: Iterable[str]) -> Graph:
     return graph
 
 
+def layer_violations(graph: Graph, may_import: dict[str, set[str]],
+                     only_from: dict[tuple[str, str], set[str]]) -> list[str]:
+    """`importer -> imported` for each import that crosses packages against the layers: to a
+    package the importer's may not import, or from a module an allowed edge is not open to."""
+    found = []
+    for importer, targets in sorted(graph.items()):
+        here = importer.split(".")[0]
+        for imported in sorted(targets):
+            there = imported.split(".")[0]
+            if there == here:
+                continue
+            allowed = only_from.get((here, there))
+            if there not in may_import[here] or (allowed is not None and importer not in allowed):
+                found.append(f"{importer} -> {imported}")
+    return found
+
+
 def find_cycles(graph: Graph) -> list[list[str]]:
     """One cycle (first module repeated at the end) per group of modules that import each
     other, empty when the graph has none."""
@@ -146,6 +179,31 @@ def test_packages_have_no_import_cycle():
         graph[importer].discard(imported)
     cycles = find_cycles(graph)
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_packages_import_only_downwards():
+    graph = import_graph(ROOT, PACKAGES)
+    assert set(MAY_IMPORT) == set(PACKAGES)
+    assert "oecl_model.model" in graph and "oecl_runtime.backends.torch_model" in graph
+    assert "oecl_model.model" in graph["oecl_runtime.backends.torch_model"]
+    bad = layer_violations(graph, MAY_IMPORT, ONLY_FROM)
+    assert not bad, "imports against the layer order:\n" + "\n".join(bad)
+
+
+def test_layer_check_finds_upward_and_misplaced_imports(tmp_path):
+    for pkg, body in {"low": "def f():\n    import high.a\n", "mid": "from low import x\n",
+                      "high": ""}.items():
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text("")
+        (tmp_path / pkg / "x.py").write_text(body)
+    (tmp_path / "high" / "a.py").write_text("from low import x\nfrom mid import x as y\n")
+    graph = import_graph(tmp_path, ["low", "mid", "high"])
+    may = {"low": set(), "mid": {"low"}, "high": {"low", "mid"}}
+    assert layer_violations(graph, may, {}) == ["low.x -> high.a"]
+    assert layer_violations(graph, may, {("mid", "low"): {"mid.y"}}) == [
+        "low.x -> high.a", "mid.x -> low.x"]
+    (tmp_path / "low" / "x.py").write_text("")
+    assert layer_violations(import_graph(tmp_path, ["low", "mid", "high"]), may, {}) == []
 
 
 def test_cycle_check_finds_a_cycle_and_resolves_imports(tmp_path):

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 
 from kernels import ntxent_oe, ntxent_oe_dense  # noqa: E402
 from kernels.ntxent_oe import _ntxent_oe_backward_op, _ntxent_oe_op, _triton_blocker  # noqa: E402
-from oecl_train.model import Architecture, OECLNet  # noqa: E402
+from oecl_model.model import Architecture, OECLNet  # noqa: E402
 
 
 def _inputs(n, m, d, dtype, seed=0):

@@ -17,9 +17,10 @@ from helpers import MEAN, STD
 from PIL import Image
 
 from oecl_runtime import Scorer
-from oecl_runtime.artifact import file_entry, norm_stats, write_metadata
+from oecl_runtime.artifact import file_entry, write_metadata
 from oecl_runtime.cli import score as score_cmd
 from oecl_runtime.preprocess import RESIZE_RULE, InputSpec, load
+from oecl_train.export.metadata import norm_stats
 
 SIZE = 28
 SIDES = (28, 56, 112, 224)
@@ -34,7 +35,7 @@ def native_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from oecl_train import model
+    from oecl_model import model
     from oecl_train.export.graph import ServedModel, export_onnx, fold_batchnorm
     from oecl_train.export.quantize import INT8_FORMS, quantize_int8
 

@@ -17,8 +17,6 @@ from oecl_runtime.artifact import (
     Artifact,
     ArtifactError,
     file_entry,
-    norm_stats,
-    threshold_at_tpr,
     validate_metadata,
 )
 
@@ -248,15 +246,3 @@ def test_file_entry(artifact_dir: Path, tmp_path: Path) -> None:
     e = file_entry(plan, "tensorrt", "fp16", tensorrt_version="10.3.0", gpu_name="NVIDIA H100",
                    compute_capability="9.0")
     assert e["compute_capability"] == "9.0"
-
-
-def test_threshold_and_stats_helpers() -> None:
-    norms = np.arange(1, 101, dtype=np.float64)  # 1..100
-    t = threshold_at_tpr(norms, 0.95)
-    assert np.mean(norms >= t) >= 0.95
-    assert np.mean(norms >= np.nextafter(t, np.inf)) < 0.95
-    stats = norm_stats(norms)
-    assert stats["n"] == 100 and stats["min"] == 1 and stats["max"] == 100
-    assert stats["p50"] == pytest.approx(50.5)
-    with pytest.raises(ArtifactError):
-        threshold_at_tpr([], 0.95)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import random_images
+from helpers import deny_listing, random_images
 from PIL import Image
 
 from oecl_runtime.cli import expand_paths, score
@@ -135,15 +135,7 @@ def test_a_directory_that_cannot_be_listed_is_an_error_row(artifact_dir: Path,
 
 def test_a_directory_that_cannot_be_listed_is_an_error_row_patched(
         artifact_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    locked = _locked(tmp_path)
-    real = os.scandir
-
-    def scandir(path: str = ".") -> object:
-        if os.fspath(path) == str(locked):
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return real(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    deny_listing(monkeypatch, _locked(tmp_path))
     _check_locked_row(_score([str(tmp_path)], artifact_dir), tmp_path)
 
 

@@ -10,10 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from oecl_runtime.artifact import ArtifactError, _check_views
-from oecl_train.model import build_model
-from oecl_train.scores import compute_scores, view_scores
-from oecl_train.views import (
+from oecl_model.model import build_model
+from oecl_model.views import (
     View,
     ViewScoreModel,
     ViewStack,
@@ -23,6 +21,8 @@ from oecl_train.views import (
     views_from_json,
     views_to_json,
 )
+from oecl_runtime.artifact_schema import ArtifactError, _check_views
+from oecl_train.scores import compute_scores, view_scores
 
 
 def test_view_set_is_deterministic_nested_and_inside_the_family():

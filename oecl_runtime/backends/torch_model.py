@@ -1,9 +1,10 @@
-"""torch backend: the training code's own network rebuilt from `architecture` + `model.safetensors`.
+"""torch backend: the project's own network (`oecl_model`) rebuilt from `architecture` and
+`model.safetensors`.
 
 Useful where no ONNX runtime fits (or to check an export against the eager model). On a GPU it
 runs fp32 as true fp32 (TF32 off), or bf16/fp16 autocast, and replays CUDA graphs captured at
 open for a few bucket sizes (a batch is padded up to the next bucket) from one memory pool.
-torch and oecl_train are imported only when this backend is opened.
+torch and oecl_model are imported only when this backend is opened.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ _AUTOCAST = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
 class TorchBackend(Backend):
-    """Eager `oecl_train.model.ScoreModel`; `precision` is the compute dtype (fp32, bf16, fp16)."""
+    """Eager `oecl_model.model.ScoreModel`; `precision` is the compute dtype (fp32, bf16, fp16)."""
 
     def __init__(
         self,
@@ -41,9 +42,9 @@ class TorchBackend(Backend):
         try:
             from safetensors.torch import load_file
 
-            from oecl_train.model import ScoreModel, build_model
+            from oecl_model.model import ScoreModel, build_model
         except ImportError as e:
-            raise BackendUnavailable(f"the torch backend needs oecl_train and safetensors ({e})") \
+            raise BackendUnavailable(f"the torch backend needs oecl_model and safetensors ({e})") \
                 from e
         self._torch = torch
         precision = precision or "fp32"
@@ -188,10 +189,10 @@ def graph_buckets(max_batch: int, sizes: Sequence[int] | None = None) -> tuple[i
 
 def _score_model(net: Any, artifact: Artifact, single: Any) -> Any:
     """The served score of the artifact: the plain-view `ScoreModel`, or the mean over the
-    listed views from the same `oecl_train.views` code the exported graph was built with."""
+    listed views from the same `oecl_model.views` code the exported graph was built with."""
     if artifact.score_name == "norm":
         return single(net)
-    from oecl_train.views import ViewScoreModel, views_from_json
+    from oecl_model.views import ViewScoreModel, views_from_json
 
     spec = artifact.spec
     return ViewScoreModel(net, views_from_json(artifact.views), spec.height, spec.width)

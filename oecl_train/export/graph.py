@@ -17,13 +17,13 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from oecl_model.model import BasicBlock, ScoreModel
+from oecl_model.views import View, ViewScoreModel, is_plain
 from oecl_runtime import engine
 from oecl_runtime.artifact import file_entry
 from oecl_train.export.errors import ExportError
 from oecl_train.export.progress import Progress
 from oecl_train.export.source import Source
-from oecl_train.model import BasicBlock, ScoreModel
-from oecl_train.views import View, ViewScoreModel, is_plain
 
 INPUT_NAME = "images"
 OPSET = 18

@@ -3,7 +3,7 @@ model on the run's held-out data, the files, and who produced them."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from importlib.metadata import version
 from pathlib import Path
@@ -14,16 +14,16 @@ import onnx
 import onnxruntime
 import torch
 
+from oecl_model.views import RESAMPLE, View, views_to_json
 from oecl_runtime import __version__ as runtime_version
-from oecl_runtime.artifact import SCHEMA_VERSION, norm_stats, threshold_at_tpr, write_metadata
+from oecl_runtime.artifact import SCHEMA_VERSION, ArtifactError, write_metadata
 from oecl_runtime.preprocess import RESIZE_RULE, InputSpec
 from oecl_train.export.graph import INPUT_NAME
 from oecl_train.export.norms import Reference
 from oecl_train.export.progress import Progress
 from oecl_train.export.source import Source
-from oecl_train.metrics import threshold_warning
+from oecl_train.metrics import threshold_at_tpr, threshold_warning
 from oecl_train.score_names import served_score
-from oecl_train.views import RESAMPLE, View, views_to_json
 
 
 def producer() -> dict[str, str]:
@@ -34,6 +34,17 @@ def producer() -> dict[str, str]:
         ours = runtime_version
     return {"name": "oecl", "version": ours, "torch": torch.__version__.split("+")[0],
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def norm_stats(norms: Iterable[float] | np.ndarray) -> dict[str, float | int]:
+    """Summary of a set of norms in the shape `score.id_norm` / `score.oe_norm` expect."""
+    x = np.asarray(norms, dtype=np.float64).ravel()
+    if x.size == 0:
+        raise ArtifactError("norm statistics need at least one norm")
+    p05, p50, p95 = np.percentile(x, [5, 50, 95])
+    return {"n": int(x.size), "mean": float(x.mean()), "std": float(x.std()),
+            "min": float(x.min()), "p05": float(p05), "p50": float(p50), "p95": float(p95),
+            "max": float(x.max())}
 
 
 def score_views(views: Sequence[View]) -> dict[str, Any]:

@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from oecl_model.model import ScoreModel
+from oecl_model.views import View, is_plain
 from oecl_train.data import Splits
 from oecl_train.export.errors import ExportError
 from oecl_train.export.progress import Progress
-from oecl_train.model import ScoreModel
 from oecl_train.scores import view_scores
-from oecl_train.views import View, is_plain
 
 # Each image the export needs is scored once (`reference_scores`), on at most these many:
 VERIFY_PER_SIDE = 256  # held-out ID and OOD images of the parity check (golden set: a subset)
@@ -42,7 +42,7 @@ def torch_norms(net: nn.Module, images: np.ndarray, device: torch.device,
                 progress: Callable[[int], None] | None = None) -> np.ndarray:
     """fp32 eval-mode scores of uint8 NCHW images: the reference every file is checked against.
     With `views` (more than the plain one), the K-view score `oecl eval` reports as
-    mean-view-norm, from the same `oecl_train.views` code the graph is built with.
+    mean-view-norm, from the same `oecl_model.views` code the graph is built with.
     `progress(n)` is called after every CHUNK images."""
     model = ScoreModel(net).to(device).eval()
     ensemble = views is not None and not is_plain(views, images.shape[2], images.shape[3])

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from oecl_model.views import DEFAULT_VIEWS
 from oecl_runtime.atomic import atomic_dir, write_json
 from oecl_train.data import Splits
 from oecl_train.export.engines import build_engines
@@ -19,7 +20,6 @@ from oecl_train.export.progress import Log, Progress, stderr
 from oecl_train.export.quantize import int8_entries, quantize_graphs
 from oecl_train.export.source import load_source, write_weights
 from oecl_train.export.verify import VERIFY_FILE, verify_or_fail, write_golden
-from oecl_train.views import DEFAULT_VIEWS
 
 
 def export_run(
@@ -39,7 +39,7 @@ def export_run(
 ) -> dict[str, Any]:
     """Export the run's latest checkpoint to an artifact directory `out_dir`; returns a summary.
 
-    `views` = K bakes the run's K deterministic views (`oecl_train.views`) into every file:
+    `views` = K bakes the run's K deterministic views (`oecl_model.views`) into every file:
     the served score is then ‖mean of z over the K views‖ (mean-view-norm); K = 1 is the
     single-pass norm. Threshold, norm statistics and verification use the same score.
 

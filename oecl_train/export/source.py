@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from oecl_model.views import View, views_for
 from oecl_runtime.artifact import file_entry
 from oecl_runtime.atomic import with_file
 from oecl_runtime.preprocess import InputSpec
@@ -20,7 +21,6 @@ from oecl_train.devices import resolve_device
 from oecl_train.export.errors import ExportError
 from oecl_train.export.progress import Progress
 from oecl_train.trainer import load_trained
-from oecl_train.views import View, views_for
 
 WEIGHTS_FILE = "model.safetensors"
 

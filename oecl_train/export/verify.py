@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from oecl_model.views import views_from_json
 from oecl_runtime import golden
 from oecl_runtime.artifact import Artifact, write_metadata
 from oecl_runtime.atomic import write_json
@@ -19,7 +20,6 @@ from oecl_train.export.norms import Reference, require_ood, torch_norms, verific
 from oecl_train.export.progress import Log, Progress, stderr
 from oecl_train.export.source import Source
 from oecl_train.trainer import load_trained
-from oecl_train.views import views_from_json
 
 # Verification fails beyond these (module constants so tests can tighten them).
 FP32_REL_TOL = 1e-4  # largest |norm - norm_torch| / norm_torch of the fp32 files

@@ -28,8 +28,6 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from oecl_train.score_names import VIEW_SCORE as SCORE_NAME  # noqa: F401 (re-exported)
-
 DEFAULT_VIEWS = 8  # chosen on the validation split (benchmarks/RESULTS.md)
 RESAMPLE = ("bilinear, half-pixel centres: output pixel o of a box (start, size) on an axis "
             "of length L samples source coordinate start + (o + 0.5) * size / L - 0.5, clamped "
