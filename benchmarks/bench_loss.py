@@ -166,10 +166,12 @@ def _bench_gpu_config(impl: str, n: int, d: int, dtype_name: str,
             ms, mib = results[mode]
             rows.append(_record(impl, mode, dtype_name, n, d, ms, mib))
     except Exception as exc:  # an OOM may arrive wrapped by the compiler
-        if not _is_oom(exc):
-            raise
-        rows = [_record(impl, mode, dtype_name, n, d, status="oom",
-                        note=str(exc).splitlines()[0][:200]) for mode in modes]
+        # Any other failure is recorded too, and the other configurations still run: the
+        # one GPU run must return every number it can.
+        status = "oom" if _is_oom(exc) else "error"
+        note = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+        rows = [_record(impl, mode, dtype_name, n, d, status=status, note=note)
+                for mode in modes]
     finally:
         torch.cuda.empty_cache()
     return rows
@@ -383,7 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {device}; torch {torch.__version__}; d={args.d}")
     print(markdown_table(rows, impls))
     print(f"\nwrote {shown(json_path)} and {csv_path.name}")
-    return 0
+    failed = [r for r in rows if r["status"] == "error"]
+    for r in failed:
+        log(f"bench_loss.py: {r['impl']} {r['dtype']} N={r['n']} {r['mode']} failed: {r['note']}")
+    return 1 if failed else 0
 
 
 def kernel_resources() -> list[dict]:

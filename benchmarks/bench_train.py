@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -159,11 +160,12 @@ def _summary(times: list[float], images_per_step: int) -> dict:
 def markdown(record: dict) -> str:
     rows = [[name, f"{r['images_per_s']:.1f}", f"{r['median_step_s'] * 1e3:.0f}",
              "-" if r["speedup_vs_reference"] is None else f"{r['speedup_vs_reference']:.2f}x"]
+            if r["images_per_s"] else [name, "failed", "-", r["error"]]
             for name, r in record["results"].items()]
     return "\n".join(md_table(["pipeline", "images/s", "median step ms", "vs reference"], rows))
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="mnist")
     p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "mnist"))
@@ -241,20 +243,28 @@ def main() -> None:
     for name in names:
         cfg = TrainConfig.from_dict({**base, **variants[name]})
         log(f"timing {name} ...")
-        if name == "reference":
-            results[name] = time_reference(cfg, splits, args.steps, args.warmup, args.workers)
-        else:
-            results[name] = time_ours(cfg, splits, args.steps, args.warmup)
+        try:
+            if name == "reference":
+                results[name] = time_reference(cfg, splits, args.steps, args.warmup,
+                                               args.workers)
+            else:
+                results[name] = time_ours(cfg, splits, args.steps, args.warmup)
+        except Exception as exc:  # recorded; the other variants still run
+            results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}",
+                             "images_per_s": None}
+            log(f"  {name} failed: {results[name]['error']}")
         compiled = "off" if name == "reference" else cfg.compile
         results[name]["settings"] = {"precision": cfg.precision, "compile": compiled,
                                      **backend_settings()}
         ref = results.get("reference", {}).get("images_per_s")
         for r in results.values():
-            r["speedup_vs_reference"] = r["images_per_s"] / ref if ref else None
+            r["speedup_vs_reference"] = r["images_per_s"] / ref if ref and \
+                r["images_per_s"] else None
         write_json(path, record)
         append_jsonl(args.jsonl, {"bench": "train", "device": dev, "variant": name,
                                   **results[name]})
-        log(f"  {results[name]['images_per_s']:.1f} images/s")
+        if results[name]["images_per_s"]:
+            log(f"  {results[name]['images_per_s']:.1f} images/s")
     record["complete"] = True
     write_json(path, record)
     print(
@@ -262,7 +272,8 @@ def main() -> None:
         f"{args.batch_size} OE, {splits.spec.height}x{splits.spec.width}x{splits.spec.channels}"
     )
     print(markdown(record))
+    return 1 if any(r["images_per_s"] is None for r in results.values()) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -100,7 +100,8 @@ def summarize(work: Path, out: Path) -> tuple[str, dict[str, Any], bool]:
                   f"{c['image_size']}x{c['image_size']}x{c['channels']}, batch "
                   f"{c['batch_size']} ID + {c['batch_size']} OE){done}", "",
                   *md_table(["pipeline", "images/s", "vs reference", "settings"],
-                            [[name, f"{r['images_per_s']:.1f}", _times(r), _settings(r)]
+                            [[name, f"{r['images_per_s']:.1f}" if r["images_per_s"] else
+                              f"failed: {r.get('error')}", _times(r), _settings(r)]
                              for name, r in train["results"].items()])]
     if score := _load(work, "score-*.json"):
         data["score"] = score

@@ -142,3 +142,17 @@ def test_gpu_check_rejects_unknown_arguments(args, message):
     proc = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True,
                           timeout=60, cwd=REPO)
     assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_a_failing_variant_is_recorded_and_the_others_still_run(tmp_path):
+    # The reference's DataLoader refuses -1 workers; ours needs none and is still timed.
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--data", "digits",
+         "--depth", "resnet10", "--width", "4", "--batch-size", "8", "--steps", "1",
+         "--warmup", "1", "--workers", "-1", "--variants", "reference,ours-fp32",
+         "--device", "cpu", "--out", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    record = json.loads((tmp_path / "train-cpu.json").read_text())
+    assert record["complete"] and "ValueError" in record["results"]["reference"]["error"]
+    assert record["results"]["ours-fp32"]["images_per_s"] > 0
