@@ -64,7 +64,7 @@ def append_jsonl(path: str | os.PathLike | None, record: dict[str, Any]) -> None
 
 
 # Import names of what the GPU machine lacks and .whl/ carries (benchmarks/fetch_wheels.sh).
-CARRIED = ("kornia", "kornia_rs", "starlette", "uvicorn", "httptools", "multipart")
+CARRIED = ("kornia", "kornia_rs", "starlette", "uvicorn", "httptools", "python_multipart")
 
 
 def preflight(cpu: bool, wheels: Path) -> tuple[list[str], dict[str, Any]]:
