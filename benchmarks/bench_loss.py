@@ -3,10 +3,13 @@
 GPU (default):
     python benchmarks/bench_loss.py
 times forward, backward and both for the eager dense formula, torch.compile of it, the
-Triton kernel and the chunked torch twin at N in {1024, 4096, 16384, 65536}, d = 128, fp32
-and bf16: median of triton.testing.do_bench, and peak memory beyond the inputs
-(torch.cuda.max_memory_allocated after a reset). Configurations that run out of memory are
-recorded as "oom".
+Triton kernel and the chunked torch twin at N in {4096, 16384, 65536}, d = 128, in the two
+configurations training runs the loss in: fp32 inputs with TF32 products ("fp32-tf32": the
+trainer calls the loss on z.float() with TF32 on by default) and bf16; "fp32" (exact
+products, --no-tf32) on request. Median of triton.testing.do_bench, and peak memory beyond
+the inputs (torch.cuda.max_memory_allocated after a reset). Configurations that run out of
+memory are recorded as "oom". The JSON is rewritten after every configuration (and each row
+appended to --jsonl), so a run cut short keeps what it measured.
 
 CPU:
     python benchmarks/bench_loss.py --device cpu
@@ -38,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _gpu_env import append_jsonl, gpu_environment
 from _harness import RESULTS, command_line, device_name, log, md_table, shown
 
 from kernels import ntxent_oe, ntxent_oe_dense, ntxent_oe_torch
@@ -47,21 +51,35 @@ from oecl_runtime.atomic import atomic_path, write_json
 MODES = ("fwd", "bwd", "fwd+bwd")
 GPU_IMPLS = ("eager", "compile", "triton", "twin")
 CPU_IMPLS = ("eager", "twin")
-GPU_SIZES = (1024, 4096, 16384, 65536)
+GPU_SIZES = (4096, 16384, 65536)
 CPU_SIZES = (1024, 4096)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Input dtype and torch's float32 matmul precision ("high" allows TF32, in torch's products
+# and in the kernel's, which follows it; see kernels.ntxent_oe_triton.dot_precision).
+DTYPES = {"fp32-tf32": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16}
+MATMUL_PRECISION = {"fp32-tf32": "high", "fp32": "highest", "bf16": "highest"}
+GPU_DTYPES = ("fp32-tf32", "bf16")
+CPU_DTYPES = ("fp32",)
 TEMPERATURE = 0.5
 ALPHA = 1.0
 MIB = 1 << 20
 
 
-def _loss_fn(impl: str) -> Callable[[torch.Tensor, torch.Tensor], Any]:
-    eager = functools.partial(ntxent_oe_dense, temperature=TEMPERATURE, alpha=ALPHA,
-                              upcast=False)
+_EAGER = functools.partial(ntxent_oe_dense, temperature=TEMPERATURE, alpha=ALPHA, upcast=False)
+
+
+@functools.cache
+def _compiled(dtype_name: str) -> Callable:
+    # One compiled function per dtype for all sizes: the second size recompiles with a
+    # dynamic N (torch's automatic dynamic shapes) and later sizes reuse that, which keeps
+    # cold compiles to two per dtype on a machine that starts with an empty cache.
+    return torch.compile(_EAGER)
+
+
+def _loss_fn(impl: str, dtype_name: str = "fp32") -> Callable[[torch.Tensor, torch.Tensor], Any]:
     if impl == "eager":
-        return eager
+        return _EAGER
     if impl == "compile":
-        return torch.compile(eager)
+        return _compiled(dtype_name)
     if impl == "triton":
         return functools.partial(ntxent_oe, temperature=TEMPERATURE, alpha=ALPHA,
                                  backend="triton")
@@ -85,6 +103,7 @@ def _is_oom(exc: BaseException) -> bool:
 
 def _record(impl, mode, dtype_name, n, d, ms=None, mib=None, status="ok", note=""):
     return {"impl": impl, "mode": mode, "dtype": dtype_name, "n": n, "d": d,
+            "matmul_precision": MATMUL_PRECISION[dtype_name],
             "median_ms": None if ms is None else round(ms, 4),
             "peak_extra_mib": None if mib is None else round(mib, 2),
             "status": status, "note": note}
@@ -103,12 +122,13 @@ def _cuda_peak(fn: Callable[[], Any]) -> float:
     return (torch.cuda.max_memory_allocated() - base) / MIB
 
 
-def _bench_gpu_config(impl: str, n: int, d: int, dtype_name: str) -> list[dict]:
+def _bench_gpu_config(impl: str, n: int, d: int, dtype_name: str,
+                      modes: tuple[str, ...] = MODES) -> list[dict]:
     from triton.testing import do_bench
 
     dtype = DTYPES[dtype_name]
-    torch._dynamo.reset()
-    fn = _loss_fn(impl)
+    torch.set_float32_matmul_precision(MATMUL_PRECISION[dtype_name])
+    fn = _loss_fn(impl, dtype_name)
     rows = []
     try:
         z_id, z_oe = _inputs(n, d, dtype, "cuda")
@@ -124,41 +144,50 @@ def _bench_gpu_config(impl: str, n: int, d: int, dtype_name: str) -> list[dict]:
         for t in grads:
             t.grad = None
         results = {}
-        results["fwd"] = (do_bench(fwd, return_mode="median"), _cuda_peak(fwd))
-        held = [fwd()]  # the graph the backward-only timing replays
+        if "fwd" in modes:
+            results["fwd"] = (do_bench(fwd, return_mode="median"), _cuda_peak(fwd))
+        if "bwd" in modes:
+            held = [fwd()]  # the graph the backward-only timing replays
 
-        def bwd():
-            held[0].loss.backward(retain_graph=True)
+            def bwd():
+                held[0].loss.backward(retain_graph=True)
 
-        bwd_peak = _cuda_peak(bwd)
-        results["bwd"] = (do_bench(bwd, grad_to_none=grads, return_mode="median"), bwd_peak)
-        held.clear()
-        for t in grads:
-            t.grad = None
-        fb_peak = _cuda_peak(fwd_bwd)
-        results["fwd+bwd"] = (do_bench(fwd_bwd, grad_to_none=grads, return_mode="median"),
-                              fb_peak)
-        for mode in MODES:
+            bwd_peak = _cuda_peak(bwd)
+            results["bwd"] = (do_bench(bwd, grad_to_none=grads, return_mode="median"),
+                              bwd_peak)
+            held.clear()
+            for t in grads:
+                t.grad = None
+        if "fwd+bwd" in modes:
+            fb_peak = _cuda_peak(fwd_bwd)
+            results["fwd+bwd"] = (do_bench(fwd_bwd, grad_to_none=grads, return_mode="median"),
+                                  fb_peak)
+        for mode in modes:
             ms, mib = results[mode]
             rows.append(_record(impl, mode, dtype_name, n, d, ms, mib))
     except Exception as exc:  # an OOM may arrive wrapped by the compiler
-        if not _is_oom(exc):
-            raise
-        rows = [_record(impl, mode, dtype_name, n, d, status="oom",
-                        note=str(exc).splitlines()[0][:200]) for mode in MODES]
+        # Any other failure is recorded too, and the other configurations still run: the
+        # one GPU run must return every number it can.
+        status = "oom" if _is_oom(exc) else "error"
+        note = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+        rows = [_record(impl, mode, dtype_name, n, d, status=status, note=note)
+                for mode in modes]
     finally:
         torch.cuda.empty_cache()
     return rows
 
 
-def run_gpu(sizes, dtypes, impls, d) -> list[dict]:
+def run_gpu(sizes, dtypes, impls, d, modes=MODES,
+            done: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
     rows = []
     for dtype_name in dtypes:
         for n in sizes:
             for impl in impls:
-                rows += _bench_gpu_config(impl, n, d, dtype_name)
+                got = _bench_gpu_config(impl, n, d, dtype_name, modes)
+                rows += got
+                done(got)
                 r = rows[-1]
-                log(f"  {dtype_name} N={n} {impl}: fwd+bwd "
+                log(f"  {dtype_name} N={n} {impl}: {r['mode']} "
                     f"{r['median_ms'] if r['status'] == 'ok' else r['status']} ms")
     return rows
 
@@ -186,7 +215,7 @@ def _cpu_worker(impl: str, n: int, d: int, dtype_name: str, reps: int, threads: 
     """One configuration in a fresh process, so ru_maxrss is this configuration's peak."""
     torch.set_num_threads(threads)
     dtype = DTYPES[dtype_name]
-    fn = _loss_fn(impl)
+    fn = _loss_fn(impl, dtype_name)
     # Library warm-up (thread pools, kernels' first-call buffers) at a size whose own
     # footprint is negligible, before the high-water mark is read.
     w_id, w_oe = _inputs(256, d, dtype, "cpu")
@@ -215,7 +244,8 @@ def _cpu_worker(impl: str, n: int, d: int, dtype_name: str, reps: int, threads: 
     ]
 
 
-def run_cpu(sizes, dtypes, impls, d, reps, threads) -> list[dict]:
+def run_cpu(sizes, dtypes, impls, d, reps, threads,
+            done: Callable[[list[dict]], None] = lambda rows: None) -> list[dict]:
     ctx = mp.get_context("spawn")
     rows = []
     for dtype_name in dtypes:
@@ -224,6 +254,7 @@ def run_cpu(sizes, dtypes, impls, d, reps, threads) -> list[dict]:
                 with ctx.Pool(1) as pool:
                     got = pool.apply(_cpu_worker, (impl, n, d, dtype_name, reps, threads))
                 rows += got
+                done(got)
                 log(f"  {dtype_name} N={n} {impl}: fwd+bwd {got[-1]['median_ms']} ms")
     return rows
 
@@ -246,6 +277,7 @@ def _cell(rows_by_key, key) -> str:
 def markdown_table(rows: list[dict], impls) -> str:
     by_key = {(r["impl"], r["mode"], r["dtype"], r["n"]): r for r in rows}
     configs = sorted({(r["dtype"], r["n"]) for r in rows}, key=lambda c: (c[0], c[1]))
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     speed_cols = [i for i in ("eager", "compile") if i in impls and "triton" in impls]
     fast = "triton" if "triton" in impls else "twin"
     if fast == "twin":
@@ -253,7 +285,7 @@ def markdown_table(rows: list[dict], impls) -> str:
     head = ["dtype", "N", "mode", *impls, *[f"{fast} vs {i}" for i in speed_cols]]
     rows_out = []
     for dtype_name, n in configs:
-        for mode in MODES:
+        for mode in modes:
             cells = [_cell(by_key, (i, mode, dtype_name, n)) for i in impls]
             ratios = []
             for base in speed_cols:
@@ -278,8 +310,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--sizes", type=int, nargs="+", help="N values (default by device)")
-    p.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=list(DTYPES))
+    p.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES),
+                   help=f"default: {' '.join(GPU_DTYPES)} on a GPU, {' '.join(CPU_DTYPES)} "
+                   "on the CPU")
     p.add_argument("--impls", nargs="+", help="subset of the implementations")
+    p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                   help="GPU: which passes to time")
+    p.add_argument("--jsonl", type=Path, default=None,
+                   help="also append every measured row to this file as it is made")
     p.add_argument("--d", type=int, default=128)
     p.add_argument("--reps", type=int, default=5, help="CPU repetitions per timing")
     p.add_argument("--threads", type=int, default=None,
@@ -299,24 +337,22 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    dtypes = args.dtypes or (GPU_DTYPES if args.device == "cuda" else CPU_DTYPES)
+    if args.device == "cpu" and "fp32-tf32" in dtypes:
+        p.error("fp32-tf32 needs a GPU (no TF32 on a CPU)")
     threads = torch.get_num_threads()
     started = dt.datetime.now(dt.timezone.utc)
-    load_at_start = os.getloadavg()
-    if args.device == "cuda":
-        rows = run_gpu(sizes, args.dtypes, impls, args.d)
-    else:
-        rows = run_cpu(sizes, args.dtypes, impls, args.d, args.reps, threads)
     device = device_name(args.device)
-
     meta = {
         "device": device,
         "date": started.date().isoformat(),
         "command": command_line("bench_loss.py", argv),
+        "environment": gpu_environment() if args.device == "cuda" else None,
         "torch": torch.__version__,
         "triton": _triton_version(),
         "cpu_threads": threads,
         # Other processes on the machine skew wall-clock timings; recorded for context.
-        "load_average_at_start": [round(x, 2) for x in load_at_start],
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
         "temperature": TEMPERATURE,
         "alpha": ALPHA,
         "oe_rows": "N/2",
@@ -325,9 +361,21 @@ def main(argv: list[str] | None = None) -> int:
         "memory": "torch.cuda.max_memory_allocated beyond the inputs" if args.device == "cuda"
         else "growth of peak RSS beyond the inputs, fwd+bwd only",
     }
-    slug = _device_slug(args.device)
-    json_path = args.out_dir / f"loss-{slug}.json"
-    write_json(json_path, {"meta": meta, "results": rows})
+    json_path = args.out_dir / f"loss-{_device_slug(args.device)}.json"
+    rows: list[dict] = []
+
+    def done(got: list[dict]) -> None:
+        rows.extend(got)
+        write_json(json_path, {"meta": meta, "complete": False, "results": rows})
+        for r in got:
+            append_jsonl(args.jsonl, {"bench": "loss", "device": device, **r})
+
+    if args.device == "cuda":
+        run_gpu(sizes, dtypes, impls, args.d, tuple(args.modes), done)
+        meta["triton_kernels"] = kernel_resources()
+    else:
+        run_cpu(sizes, dtypes, impls, args.d, args.reps, threads, done)
+    write_json(json_path, {"meta": meta, "complete": True, "results": rows})
     csv_path = json_path.with_suffix(".csv")
     with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
@@ -337,7 +385,30 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {device}; torch {torch.__version__}; d={args.d}")
     print(markdown_table(rows, impls))
     print(f"\nwrote {shown(json_path)} and {csv_path.name}")
-    return 0
+    failed = [r for r in rows if r["status"] == "error"]
+    for r in failed:
+        log(f"bench_loss.py: {r['impl']} {r['dtype']} N={r['n']} {r['mode']} failed: {r['note']}")
+    return 1 if failed else 0
+
+
+def kernel_resources() -> list[dict]:
+    """Registers, spills, shared memory, warps and stages of every loss kernel compiled in
+    this process, as the loaded kernels report them (what ptxas did on this GPU)."""
+    from kernels import ntxent_oe_triton as K
+
+    out = []
+    for name in ("_row_norm_kernel", "_ntxent_fwd_kernel", "_ntxent_bwd_kernel",
+                 "_oe_grad_kernel"):
+        for entry in getattr(getattr(K, name), "device_caches", {}).values():
+            for kernel in (entry[0] if isinstance(entry, tuple) else entry).values():
+                md = kernel.metadata
+                signature = getattr(getattr(kernel, "src", None), "signature", None) or {}
+                out.append({"kernel": name.strip("_"), "inputs": next(iter(signature.values()),
+                                                                       None),
+                            "num_warps": md.num_warps, "num_stages": md.num_stages,
+                            "shared": md.shared, "n_regs": getattr(kernel, "n_regs", None),
+                            "n_spills": getattr(kernel, "n_spills", None)})
+    return out
 
 
 def _triton_version() -> str | None:

@@ -7,7 +7,8 @@ the compute ceiling, with onnxruntime on the machine's CPU cores beside them.
 Each image goes in as uint8 NCHW (the artifact's contract) and the timing includes the copy to
 the device. The network has random weights: the arithmetic does not depend on them. The
 ceiling is the GPU's dense bf16 matmul rate (measured on these machines: ~790 TFLOP/s on an
-H100/H200) over the model's FLOPs per image.
+H100/H200) over the model's FLOPs per image. The JSON is rewritten after each scorer (and its
+rows appended to --jsonl), so a run cut short keeps the scorers it finished.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _gpu_env import append_jsonl, gpu_environment
 from _harness import RESULTS, device_name, log, md_table
 
 from oecl_model.model import Architecture, OECLNet, ScoreModel
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ort-threads", type=int, default=16)
     p.add_argument("--ort-batches", type=int, nargs="+", default=[1, 64, 256])
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--jsonl", type=Path, default=None,
+                   help="also append each scorer's rows to this file as they are measured")
     args = p.parse_args(argv)
     if args.smoke:
         args.batches, args.ort_batches = [1, 4], [1, 4]
@@ -128,35 +132,41 @@ def main(argv: list[str] | None = None) -> int:
     model = ScoreModel(net).eval().to(device, memory_format=torch.channels_last)
     chw = (3, args.size, args.size)
 
-    runs = {"torch-eager-fp32": eager_scorer(model, device)}
-    if cuda:
-        runs["torch-bf16-cudagraph"] = GraphScorer(model, device, torch.bfloat16)
-    results: dict[str, list[dict]] = {}
-    for name, run in runs.items():
-        results[name] = B.bench_backend(run, chw, args.batches, iterations=args.iterations,
-                                        warmup=3, max_seconds=args.max_seconds)
-        log(f"{name}: " + ", ".join(f"b{r['batch_size']} {r['images_per_s']:.0f} img/s"
-                                    for r in results[name]))
-    with tempfile.TemporaryDirectory() as scratch:
-        ort_run = ort_scorer(ScoreModel(net).eval(), chw, args.ort_threads, Path(scratch))
-        results[f"onnxruntime-cpu-{args.ort_threads}t"] = B.bench_backend(
-            ort_run, chw, args.ort_batches, iterations=args.iterations, warmup=2,
-            max_seconds=args.max_seconds)
     flop = RESNET18_CIFAR_FLOP * (args.size / 32) ** 2 if args.depth == "resnet18" \
         and args.width == 64 else None
     ceiling = H100_BF16_FLOPS / flop if flop and cuda else None
-    for rows in results.values():
-        for r in rows:
-            r["share_of_ceiling"] = r["images_per_s"] / ceiling if ceiling else None
+    results: dict[str, list[dict]] = {}
     record = {
         "benchmark": "score-throughput", "date": date.today().isoformat(),
         "device": device_name(str(device)), "cpu": device_name("cpu"),
+        "environment": gpu_environment() if cuda else None,
         "torch": torch.__version__, "smoke": args.smoke,
         "model": {"depth": args.depth, "width": args.width, "size": args.size,
                   "flop_per_image": flop},
-        "ceiling_images_per_s": ceiling, "results": results,
+        "ceiling_images_per_s": ceiling, "complete": False, "results": results,
     }
     path = args.out / ("score-smoke.json" if args.smoke else "score-gpu.json")
+
+    def measured(name: str, run, batches: list[int], warmup: int) -> None:
+        rows = B.bench_backend(run, chw, batches, iterations=args.iterations, warmup=warmup,
+                               max_seconds=args.max_seconds)
+        for r in rows:
+            r["share_of_ceiling"] = r["images_per_s"] / ceiling if ceiling else None
+            append_jsonl(args.jsonl, {"bench": "score", "device": record["device"],
+                                      "scorer": name, **r})
+        results[name] = rows
+        write_json(path, record)
+        log(f"{name}: " + ", ".join(f"b{r['batch_size']} {r['images_per_s']:.0f} img/s"
+                                    for r in rows))
+
+    measured("torch-eager-fp32", eager_scorer(model, device), args.batches, 3)
+    if cuda:
+        measured("torch-bf16-cudagraph", GraphScorer(model, device, torch.bfloat16),
+                 args.batches, 3)
+    with tempfile.TemporaryDirectory() as scratch:
+        ort_run = ort_scorer(ScoreModel(net).eval(), chw, args.ort_threads, Path(scratch))
+        measured(f"onnxruntime-cpu-{args.ort_threads}t", ort_run, args.ort_batches, 2)
+    record["complete"] = True
     write_json(path, record)
     print(markdown_table(results))
     print(f"wrote {path}")

@@ -5,6 +5,10 @@
 (b) ours: uint8 data on the device, per-sample batched augmentation there (kornia),
     channels_last, bf16 autocast, torch.compile — the product's `Trainer` step itself.
 Also timed: ours in fp32 eager and fp32 compiled, so the contribution of each trick shows.
+Every variant, the reference included, runs under the CUDA settings a training run uses
+(cuDNN autotuning on, TF32 as --tf32 says), set once before the first variant; each result
+records the settings it ran under. The JSON is rewritten after every variant (and each
+appended to --jsonl), so a run cut short keeps the variants it finished.
 
     python benchmarks/bench_train.py                 # CPU-sized model on MNIST + photo OE
     python benchmarks/bench_train.py --depth resnet18 --width 64 --steps 30   # on a GPU
@@ -17,12 +21,14 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import numpy as np
 import torch
+from _gpu_env import append_jsonl, gpu_environment
 from _harness import REPO, RESULTS, device_name, log, md_table
 from PIL import Image, ImageEnhance
 
@@ -31,7 +37,7 @@ from oecl_model.model import OECLNet
 from oecl_runtime.atomic import write_json
 from oecl_train.config import TrainConfig
 from oecl_train.data import Splits
-from oecl_train.trainer import Trainer, architecture_for
+from oecl_train.trainer import Trainer, architecture_for, configure_cuda
 
 
 class PerImageViews(torch.utils.data.Dataset):
@@ -139,6 +145,13 @@ def time_ours(cfg: TrainConfig, splits, steps: int, warmup: int) -> dict:
     return out
 
 
+def backend_settings() -> dict:
+    """The process-wide settings that change what a step costs, as they are now."""
+    return {"cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
+
+
 def _summary(times: list[float], images_per_step: int) -> dict:
     med = statistics.median(times)
     return {"steps": len(times), "median_step_s": med, "images_per_s": images_per_step / med}
@@ -147,11 +160,12 @@ def _summary(times: list[float], images_per_step: int) -> dict:
 def markdown(record: dict) -> str:
     rows = [[name, f"{r['images_per_s']:.1f}", f"{r['median_step_s'] * 1e3:.0f}",
              "-" if r["speedup_vs_reference"] is None else f"{r['speedup_vs_reference']:.2f}x"]
+            if r["images_per_s"] else [name, "failed", "-", r["error"]]
             for name, r in record["results"].items()]
     return "\n".join(md_table(["pipeline", "images/s", "median step ms", "vs reference"], rows))
 
 
-def main() -> None:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="mnist")
     p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "mnist"))
@@ -164,8 +178,14 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (reference).")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--variants", default="reference,ours-fp32,ours-fp32-compiled,ours")
+    p.add_argument("--variants", default="reference,ours-fp32,ours,ours-fp32-compiled",
+                   help="comma-separated, timed in this order (cold compiles last)")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="TF32 for fp32 products on CUDA, for every variant (the trainer's "
+                   "default)")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--jsonl", default=None,
+                   help="also append each variant's result to this file as it finishes")
     args = p.parse_args()
 
     base = dict(
@@ -178,6 +198,7 @@ def main() -> None:
         batch_size=args.batch_size,
         device=args.device,
         hflip=True,
+        tf32=args.tf32 and args.device.startswith("cuda"),
     )
     if args.data == "digits":
         base.update(data_root=None, image_size=args.image_size or 16)
@@ -190,23 +211,20 @@ def main() -> None:
         "ours-fp32-compiled": dict(precision="fp32", compile="on"),
         "ours": dict(precision="bf16", compile="on"),
     }
-    results = {}
-    for name in args.variants.split(","):
-        cfg = TrainConfig.from_dict({**base, **variants[name]})
-        log(f"timing {name} ...")
-        if name == "reference":
-            results[name] = time_reference(cfg, splits, args.steps, args.warmup, args.workers)
-        else:
-            results[name] = time_ours(cfg, splits, args.steps, args.warmup)
-        log(f"  {results[name]['images_per_s']:.1f} images/s")
-    ref = results.get("reference", {}).get("images_per_s")
-    for r in results.values():
-        r["speedup_vs_reference"] = r["images_per_s"] / ref if ref else None
+    names = args.variants.split(",")
+    if unknown := [n for n in names if n not in variants]:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; choose among {', '.join(variants)}")
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        # The trainer's own settings, before the first variant: the reference runs under
+        # them too, so the speed-ups measure pipelines, not library defaults.
+        configure_cuda(TrainConfig.from_dict(base))
     dev = device_name(args.device)
     record = {
         "benchmark": "train-throughput",
         "date": date.today().isoformat(),
         "device": dev,
+        "environment": gpu_environment() if cuda else None,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "config": {
@@ -217,16 +235,45 @@ def main() -> None:
             "warmup": args.warmup,
             "workers": args.workers,
         },
-        "results": results,
+        "complete": False,
+        "results": {},
     }
-    tag = "gpu" if args.device.startswith("cuda") else "cpu"
-    write_json(Path(args.out) / f"train-{tag}.json", record)
+    results = record["results"]
+    path = Path(args.out) / f"train-{'gpu' if cuda else 'cpu'}.json"
+    for name in names:
+        cfg = TrainConfig.from_dict({**base, **variants[name]})
+        log(f"timing {name} ...")
+        try:
+            if name == "reference":
+                results[name] = time_reference(cfg, splits, args.steps, args.warmup,
+                                               args.workers)
+            else:
+                results[name] = time_ours(cfg, splits, args.steps, args.warmup)
+        except Exception as exc:  # recorded; the other variants still run
+            results[name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}",
+                             "images_per_s": None}
+            log(f"  {name} failed: {results[name]['error']}")
+        compiled = "off" if name == "reference" else cfg.compile
+        results[name]["settings"] = {"precision": cfg.precision, "compile": compiled,
+                                     **backend_settings()}
+        ref = results.get("reference", {}).get("images_per_s")
+        for r in results.values():
+            r["speedup_vs_reference"] = r["images_per_s"] / ref if ref and \
+                r["images_per_s"] else None
+        write_json(path, record)
+        append_jsonl(args.jsonl, {"bench": "train", "device": dev, "variant": name,
+                                  **results[name]})
+        if results[name]["images_per_s"]:
+            log(f"  {results[name]['images_per_s']:.1f} images/s")
+    record["complete"] = True
+    write_json(path, record)
     print(
         f"\n{dev}, {args.depth} width {args.width}, batch {args.batch_size} ID + "
         f"{args.batch_size} OE, {splits.spec.height}x{splits.spec.width}x{splits.spec.channels}"
     )
     print(markdown(record))
+    return 1 if any(r["images_per_s"] is None for r in results.values()) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

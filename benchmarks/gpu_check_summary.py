@@ -1,8 +1,11 @@
-"""One markdown summary (gpu-check.md) of the JSON that gpu_check.sh's steps wrote.
+"""The summary of a gpu_check.sh run so far: gpu-check.md (tables) and gpu-check.json (the same
+as data) in the output folder, from the steps' files in the work folder and the run's records
+in gpu-check.jsonl. gpu_check.sh calls it after every step, so the summary is current however
+the run ends.
 
-    python benchmarks/gpu_check_summary.py RESULTS_DIR
+    python benchmarks/gpu_check_summary.py WORK_DIR OUT_DIR
 
-Exits non-zero when a step failed or wrote nothing.
+Exits non-zero when a step of this run failed or wrote nothing.
 """
 
 from __future__ import annotations
@@ -10,19 +13,34 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from _harness import md_table
 from bench_loss import markdown_table
 from bench_score_gpu import markdown_table as score_table
 
+from oecl_runtime.atomic import write_json, write_text
 
-def _load(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+# The file each step leaves in the work folder.
+STEP_FILES = {"pytest": "pytest.xml", "targets": "targets.json", "loss": "loss-*.json",
+              "train": "train-*.json", "score": "score-*.json"}
 
 
-def _newest(folder: Path, pattern: str) -> Path | None:
+def _load(folder: Path, pattern: str) -> dict | None:
     found = sorted(folder.glob(pattern), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
+    return json.loads(found[-1].read_text()) if found else None
+
+
+def this_run(jsonl: Path) -> tuple[dict | None, list[dict]]:
+    """(the last preflight record, the step records after it)."""
+    preflight, steps = None, []
+    lines = jsonl.read_text().splitlines() if jsonl.exists() else []
+    for rec in (json.loads(ln) for ln in lines if ln.strip()):
+        if rec.get("kind") == "preflight":
+            preflight, steps = rec, []
+        elif rec.get("kind") == "step":
+            steps.append(rec)
+    return preflight, steps
 
 
 def _times(result: dict) -> str:
@@ -30,52 +48,79 @@ def _times(result: dict) -> str:
     return f"{sp:.2f}x" if sp else "-"
 
 
-def summarize(folder: Path) -> tuple[str, bool]:
-    lines, ok = ["# GPU check", ""], True
-    steps = [json.loads(ln) for ln in (folder / "gpu-check-steps.jsonl").read_text().splitlines()
-             if ln.strip()]
-    lines += md_table(["step", "exit code", "seconds"],
-                      [[s["step"], s["rc"], s["seconds"]] for s in steps])
-    ok &= all(s["rc"] == 0 for s in steps)
-    loss_path = _newest(folder, "loss-*.json")
-    if loss_path is not None:
-        loss = _load(loss_path)
+def _settings(r: dict) -> str:
+    s = r.get("settings") or {}
+    if not s:
+        return "-"
+    return (f"{s['precision']}, compile {s['compile']}, matmul {s['float32_matmul_precision']}, "
+            f"cuDNN TF32 {s['cudnn_allow_tf32']}, benchmark {s['cudnn_benchmark']}")
+
+
+def summarize(work: Path, out: Path) -> tuple[str, dict[str, Any], bool]:
+    preflight, steps = this_run(out / "gpu-check.jsonl")
+    data: dict[str, Any] = {"environment": preflight, "steps": steps}
+    lines = ["# GPU check", ""]
+    if preflight:
+        env = {k: v for k, v in preflight.items() if k not in ("kind", "missing")}
+        lines += [", ".join(f"{k} {v}" for k, v in env.items()), ""]
+    lines += md_table(["step", "exit code", "seconds", "limit s", "timed out"],
+                      [[s["step"], s["rc"], s["seconds"], s.get("limit_s", "-"),
+                        s.get("timed_out", False)] for s in steps])
+    ok = bool(preflight and preflight.get("ok")) and all(s["rc"] == 0 for s in steps)
+    for s in steps:
+        ok &= any(work.glob(STEP_FILES[s["step"]]))
+
+    if targets := _load(work, "targets.json"):
+        data["targets"] = targets
+        lines += ["", f"## Loss kernels compiled by this machine's triton {targets['triton']}",
+                  "", *md_table(["sm", "precision", "kernel", "tiles (m x n, warps, stages)",
+                                 "shared B", "registers", "spill stores / loads B"],
+                                [[r["cc"], r["precision"], r["kernel"],
+                                  "{block_m} x {block_n}, {num_warps}, {num_stages}".format(
+                                      **r["config"]), r["shared"], r["registers"],
+                                  f"{r['spill_stores']} / {r['spill_loads']}"]
+                                 for r in targets["kernels"]])]
+    if loss := _load(work, "loss-*.json"):
+        data["loss"] = loss
         impls = list(dict.fromkeys(r["impl"] for r in loss["results"]))
-        lines += ["", f"## Loss ({loss['meta']['device']}, d = 128)", "",
+        done = "" if loss.get("complete", True) else " (cut short: the rows measured)"
+        lines += ["", f"## Loss ({loss['meta']['device']}, d = 128){done}", "",
                   markdown_table(loss["results"], impls)]
-    else:
-        ok = False
-    train_path = _newest(folder, "train-*.json")
-    if train_path is not None:
-        train = _load(train_path)
+        if kernels := loss["meta"].get("triton_kernels"):
+            lines += ["", "Loaded kernels:", "",
+                      *md_table(["kernel", "inputs", "warps", "stages", "shared B", "registers",
+                                 "spills"],
+                                [[k["kernel"], k["inputs"], k["num_warps"], k["num_stages"],
+                                  k["shared"], k["n_regs"], k["n_spills"]] for k in kernels])]
+    if train := _load(work, "train-*.json"):
+        data["train"] = train
         c = train["config"]
+        done = "" if train.get("complete", True) else " (cut short: the variants finished)"
         lines += ["", f"## Training ({train['device']}, {c['depth']} width {c['width']}, "
                   f"{c['image_size']}x{c['image_size']}x{c['channels']}, batch "
-                  f"{c['batch_size']} ID + {c['batch_size']} OE)", "",
-                  *md_table(["pipeline", "images/s", "vs reference"],
-                            [[name, f"{r['images_per_s']:.1f}", _times(r)]
+                  f"{c['batch_size']} ID + {c['batch_size']} OE){done}", "",
+                  *md_table(["pipeline", "images/s", "vs reference", "settings"],
+                            [[name, f"{r['images_per_s']:.1f}" if r["images_per_s"] else
+                              f"failed: {r.get('error')}", _times(r), _settings(r)]
                              for name, r in train["results"].items()])]
-    else:
-        ok = False
-    score_path = _newest(folder, "score-*.json")
-    if score_path is not None:
-        score = _load(score_path)
+    if score := _load(work, "score-*.json"):
+        data["score"] = score
         ceiling = score["ceiling_images_per_s"]
         lines += ["", f"## Scoring ({score['device']}; onnxruntime on {score['cpu']}; "
                   f"ceiling {f'{ceiling:,.0f} images/s' if ceiling else 'n/a'})", "",
                   score_table(score["results"])]
-    else:
-        ok = False
-    return "\n".join(lines) + "\n", ok
+    data["ok"] = ok
+    return "\n".join(lines) + "\n", data, ok
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
-        print("usage: gpu_check_summary.py RESULTS_DIR", file=sys.stderr)
+    if len(argv) != 2:
+        print("usage: gpu_check_summary.py WORK_DIR OUT_DIR", file=sys.stderr)
         return 2
-    folder = Path(argv[0])
-    text, ok = summarize(folder)
-    (folder / "gpu-check.md").write_text(text)
+    work, out = Path(argv[0]), Path(argv[1])
+    text, data, ok = summarize(work, out)
+    write_text(out / "gpu-check.md", text)
+    write_json(out / "gpu-check.json", data)
     print(text)
     return 0 if ok else 1
 

@@ -41,8 +41,10 @@ _TYPES = {"uint8": "TYPE_UINT8", "float32": "TYPE_FP32"}
 
 
 def config_pbtxt(artifact: Artifact, name: str, fmt: str, max_batch: int,
-                 max_delay_us: int, kind: str, instances: int) -> str:
-    """The text-format `ModelConfig` of one model."""
+                 max_delay_us: int, kind: str, instances: int,
+                 compute_capability: str | None = None) -> str:
+    """The text-format `ModelConfig` of one model (a plan names the compute capability it was
+    built for)."""
     spec = artifact.spec
     lines = [
         f"name: {pbtxt_string(name)}",
@@ -58,6 +60,13 @@ def config_pbtxt(artifact: Artifact, name: str, fmt: str, max_batch: int,
         "]",
         "output [",
     ]
+    if compute_capability:
+        # Triton's TensorRT backend takes the file listed for the GPU's compute capability and
+        # falls back to default_model_filename; that name does not exist, so on another GPU
+        # model the load fails naming the capability the plan needs.
+        cc = compute_capability
+        lines[2:2] = [f'cc_model_filenames [ {{ key: "{cc}" value: "{PLATFORMS[fmt][1]}" }} ]',
+                      f'default_model_filename: "plan-built-for-compute-capability-{cc}-only"']
     outputs = artifact.meta["outputs"]
     for i, (out, desc) in enumerate(outputs.items()):
         dtype = _TYPES.get(desc.get("dtype", "float32"))
@@ -235,7 +244,8 @@ def write_repository(
             write_text(version / "model.py", _MODEL_PY.format(cls="TritonPythonModel"))
     else:
         model_name = f"{name}{MODEL_STEP}" if image_bytes else name
-        config = config_pbtxt(art, model_name, fmt, max_batch, max_delay_us, kind, instances)
+        config = config_pbtxt(art, model_name, fmt, max_batch, max_delay_us, kind, instances,
+                              entry.get("compute_capability") if fmt == "tensorrt" else None)
         platform = PLATFORMS[fmt][0]
 
         def fill(version: Path) -> None:

@@ -13,11 +13,13 @@ a rank that hangs instead of failing makes its peers' next collective time out.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as tdist
@@ -50,13 +52,7 @@ class Dist:
         """
         if self.world == 1:
             return x
-        # The functional collective is the differentiable all-gather torch points to in place
-        # of the deprecated torch.distributed.nn.all_gather (same backward: a sum over ranks).
-        # Imported here, by jobs of several ranks only: torch builds without distributed
-        # support lack it, and a one-process run must not need it.
-        import torch.distributed._functional_collectives as fc
-
-        return fc.wait_tensor(fc.all_gather_single(x.contiguous(), 0, tdist.group.WORLD))
+        return autograd_all_gather()(x.contiguous())
 
     def barrier(self) -> None:
         if self.world == 1 or not tdist.is_initialized():
@@ -65,6 +61,34 @@ class Dist:
             tdist.barrier(device_ids=[self.device.index])
         else:
             tdist.barrier()
+
+
+# The differentiable all-gather has had several names: torch 2.13 names it
+# all_gather_single_autograd (its plain all_gather_single became differentiable too, but only
+# recently, so that name alone does not promise gradients); older releases (2.4-2.12, the GPU
+# machines' torch among them) have all_gather_tensor_autograd, deprecated in 2.13. Both sum
+# the incoming gradients over ranks in backward, as torch.distributed.nn's all_gather, the
+# last resort, does.
+FUNCTIONAL_GATHERS = ("all_gather_single_autograd", "all_gather_tensor_autograd")
+
+
+def autograd_all_gather(functional: Any = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The all-gather along dim 0 over the default group, with gradients, of the torch that
+    runs: the first of FUNCTIONAL_GATHERS that `functional` (default: torch's
+    _functional_collectives module) has, else torch.distributed.nn's. Imported here, by jobs
+    of several ranks only: torch builds without distributed support lack these modules, and
+    a one-process run must not need them."""
+    if functional is None:
+        import torch.distributed._functional_collectives as functional
+
+    for name in FUNCTIONAL_GATHERS:
+        fn = getattr(functional, name, None)
+        if fn is not None:
+            # The result waits for the collective on first use (AsyncCollectiveTensor).
+            return functools.partial(fn, gather_dim=0, group=tdist.group.WORLD)
+    from torch.distributed.nn.functional import all_gather
+
+    return lambda x: torch.cat(all_gather(x))
 
 
 def torchrun_environment() -> tuple[int, int, int] | None:

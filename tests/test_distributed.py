@@ -17,7 +17,9 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -28,7 +30,13 @@ from kernels import ntxent_oe
 from oecl_runtime.preprocess import InputSpec
 from oecl_train.config import TrainConfig
 from oecl_train.data import Splits
-from oecl_train.distributed import Dist, distributed_context, torchrun_environment
+from oecl_train.distributed import (
+    FUNCTIONAL_GATHERS,
+    Dist,
+    autograd_all_gather,
+    distributed_context,
+    torchrun_environment,
+)
 from oecl_train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +108,40 @@ def without_torchrun_env() -> dict[str, str]:
 
 
 # -- two spawned ranks, one step each ------------------------------------------------------------
+# Which all-gather each torch release offers: the newest name, the one torch 2.4-2.12 (the GPU
+# machines' 2.11) has, and torch.distributed.nn's when neither functional one exists.
+GATHER_CASES = {
+    "all_gather_single_autograd": (),
+    "all_gather_tensor_autograd": ("all_gather_single_autograd",),
+    "<lambda>": FUNCTIONAL_GATHERS,
+}
+
+
+def _gather_grads(d: Dist) -> dict:
+    """Per gather variant: the name picked, the gathered rows and the gradient of this rank's
+    rows under a loss every rank computes alike from the gathered rows."""
+    import torch.distributed._functional_collectives as fc
+
+    out = {}
+    w = torch.arange(WORLD * 3 * 4, dtype=torch.float32).view(WORLD * 3, 4) / 7
+    for expect, hide in GATHER_CASES.items():
+        # This torch's module as an older one shows it (its own functions keep calling the
+        # newer names internally, so the module itself is left alone).
+        older = SimpleNamespace(**{n: getattr(fc, n) for n in FUNCTIONAL_GATHERS
+                                   if n not in hide})
+        fn = autograd_all_gather(older)
+        x = (torch.arange(12, dtype=torch.float32).view(3, 4) + 100 * d.rank)
+        x.requires_grad_()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # 2.13 deprecates the older name
+            g = fn(x)
+        loss = (g * w).sum() + 0.5 * (g * g).sum()
+        loss.backward()
+        picked = getattr(fn, "func", fn).__name__
+        out[expect] = {"picked": picked, "gathered": g.detach().clone(), "grad": x.grad}
+    return out
+
+
 def _rank_worker(rank: int, port: int, out: str) -> None:
     os.environ.update(
         RANK=str(rank),
@@ -112,6 +154,7 @@ def _rank_worker(rank: int, port: int, out: str) -> None:
     res: dict = {}
     with distributed_context("cpu", timeout_s=60) as d:
         res["dist"] = (d.rank, d.world, torch.distributed.get_backend())
+        res["gathers"] = _gather_grads(d)
         try:
             Trainer(tiny_cfg(sync_bn=True), tiny_splits(), Path(out) / "sync", dist=d)
         except ValueError as e:
@@ -180,6 +223,22 @@ def assert_grads_equal(got: dict, want: dict) -> None:
 
 def test_ranks_join_a_gloo_group(ranks):
     assert [r["dist"] for r in ranks] == [(0, 2, "gloo"), (1, 2, "gloo")]
+
+
+def test_every_gather_variant_gives_the_same_rows_and_gradients(ranks):
+    # The fallbacks are what torch 2.4-2.12 and older releases run: hiding the newer names
+    # here makes this torch take those paths under gloo.
+    w = torch.arange(WORLD * 3 * 4, dtype=torch.float32).view(WORLD * 3, 4) / 7
+    rows = torch.cat([torch.arange(12, dtype=torch.float32).view(3, 4) + 100 * r
+                      for r in range(WORLD)])
+    for r, got in enumerate(ranks):
+        assert {k: v["picked"] for k, v in got["gathers"].items()} == {k: k for k in
+                                                                        GATHER_CASES}
+        for case in got["gathers"].values():
+            assert torch.equal(case["gathered"], rows)
+            # d/dx_r of the same loss on every rank, summed over the ranks by the backward.
+            want = WORLD * (w[3 * r : 3 * r + 3] + rows[3 * r : 3 * r + 3])
+            torch.testing.assert_close(case["grad"], want, rtol=1e-6, atol=1e-5)
 
 
 def test_ranks_agree_on_loss_and_gradients(ranks):

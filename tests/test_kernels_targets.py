@@ -140,3 +140,29 @@ def test_launch_runs_under_the_tensors_device():
     guard = device_guard(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
     assert not isinstance(device_guard(torch.device("cpu")), torch.cuda.device)
+
+
+@needs_triton
+def test_training_launch_configs_compile_without_spills():
+    # What training launches: fp32 features with TF32 products (the trainer's default on
+    # CUDA) and bf16, at the projection width. ptxas -v of this triton's wheel; a spill is
+    # local-memory traffic inside the inner loop of the backward sweep.
+    rows = _targets_cli("--registers", "--precisions", "fp32-tf32", "bf16", "--d", "128")
+    assert {(r["cc"], r["precision"], r["kernel"]) for r in rows} == {
+        (cc, p, k) for cc in TARGETS for p in ("fp32-tf32", "bf16")
+        for k in ("row_norm", "fwd", "bwd", "oe_grad")}
+    for r in rows:
+        assert 0 < r["registers"] <= 255, r
+        assert r["spill_stores"] == r["spill_loads"] == 0, r
+
+
+def test_ptxas_log_is_read_per_kernel():
+    from kernels.targets import parse_ptxas_log
+
+    log = ("ptxas info    : Compiling entry function '_ntxent_bwd_kernel' for 'sm_90a'\n"
+           "ptxas info    : Function properties for _ntxent_bwd_kernel\n"
+           "    1152 bytes stack frame, 380 bytes spill stores, 372 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers, 98560 bytes smem\n")
+    assert parse_ptxas_log(log) == (255, 380, 372)
+    with pytest.raises(RuntimeError, match="without register or spill figures"):
+        parse_ptxas_log("ptxas fatal : unknown option")

@@ -54,6 +54,7 @@ def test_onnx_repository_parses_against_tritons_schema(artifact_dir: Path, tmp_p
     assert list(cfg.dynamic_batching.preferred_batch_size) == [1, 4, 8, 16, 32]
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 2000
     assert cfg.instance_group[0].kind == T.ModelInstanceGroup.KIND_GPU
+    assert not cfg.cc_model_filenames and not cfg.default_model_filename  # ONNX: any GPU
 
     # The config describes the file it sits beside.
     model = out / "digits-oecl" / "1" / "model.onnx"
@@ -100,6 +101,10 @@ def test_plan_repository(artifact_dir: Path, tmp_path: Path) -> None:
             for m in ("oecl", "oecl_preprocess")} == {16}
     assert (tmp_path / "repo" / "oecl_model" / "1" / "model.plan").is_file()
     assert "TensorRT 10.7.0" in (tmp_path / "repo" / "oecl" / "README.md").read_text()
+    # Loaded on an L4 (8.9) only; any other GPU finds no file for its capability and the
+    # default name tells why.
+    assert dict(cfg.cc_model_filenames) == {"8.9": "model.plan"}
+    assert cfg.default_model_filename == "plan-built-for-compute-capability-8.9-only"
 
 
 def test_refusals(artifact_dir: Path, tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -45,12 +47,77 @@ class Backend(ABC):
         return f"<{type(self).__name__} {self.name} {self.precision} max_batch={self.max_batch}>"
 
 
+CUDA_SUCCESS = 0
+LIBCUDA_NAMES = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")
+
+
 def nvidia_gpu_present() -> bool:
-    """Whether the NVIDIA driver exposes a GPU, without importing any CUDA library.
+    """Whether a CUDA GPU is usable here, asked of the CUDA driver without torch or any CUDA
+    runtime: cuInit + cuDeviceGetCount through cuda-python when it is installed, else
+    libcuda through ctypes. Only where no driver library loads at all do the NVIDIA device
+    files decide (a Jetson's nvgpu driver has neither /dev/nvidia0 nor /proc/driver/nvidia,
+    so the files alone would miss its GPU).
 
     Used by `auto` so that a CPU-only box never imports torch or CUDA runtimes just to learn
     that there is no GPU.
     """
+    count = cuda_driver_device_count()
+    if count is not None:
+        return count > 0
+    return nvidia_device_files_present()
+
+
+def cuda_driver_device_count() -> int | None:
+    """GPUs the CUDA driver reports: 0 when it loads but cuInit fails (no device, or a driver
+    too old for the GPU); None when neither cuda-python nor libcuda can be loaded."""
+    for probe in (_count_via_cuda_python, _count_via_libcuda):
+        count = probe()
+        if count is not None:
+            return count
+    return None
+
+
+def _count_via_cuda_python() -> int | None:
+    try:
+        from cuda.bindings import driver  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cuda as driver  # older cuda-python
+        except ImportError:
+            return None
+    try:
+        (err,) = driver.cuInit(0)
+        if int(err) != CUDA_SUCCESS:
+            return 0
+        err, count = driver.cuDeviceGetCount()
+    except Exception:  # bindings present but libcuda missing: they raise on first call
+        return None
+    return int(count) if int(err) == CUDA_SUCCESS else 0
+
+
+def _load_libcuda() -> ctypes.CDLL | None:
+    for name in LIBCUDA_NAMES:
+        try:
+            return ctypes.CDLL(name)
+        except OSError:
+            continue
+    return None
+
+
+def _count_via_libcuda() -> int | None:
+    lib = _load_libcuda()
+    if lib is None:
+        return None
+    if lib.cuInit(0) != CUDA_SUCCESS:
+        return 0
+    count = ctypes.c_int(0)
+    if lib.cuDeviceGetCount(ctypes.byref(count)) != CUDA_SUCCESS:
+        return 0
+    return count.value
+
+
+def nvidia_device_files_present() -> bool:
+    """Whether the NVIDIA desktop/server driver's device files list a GPU."""
     gpus = "/proc/driver/nvidia/gpus"
     return os.path.exists("/dev/nvidia0") or (os.path.isdir(gpus) and bool(os.listdir(gpus)))
 

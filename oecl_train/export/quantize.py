@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 
 from oecl_runtime.artifact import file_entry
+from oecl_train.export import trt_compat
+from oecl_train.export.errors import ExportError
 from oecl_train.export.graph import INPUT_NAME, ONNX_FILES, Graphs, float_nodes
 from oecl_train.export.norms import subsample
 from oecl_train.export.progress import Progress
@@ -22,11 +24,11 @@ INT8_SYMMETRIC_FILE = "model.int8.symmetric.onnx"
 INT8_FORMS: dict[str, dict[str, Any]] = {
     "onnxruntime": {"consumers": ["onnxruntime"], "quantization": {
         "format": "QDQ", "activations": "uint8, asymmetric (zero points), per tensor",
-        "weights": "int8, symmetric, per channel",
+        "weights": "int8, symmetric, per channel", "biases": "int32",
         "ops": "every op onnxruntime quantises, except the view maps and the stem convolution"}},
     "tensorrt": {"consumers": ["tensorrt"], "quantization": {
         "format": "QDQ", "activations": "int8, symmetric (zero point 0), per tensor",
-        "weights": "int8, symmetric, per channel",
+        "weights": "int8, symmetric, per channel", "biases": "float (TensorRT quantises them)",
         "ops": "Conv, Gemm, MatMul, except the view maps and the stem convolution"}},
 }
 
@@ -41,7 +43,8 @@ def quantize_int8(src: Path, dst: Path, calib: np.ndarray, scratch: Path,
       between convolutions. On x86 this is the layout onnxruntime's int8 kernels are fast
       with; symmetric int8 activations measured slower than fp32 there.
     - TensorRT: int8 activations with zero point 0 on convolutions and matrix products only,
-      the one form TensorRT's explicit quantisation accepts.
+      biases left float, the one form TensorRT's explicit quantisation accepts: its ONNX
+      parser dequantises INT8 only (an INT32 bias is refused) and quantises biases itself.
     """
     # Only an int8 export needs the quantiser, and it is slow to import.
     from onnxruntime.quantization import (
@@ -83,6 +86,7 @@ def quantize_int8(src: Path, dst: Path, calib: np.ndarray, scratch: Path,
         extra_options={
             "ActivationSymmetric": for_tensorrt,
             "WeightSymmetric": True,
+            "QuantizeBias": not for_tensorrt,
             # An int8 projection output would round small (anomalous) embeddings to zero; the
             # last product writes float so the norm keeps its resolution at the low end.
             "OpTypesToExcludeOutputQuantization": ["Gemm", "MatMul"],
@@ -106,6 +110,8 @@ def quantize_graphs(src: Source, graphs: Graphs, directory: Path, scratch: Path,
     with progress.stage(f"quantise: {sym.name} (symmetric int8 QDQ, for TensorRT)",
                         "quantise_int8_symmetric"):
         quantize_int8(graphs.paths["fp32"], sym, calib, scratch, for_tensorrt=True)
+        if problems := trt_compat.check(sym):
+            raise ExportError(f"{len(problems)} TensorRT incompatibilities, first: {problems[0]}")
         graphs.record(sym)
 
 
