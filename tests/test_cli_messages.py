@@ -136,7 +136,9 @@ def test_hist_has_one_series_per_ood_class_up_to_a_readable_number(
     scores = {"norm": rng.normal(size=len(labels))}
     seen = []
     monkeypatch.setattr(report, "_savefig", lambda fig, path: seen.append(fig))
-    report.plot_hist(tmp_path / "h.png", {"threshold": None}, scores, is_id, labels)
+    meta = {"threshold": None, "evaluation": {"served_score": "norm"},
+            "scores": {"norm": {"metrics": {"AUROC": 0.5}}}}
+    report.plot_hist(tmp_path / "h.png", meta, scores, is_id, labels)
     texts = [t.get_text() for t in seen[0].axes[0].get_legend().get_texts()]
     assert texts[0] == "ID (10)" and len(texts) == 1 + series
     if series == 1:
