@@ -14,6 +14,7 @@ import numpy as np
 
 from oecl_runtime.atomic import with_file, write_json, write_text
 from oecl_train.metrics import METRICS, roc_points
+from oecl_train.oe_auto import choice_table
 from oecl_train.score_names import DIRECTION
 
 # Beyond these many OOD classes (CIFAR-100: 99) the per-class table stays in report.md and the
@@ -110,6 +111,8 @@ def format_run_table(report: dict[str, Any]) -> str:
     elif len(rows) > 2:
         lines.append(f"AUROC of each of the {len(rows) - 1} OOD classes: see report.md")
     lines += [threshold_line(report["threshold"]), "budget: " + budget_line(report["budget"])]
+    if report.get("oe_auto"):
+        lines.append(choice_table(report["oe_auto"]))
     return "\n".join(lines)
 
 
@@ -153,6 +156,8 @@ def run_markdown(report: dict[str, Any], files: dict[str, Any]) -> str:
         "- budget: " + budget_line(report["budget"]),
         "",
     ]
+    if report.get("oe_auto"):
+        lines += ["```", choice_table(report["oe_auto"]), "```", ""]
     if files["roc"]:
         lines.append(f"![ROC curves]({files['roc']}) ![ID vs OOD histograms]({files['hist']})")
     if files.get("scores_csv"):
