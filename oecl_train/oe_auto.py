@@ -32,6 +32,7 @@ import numpy as np
 
 from oecl_runtime.atomic import write_json
 from oecl_train.config import NEAR_OE_SHARES, TrainConfig
+from oecl_train.report import choice_table
 
 # name -> (settings over the far source, the shift families it trains with). A small set:
 # the far source alone, each self-made near-OE as half of it, and self-OECL's rotations.
@@ -183,12 +184,13 @@ def run_auto(
     progress: bool,
     quick_eval: bool,
     echo: Callable[[str], None],
+    train: Callable[..., dict[str, Any]],
 ) -> dict[str, Any]:
-    """Probe every candidate, choose on validation, continue the chosen probe as the run."""
+    """Probe every candidate, choose on validation, continue the chosen probe as the run:
+    one ordinary run resumed by `train` (`training.run_training`, which calls this)."""
     from oecl_train.data import Splits
     from oecl_train.distributed import torchrun_environment
     from oecl_train.trainer import TrainingInterrupted
-    from oecl_train.training import run_training
 
     if torchrun_environment() is not None:
         raise ValueError("--oe auto trains its probes in one process; run it without torchrun")
@@ -238,8 +240,8 @@ def run_auto(
     chosen = dataclasses.replace(cfg, **mix_settings(cfg, record["chosen"]), name=cfg.run_name(),
                                  oe_auto=record)
     _adopt_probe(run_dir, record["chosen"])
-    result = run_training(chosen, resume=True, progress=progress, quick_eval=quick_eval,
-                          extend=True, echo=echo)
+    result = train(chosen, resume=True, progress=progress, quick_eval=quick_eval, extend=True,
+                   echo=echo)
     result["oe_auto"] = record
     return result
 
@@ -319,29 +321,3 @@ def _read_record(run_dir: Path) -> dict[str, Any]:
         return json.loads((run_dir / RECORD).read_text())
     except (OSError, ValueError):
         return {}
-
-
-# -- reporting ------------------------------------------------------------------------------------
-
-
-def choice_table(record: dict[str, Any]) -> str:
-    """The candidates' validation figures, the choice and its cost, as console lines."""
-    rows = [["candidate", "OE", "judged on", "val AUROC", "probe s"]]
-    for name, c in record["candidates"].items():
-        mix = ", ".join(f"{k.removeprefix('oe_')} {v:g}" if k != "oe" else str(v)
-                        for k, v in c["settings"].items())
-        mark = " *" if name == record.get("chosen") else ""
-        rows.append([name + mark, mix, ", ".join(c["judged_on_sets"]), f"{c['val_auroc']:.4f}",
-                     f"{c['probe_train_s']:.0f}"])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [f"OE chosen on {record['judged_on_text']}; score: {record['score']}"]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
-              for r in rows]
-    if "chosen" in record:
-        cost = record["cost"]
-        lines.append(
-            f"chosen: {record['chosen']}, continued from its probe to {record['steps']} steps; "
-            f"cost: {len(record['candidates'])} probes of {record['probe_steps']} steps "
-            f"({cost['probe_train_s']:.0f} s training, {cost['judge_s']:.0f} s judging), "
-            f"{cost['extra_steps']} steps beyond one run (+{cost['extra_share']:.0%})")
-    return "\n".join(lines)

@@ -14,7 +14,6 @@ import numpy as np
 
 from oecl_runtime.atomic import with_file, write_json, write_text
 from oecl_train.metrics import METRICS, roc_points
-from oecl_train.oe_auto import choice_table
 from oecl_train.score_names import DIRECTION
 
 # Beyond these many OOD classes (CIFAR-100: 99) the per-class table stays in report.md and the
@@ -94,6 +93,29 @@ def _score_rows(report: dict[str, Any]) -> list[list[str]]:
     return [
         [name, *(f"{s['metrics'][m]:.4f}" for m in METRICS)] for name, s in report["scores"].items()
     ]
+
+
+def choice_table(record: dict[str, Any]) -> str:
+    """The candidates' validation figures, the choice and its cost, as console lines."""
+    rows = [["candidate", "OE", "judged on", "val AUROC", "probe s"]]
+    for name, c in record["candidates"].items():
+        mix = ", ".join(f"{k.removeprefix('oe_')} {v:g}" if k != "oe" else str(v)
+                        for k, v in c["settings"].items())
+        mark = " *" if name == record.get("chosen") else ""
+        rows.append([name + mark, mix, ", ".join(c["judged_on_sets"]), f"{c['val_auroc']:.4f}",
+                     f"{c['probe_train_s']:.0f}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"OE chosen on {record['judged_on_text']}; score: {record['score']}"]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+              for r in rows]
+    if "chosen" in record:
+        cost = record["cost"]
+        lines.append(
+            f"chosen: {record['chosen']}, continued from its probe to {record['steps']} steps; "
+            f"cost: {len(record['candidates'])} probes of {record['probe_steps']} steps "
+            f"({cost['probe_train_s']:.0f} s training, {cost['judge_s']:.0f} s judging), "
+            f"{cost['extra_steps']} steps beyond one run (+{cost['extra_share']:.0%})")
+    return "\n".join(lines)
 
 
 def format_run_table(report: dict[str, Any]) -> str:

@@ -96,7 +96,8 @@ def run_training(
     if cfg.oe == "auto":
         from oecl_train.oe_auto import run_auto
 
-        return run_auto(cfg, resume=resume, progress=progress, quick_eval=quick_eval, echo=echo)
+        return run_auto(cfg, resume=resume, progress=progress, quick_eval=quick_eval, echo=echo,
+                        train=run_training)
     kw = dict(resume=resume, progress=progress, quick_eval=quick_eval, extend=extend, echo=echo)
     if torchrun_environment() is None:
         return _run_training(cfg, **kw)
