@@ -128,7 +128,7 @@ def test_probe_mode_refuses_bad_arguments_before_training(tmp_path: Path) -> Non
         (["--probe-steps", "600", "--steps", "600"], "--probe-steps needs --steps larger"),
         (["--probe-steps", "6", "--steps", "9", "--variant", "a=0"], "at least two variants"),
         (["--probe-steps", "6", "--steps", "9", "--variant", "a=2", "--variant", "b=0"],
-         "expected NAME=OVERLAY[,JIGSAW]"),
+         "expected NAME=OVERLAY[,JIGSAW[,CUTPASTE]]"),
         (["--probe-steps", "6", "--steps", "9", "--variant", "a=0.5,0.5", "--variant", "b=0"],
          "leave some photos"),
         (["--probe-steps", "6", "--steps", "9", "--val", "a=x.json"], "--val/--test read files"),
@@ -141,11 +141,13 @@ def test_probe_mode_refuses_bad_arguments_before_training(tmp_path: Path) -> Non
 
 def test_variants_name_their_self_made_oe_shares() -> None:
     oe_choice = import_benchmark("oe_choice")
-    assert oe_choice._parse_variants(["photos=0", "mix=0.25,0.25", "jig=0,0.5"]) == {
-        "photos": {"oe_overlay": 0.0, "oe_jigsaw": 0.0},
-        "mix": {"oe_overlay": 0.25, "oe_jigsaw": 0.25},
-        "jig": {"oe_overlay": 0.0, "oe_jigsaw": 0.5},
+    assert oe_choice._parse_variants(["photos=0", "mix=0.25,0.25", "cp=0,0,0.5"]) == {
+        "photos": {"oe_overlay": 0.0, "oe_jigsaw": 0.0, "oe_cutpaste": 0.0},
+        "mix": {"oe_overlay": 0.25, "oe_jigsaw": 0.25, "oe_cutpaste": 0.0},
+        "cp": {"oe_overlay": 0.0, "oe_jigsaw": 0.0, "oe_cutpaste": 0.5},
     }
+    with pytest.raises(SystemExit, match="leave some photos"):
+        oe_choice._parse_variants(["a=0.25,0.25,0.5", "b=0"])
 
 
 def test_a_failed_job_names_its_log_and_an_existing_result_is_reused(tmp_path: Path) -> None:
