@@ -344,7 +344,7 @@ def run_deep(args, data_root: str, cls: str, method: str, k: int, val_splits=Non
 
     cfg = base_config(args, data_root, cls, method)
     run_dir = Path(cfg.out_dir) / cfg.run_name()
-    what, seconds = train_or_reuse(as_chosen(cfg, run_dir), args.progress, extend=args.extend)
+    what, seconds = train_or_reuse(cfg, args.progress, extend=args.extend)
     oe_auto = json.loads((run_dir / "config.json").read_text()).get("oe_auto")
     if val_splits is not None:
         report = validation_report(run_dir, val_splits, k, args)
@@ -383,21 +383,6 @@ def run_deep(args, data_root: str, cls: str, method: str, k: int, val_splits=Non
         },
         "run": what,
     }
-
-
-def as_chosen(cfg, run_dir: Path):
-    """An `--oe auto` config as its finished run saved it (the chosen mix and the record), so a
-    run that already made its choice is reused or extended like any other."""
-    from oecl_train.config import TrainConfig
-    from oecl_train.oe_auto import mix_settings
-
-    path = run_dir / "config.json"
-    if cfg.oe != "auto" or not path.exists():
-        return cfg
-    saved = TrainConfig.from_dict(json.loads(path.read_text()))
-    if not saved.oe_auto or "chosen" not in saved.oe_auto:
-        return cfg  # stopped during the probes: `oecl train` resumes them
-    return replace(cfg, **mix_settings(cfg, saved.oe_auto["chosen"]), oe_auto=saved.oe_auto)
 
 
 def baseline_splits(cfg, with_validation: bool):

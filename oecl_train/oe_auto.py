@@ -201,9 +201,9 @@ def run_auto(
     if probe_steps >= steps:
         raise ValueError(f"--oe-probe-steps ({probe_steps}) must be below the run's length "
                          f"({steps} steps)")
+    kind, sets, why = validation_sets(cfg, splits, progress)  # bad input fails before a write
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", cfg.to_json())  # what `--resume RUN` continues
-    kind, sets, why = validation_sets(cfg, splits, progress)
     saved = _read_record(run_dir) if resume else {}
     record: dict[str, Any] = {
         "judged_on": kind,
@@ -260,8 +260,10 @@ def _probe(cfg: TrainConfig, name: str, probe_steps: int, splits, sets, kind: st
     trainer = Trainer(pcfg, psplits, run_dir, progress=progress)
     if resume and checkpoint.list_checkpoints(run_dir / "checkpoints"):
         trainer.resume()
-    elif (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()  # a probe started afresh logs afresh
+    else:  # a probe started afresh: nothing of an earlier one may be taken for it
+        for old in (run_dir / "checkpoints").glob("epoch-*"):
+            old.unlink()
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     t0 = time.perf_counter()
     if trainer.start_step < trainer.total_steps:
         trainer.fit()
@@ -314,6 +316,21 @@ def _adopt_probe(run_dir: Path, name: str) -> None:
     if (probe / "metrics.jsonl").exists():
         shutil.copy2(probe / "metrics.jsonl", run_dir / ".metrics.jsonl.tmp")
         (run_dir / ".metrics.jsonl.tmp").replace(run_dir / "metrics.jsonl")
+
+
+def as_saved(cfg: TrainConfig, run_dir: Path) -> TrainConfig:
+    """An `--oe auto` config as its run saved it once the choice was made (the chosen mix and
+    the record), so a finished auto run is compared, reused or extended like any other."""
+    path = run_dir / "config.json"
+    if cfg.oe != "auto" or not path.exists():
+        return cfg
+    try:
+        record = json.loads(path.read_text()).get("oe_auto") or {}
+    except (OSError, ValueError):
+        return cfg
+    if "chosen" not in record:
+        return cfg  # stopped during the probes: training resumes them
+    return dataclasses.replace(cfg, **mix_settings(cfg, record["chosen"]), oe_auto=record)
 
 
 def _read_record(run_dir: Path) -> dict[str, Any]:

@@ -178,3 +178,22 @@ def test_labelled_run_picks_by_the_other_classes(tmp_path, monkeypatch):
     figures = {n: c["val_auroc"] for n, c in rec["candidates"].items()}
     assert rec["chosen"] == max(figures, key=figures.get)
     assert any("judged on the other classes' training images" in ln for ln in lines)
+
+
+def test_a_finished_auto_run_is_reused_by_sweeps_and_benchmarks(auto_run):
+    from oecl_train.config import TrainConfig
+    from oecl_train.sweep import train_or_reuse
+
+    run_dir = auto_run[0]
+    saved = json.loads((run_dir / "config.json").read_text())
+    asked = TrainConfig.from_dict({**saved, "oe": "auto", "oe_auto": None, "oe_overlay": 0.0,
+                                   "oe_jigsaw": 0.0, "oe_cutpaste": 0.0})
+    assert train_or_reuse(asked, progress=False) == ("reused", None)
+
+
+def test_unreadable_known_anomalies_fail_in_one_line_before_any_write(tmp_path):
+    r = CliRunner().invoke(main, ["train", "--data", "digits", "--oe", "auto", "--steps", "4",
+                                  "--val-ood", str(tmp_path / "missing"), "--out-dir",
+                                  str(tmp_path / "runs"), *TINY])
+    assert r.exit_code != 0 and "missing: no such directory" in r.output
+    assert not (tmp_path / "runs").exists()
