@@ -163,6 +163,9 @@ def report(val_docs: dict[str, list[dict]], test_docs: dict[str, list[dict]], co
             "other_test_auroc": {n: t[cls]["served"]["fp32"]["AUROC"] for n, t in test.items()
                                  if n != pick["chosen"] and t.get(cls, {}).get("served")},
             "nn": rec["nn"]["auroc"], "pca": rec["pca"]["auroc"],
+            # A run trained with `--oe auto`: the mix it chose, on what, and at what cost.
+            **({"oe_auto": rec[METHOD]["oe_auto"]}
+               if "oe_auto" in rec.get(METHOD, {}) else {}),
         }
     chosen = {cls: test[pick["chosen"]][cls] for cls, pick in picks.items()}
     precisions = sorted({p for r in per_class.values() for p in r["served"]})

@@ -57,6 +57,8 @@ def test_one_variant_without_validation_files_is_reported_over_all_its_files(
     t2 = _test(tmp_path / "t2.json", {"2": 0.8, "4": 0.6})
     doc = json.loads(Path(t2).read_text())  # class 4's int8 file failed verification
     doc["served"]["per_class"]["4"]["int8"] = {"error": "verification failed for int8"}
+    choice = {"judged_on": "other-classes", "chosen": "far+jigsaw", "val_auroc": {}}
+    doc["per_class"]["2"]["oecl-photos"] = {"oe_auto": choice}  # trained with --oe auto
     Path(t2).write_text(json.dumps(doc))
     proc = _run("--test", f"mix={t1},{t2}", "--out", str(tmp_path / "out.json"))
     assert proc.returncode == 0, proc.stderr
@@ -64,6 +66,8 @@ def test_one_variant_without_validation_files_is_reported_over_all_its_files(
     assert rec["rule"].startswith("one variant for every class")
     assert list(rec["served"]["per_class"]) == ["1", "2", "3", "4"]
     assert {r["chosen"] for r in rec["served"]["per_class"].values()} == {"mix"}
+    assert rec["served"]["per_class"]["2"]["oe_auto"] == choice
+    assert "oe_auto" not in rec["served"]["per_class"]["1"]
     assert rec["served"]["mean"]["fp32"]["AUROC"] == pytest.approx(0.75)
     assert "classes" not in rec["served"]["mean"]["fp32"]
     assert rec["served"]["mean"]["int8"]["AUROC"] == pytest.approx(0.8)  # classes 1-3 only
