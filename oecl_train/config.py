@@ -16,6 +16,7 @@ from typing import Any
 # Every ID / OE data source by name (the readers in oecl_train.data.readers); kept here, free of
 # heavy imports, so `--help` lists exactly the sources the readers accept.
 DATA_SOURCES = ("digits", "mnist", "cifar10", "cifar100", "folder", "npy", "photos")
+DEFAULT_STEPS = 2000  # a run's length without --steps or --epochs
 # The self-made near-OE shares of the external OE batch, in the order the trainer fills them.
 NEAR_OE_SHARES = ("oe_overlay", "oe_jigsaw", "oe_cutpaste")
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from oecl_runtime.atomic import write_json
-from oecl_train.config import NEAR_OE_SHARES, TrainConfig
+from oecl_train.config import DEFAULT_STEPS, NEAR_OE_SHARES, TrainConfig
 from oecl_train.report import choice_table
 
 # name -> (settings over the far source, the shift families it trains with). A small set:
@@ -80,7 +80,7 @@ def total_steps(cfg: TrainConfig, n_id: int) -> int:
         return cfg.steps
     if cfg.epochs is not None:
         return cfg.epochs * max(1, math.ceil(n_id / cfg.batch_size))
-    return 2000
+    return DEFAULT_STEPS
 
 
 # -- what the candidates are judged on ----------------------------------------------------------
@@ -218,9 +218,11 @@ def run_auto(
     }
     if saved.get("judged_on") == kind and saved.get("probe_steps") == probe_steps:
         record["candidates"] = saved.get("candidates", {})
-    echo(f"--oe auto: {len(CANDIDATES)} candidates, {probe_steps}-step probes, judged on "
+    # Self-OECL trains on quarter turns, which keep the shape of square images only.
+    names = [n for n in CANDIDATES if n != "self" or splits.spec.height == splits.spec.width]
+    echo(f"--oe auto: {len(names)} candidates, {probe_steps}-step probes, judged on "
          f"{JUDGED_ON[kind]} ({why})")
-    for name in CANDIDATES:
+    for name in names:
         if name in record["candidates"]:
             continue
         try:
@@ -231,8 +233,8 @@ def run_auto(
                 f"stopped in the probe of {name}; continue with: oecl train --resume {run_dir}",
                 e.exit_code - 128) from None
         write_json(run_dir / RECORD, record)
-    figures = {n: c["val_auroc"] for n, c in record["candidates"].items()}
-    record["chosen"] = max(CANDIDATES, key=lambda n: figures[n])  # ties: the earlier candidate
+    figures = {n: record["candidates"][n]["val_auroc"] for n in names}
+    record["chosen"] = max(names, key=lambda n: figures[n])  # ties: the earlier candidate
     record["cost"] = _cost(record)
     write_json(run_dir / RECORD, record)
     for line in choice_table(record).splitlines():

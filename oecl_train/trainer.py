@@ -28,7 +28,7 @@ from kernels import NTXentOEOutput, ntxent_oe
 from oecl_runtime.atomic import write_json, write_text
 from oecl_train import checkpoint
 from oecl_train.augment import AugmentConfig, SimCLRAugment, cutpaste, jigsaw, overlay, rotate
-from oecl_train.config import TrainConfig
+from oecl_train.config import DEFAULT_STEPS, TrainConfig
 from oecl_train.data import Splits
 from oecl_train.devices import resolve_device
 from oecl_train.distributed import Dist
@@ -207,7 +207,7 @@ class Trainer:
         elif cfg.epochs is not None:
             total_steps = cfg.epochs * self.steps_per_epoch
         else:
-            total_steps = 2000
+            total_steps = DEFAULT_STEPS
         self._set_schedule(total_steps)
         self.start_epoch = 0
         # A checkpoint written inside an epoch: its position there and the epoch's metric sums.

@@ -197,3 +197,30 @@ def test_unreadable_known_anomalies_fail_in_one_line_before_any_write(tmp_path):
                                   str(tmp_path / "runs"), *TINY])
     assert r.exit_code != 0 and "missing: no such directory" in r.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_non_square_images_leave_rotations_out(tmp_path, monkeypatch):
+    """Self-OECL's quarter turns cannot keep a non-square image's shape: no such probe."""
+    root = tmp_path / "wide"
+    rng = np.random.default_rng(0)
+    for split, n in (("train/good", 8), ("test/good", 2), ("test/dent", 2), ("far/any", 6)):
+        (root / split).mkdir(parents=True)
+        for i in range(n):
+            arr = rng.integers(0, 256, (6, 10), dtype=np.uint8)
+            Image.fromarray(arr, "L").save(root / split / f"{i}.png")
+    probed: list[str] = []
+
+    def fake_probe(cfg, name, *args):
+        probed.append(name)
+        return {"settings": {"oe": "photos"}, "judged_on_sets": [], "per_set": {},
+                "val_auroc": 0.5 + 0.01 * len(probed), "probe_train_s": 0.0, "judge_s": 0.0}
+
+    monkeypatch.setattr(oe_auto, "_probe", fake_probe)
+    cfg = tiny_config(tmp_path, data="folder", data_root=str(root), id_class="good",
+                      image_size=None, oe="auto", oe_far="folder", oe_root=str(root / "far"),
+                      steps=6)
+    result = oe_auto.run_auto(cfg, resume=False, progress=False, quick_eval=False,
+                              echo=lambda m: None, train=lambda c, **kw: {"cfg": c})
+    assert probed == [n for n in oe_auto.CANDIDATES if n != "self"]
+    assert result["oe_auto"]["chosen"] == probed[-1]  # the highest figure
+    assert result["cfg"].oe_cutpaste == 0.5 and result["cfg"].oe == "folder"
