@@ -355,6 +355,11 @@ def run_deep(args, data_root: str, cls: str, method: str, k: int, val_splits=Non
     b = report["budget"]
     trained_here = seconds is not None and what in ("trained", "extended")
     wall = round(seconds, 2) if trained_here else b["wall_time_s"]
+    if oe_auto and not trained_here and wall is not None:
+        # The run's epoch log holds the chosen probe and its continuation; the other probes
+        # were trained for the choice too.
+        wall = round(wall + sum(c["probe_train_s"] for n, c in oe_auto["candidates"].items()
+                                if n != oe_auto["chosen"]), 2)
     extra: dict[str, Any] = {}
     if val_splits is not None:
         extra["view_study"] = report["view_study"]

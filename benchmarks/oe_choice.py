@@ -118,7 +118,10 @@ def budget(val: dict[str, dict[str, dict[str, Any]]], test: dict[str, dict[str, 
     for c, p in picks.items():
         whole = chosen[c]["budget"].get("run_wall_s")
         probe_s = {n: _seconds(r, "train_wall_s") for n, r in probes[c].items()}
-        if chosen[c].get("run") in ("extended", "reused") and whole is not None:
+        if chosen[c].get("oe_auto"):
+            # Trained by `--oe auto`: its training time holds all of its own probes.
+            train += _seconds(chosen[c], "train_wall_s")
+        elif chosen[c].get("run") in ("extended", "reused") and whole is not None:
             train += float(whole) + sum(t for n, t in probe_s.items() if n != p["chosen"])
         else:
             train += sum(probe_s.values()) + _seconds(chosen[c], "train_wall_s")

@@ -73,6 +73,12 @@ def test_one_variant_without_validation_files_is_reported_over_all_its_files(
     assert rec["served"]["mean"]["int8"]["AUROC"] == pytest.approx(0.8)  # classes 1-3 only
     assert rec["served"]["mean"]["int8"]["failed_classes"] == ["4"]
     assert "failed verification" in proc.stdout and "(3 classes)" in proc.stdout
+    # A class trained with --oe auto counts its training time, which holds all its probes.
+    oe_choice = import_benchmark("oe_choice")
+    auto = {"oecl-photos": {"oe_auto": choice, "run": "reused", "budget": {
+        "train_wall_s": 90.0, "run_wall_s": 40.0, "eval_wall_s": 1.0}}}
+    assert oe_choice.budget({}, {"mix": {"2": auto}}, {"2": {"chosen": "mix"}})[
+        "train_core_s"] == 90.0
     # Two variants and nothing to choose between them by is an error, before any output.
     proc = _run("--test", f"a={t1}", "--test", f"b={t2}", "--out", str(tmp_path / "o2.json"))
     assert proc.returncode != 0 and "nothing to choose by" in proc.stderr
