@@ -8,6 +8,7 @@
         --steps 3000 --k 32                                # the paper's backbone, on a GPU
     python benchmarks/bench_accuracy.py --eval-split val --classes 1,8 --methods oecl-photos \
         --views 1,2,4,8,16 --view-families train,0.75-1    # choose the served K and views
+    python benchmarks/bench_accuracy.py --oe auto         # each class's OE chosen on validation
 
 Split, for each class (the same for every method, rebuilt from the seed): train = that class
 of the 60k MNIST training set (leave-one-out: every other class), less the 10% held out as ID
@@ -22,6 +23,9 @@ Methods:
   --runs-dir (one per method and class: other settings need another --runs-dir); a run that
   finished with the same settings is reused, not retrained, and with --extend one that
   finished with fewer --steps is continued to --steps (benchmarks/oe_choice.py probes that way).
+  With `--oe auto`, oecl-photos trains as `oecl train --oe auto` (probes of five OE mixes judged
+  on the other classes' training images, the chosen one continued to --steps; the choice, its
+  validation figures and cost are in the class's record under `oe_auto`).
 - nn: raw pixels in [0, 1], score = -(L2 distance to the nearest ID training image).
 - pca: raw pixels, PCA fitted on the ID training images with as many components as explain
   --pca-variance of their variance (default 0.9, fixed in advance); score = -(squared
@@ -58,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import sys
 import time
 from dataclasses import replace
@@ -115,12 +120,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--alpha", type=float, default=1.0, help="OE norm weight (OECL, self-OECL).")
     p.add_argument("--crop-scale", default="0.5,1.0", help="RandomResizedCrop scale 'lo,hi'.")
+    p.add_argument("--oe", default="photos", choices=("photos", "auto"),
+                   help="oecl-photos: photo OE (with the shares below), or auto: `oecl train "
+                   "--oe auto` chooses each class's OE mix on validation (photos as its far OE).")
+    p.add_argument("--oe-probe-steps", type=int, default=None,
+                   help="With --oe auto: steps of each candidate's probe (default: the trainer's).")
     p.add_argument("--oe-overlay", type=float, default=0.0,
                    help="oecl-photos: share of each step's OE images made by overlaying two ID "
                    "images, one shifted (the rest are photo crops); 0 = photos alone.")
     p.add_argument("--oe-jigsaw", type=float, default=0.0,
                    help="oecl-photos: share of each step's OE images made by putting an ID "
                    "image's quadrants in another order (the rest: photos and overlays).")
+    p.add_argument("--oe-cutpaste", type=float, default=0.0,
+                   help="oecl-photos: share of each step's OE images made by CutPaste (a patch "
+                   "of an ID image pasted elsewhere in it; the rest: photos, overlays, jigsaws).")
     p.add_argument("--jitter-p", type=float, default=0.8,
                    help="Probability of brightness/contrast jitter per view.")
     p.add_argument(
@@ -234,9 +247,11 @@ def base_config(args: argparse.Namespace, data_root: str, cls: str, method: str)
         data_root=data_root,
         id_class=cls,
         protocol=args.protocol,
-        oe=DEEP.get(method, "none"),
+        oe=args.oe if method == "oecl-photos" else DEEP.get(method, "none"),
+        oe_probe_steps=args.oe_probe_steps if method == "oecl-photos" else None,
         oe_overlay=args.oe_overlay if method == "oecl-photos" else 0.0,
         oe_jigsaw=args.oe_jigsaw if method == "oecl-photos" else 0.0,
+        oe_cutpaste=args.oe_cutpaste if method == "oecl-photos" else 0.0,
         image_size=args.image_size,
         depth=args.depth,
         width=args.width,
@@ -328,8 +343,9 @@ def run_deep(args, data_root: str, cls: str, method: str, k: int, val_splits=Non
     from oecl_train.sweep import train_or_reuse
 
     cfg = base_config(args, data_root, cls, method)
-    what, seconds = train_or_reuse(cfg, args.progress, extend=args.extend)
     run_dir = Path(cfg.out_dir) / cfg.run_name()
+    what, seconds = train_or_reuse(cfg, args.progress, extend=args.extend)
+    oe_auto = json.loads((run_dir / "config.json").read_text()).get("oe_auto")
     if val_splits is not None:
         report = validation_report(run_dir, val_splits, k, args)
     else:
@@ -339,11 +355,21 @@ def run_deep(args, data_root: str, cls: str, method: str, k: int, val_splits=Non
     b = report["budget"]
     trained_here = seconds is not None and what in ("trained", "extended")
     wall = round(seconds, 2) if trained_here else b["wall_time_s"]
+    if oe_auto and not trained_here and wall is not None:
+        # The run's epoch log holds the chosen probe and its continuation; the other probes
+        # were trained for the choice too.
+        wall = round(wall + sum(c["probe_train_s"] for n, c in oe_auto["candidates"].items()
+                                if n != oe_auto["chosen"]), 2)
     extra: dict[str, Any] = {}
     if val_splits is not None:
         extra["view_study"] = report["view_study"]
     elif method in args.serve_methods:
         extra["served"] = serve_run(run_dir, cls, method, args)
+    if oe_auto:
+        extra["oe_auto"] = {k: oe_auto[k] for k in ("judged_on", "chosen", "probe_steps",
+                                                    "cost")}
+        extra["oe_auto"]["val_auroc"] = {n: c["val_auroc"]
+                                         for n, c in oe_auto["candidates"].items()}
     return {
         **extra,
         "auroc": {s: v["metrics"]["AUROC"] for s, v in report["scores"].items()},
@@ -610,6 +636,9 @@ def main(argv: list[str] | None = None) -> int:
             "jitter_p": args.jitter_p,
             "oe_overlay": args.oe_overlay,
             "oe_jigsaw": args.oe_jigsaw,
+            "oe_cutpaste": args.oe_cutpaste,
+            "oe": args.oe,
+            "oe_probe_steps": args.oe_probe_steps,
             "hflip": False,
             "k": k,
             "views": args.views if args.eval_split == "val" else None,

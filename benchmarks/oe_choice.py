@@ -7,7 +7,8 @@ report of that variant over all its files, e.g. class subsets run side by side):
   (`--eval-split val`) and its test runs through the runtime (`--serve-views`), any number of
   files each, e.g. one per class subset.
 - Probe, then continue (`--probe-steps`): for every class, a short run of each variant
-  (`--variant NAME=OVERLAY[,JIGSAW]`, the shares of ID overlays and jigsaws in the OE batch)
+  (`--variant NAME=OVERLAY[,JIGSAW[,CUTPASTE]]`, the shares of ID overlays, jigsaws and
+  CutPastes in the OE batch)
   is scored on the validation split; only the variant chosen there is continued to `--steps`
   (the same run extended, so the probe's steps are not thrown away) and scored on the test
   set through the runtime, beside the raw-pixel baselines. The `bench_accuracy.py` jobs run
@@ -45,6 +46,7 @@ from typing import Any
 from _harness import BENCHMARKS, command_line, log, md_table, shown
 
 from oecl_runtime.atomic import write_json
+from oecl_train.config import NEAR_OE_SHARES
 
 METHOD = "oecl-photos"
 CHOICE_SCORE = "mean-view-norm"
@@ -116,7 +118,10 @@ def budget(val: dict[str, dict[str, dict[str, Any]]], test: dict[str, dict[str, 
     for c, p in picks.items():
         whole = chosen[c]["budget"].get("run_wall_s")
         probe_s = {n: _seconds(r, "train_wall_s") for n, r in probes[c].items()}
-        if chosen[c].get("run") in ("extended", "reused") and whole is not None:
+        if chosen[c].get("oe_auto"):
+            # Trained by `--oe auto`: its training time holds all of its own probes.
+            train += _seconds(chosen[c], "train_wall_s")
+        elif chosen[c].get("run") in ("extended", "reused") and whole is not None:
             train += float(whole) + sum(t for n, t in probe_s.items() if n != p["chosen"])
         else:
             train += sum(probe_s.values()) + _seconds(chosen[c], "train_wall_s")
@@ -161,6 +166,9 @@ def report(val_docs: dict[str, list[dict]], test_docs: dict[str, list[dict]], co
             "other_test_auroc": {n: t[cls]["served"]["fp32"]["AUROC"] for n, t in test.items()
                                  if n != pick["chosen"] and t.get(cls, {}).get("served")},
             "nn": rec["nn"]["auroc"], "pca": rec["pca"]["auroc"],
+            # A run trained with `--oe auto`: the mix it chose, on what, and at what cost.
+            **({"oe_auto": rec[METHOD]["oe_auto"]}
+               if "oe_auto" in rec.get(METHOD, {}) else {}),
         }
     chosen = {cls: test[pick["chosen"]][cls] for cls, pick in picks.items()}
     precisions = sorted({p for r in per_class.values() for p in r["served"]})
@@ -217,8 +225,9 @@ def markdown(record: dict[str, Any]) -> str:
 # -- probe, then continue ---------------------------------------------------------------------
 
 
-# The self-made OE shares a variant sets, in the order `NAME=OVERLAY[,JIGSAW]` gives them.
-SHARES = ("oe_overlay", "oe_jigsaw")
+# The self-made OE shares a variant sets, in the order `NAME=OVERLAY[,JIGSAW[,CUTPASTE]]`
+# gives them.
+SHARES = NEAR_OE_SHARES
 
 
 def _parse_variants(specs: list[str]) -> dict[str, dict[str, float]]:
@@ -231,7 +240,8 @@ def _parse_variants(specs: list[str]) -> dict[str, dict[str, float]]:
             values = []
         if (not sep or not name or not 1 <= len(values) <= len(SHARES)
                 or not all(0.0 <= v < 1.0 for v in values) or sum(values) >= 1.0):
-            raise SystemExit(f"--variant {spec!r}: expected NAME=OVERLAY[,JIGSAW], shares in "
+            raise SystemExit(f"--variant {spec!r}: expected NAME=OVERLAY[,JIGSAW[,CUTPASTE]], "
+                             "shares in "
                              "[0, 1) that leave some photos")
         values += [0.0] * (len(SHARES) - len(values))
         out[name] = dict(zip(SHARES, values, strict=True))
@@ -329,9 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     run = p.add_argument_group("probe, then continue")
     run.add_argument("--probe-steps", type=int, help="Steps of each variant's validation run.")
     run.add_argument("--steps", type=int, help="Steps the chosen run is continued to.")
-    run.add_argument("--variant", action="append", default=[], metavar="NAME=OVERLAY[,JIGSAW]",
-                     help="A variant and its --oe-overlay (and --oe-jigsaw) share (default "
-                     "photos=0, overlay=0.5).")
+    run.add_argument("--variant", action="append", default=[],
+                     metavar="NAME=OVERLAY[,JIGSAW[,CUTPASTE]]",
+                     help="A variant and its --oe-overlay (and --oe-jigsaw, --oe-cutpaste) "
+                     "share (default photos=0, overlay=0.5).")
     run.add_argument("--classes", default="all", help="'all' or e.g. '1,8'.")
     run.add_argument("--protocol", default="one-vs-rest", choices=("one-vs-rest", "leave-one-out"))
     run.add_argument("--served-k", type=int, default=8, help="Views of the served score.")

@@ -16,6 +16,9 @@ from typing import Any
 # Every ID / OE data source by name (the readers in oecl_train.data.readers); kept here, free of
 # heavy imports, so `--help` lists exactly the sources the readers accept.
 DATA_SOURCES = ("digits", "mnist", "cifar10", "cifar100", "folder", "npy", "photos")
+DEFAULT_STEPS = 2000  # a run's length without --steps or --epochs
+# The self-made near-OE shares of the external OE batch, in the order the trainer fills them.
+NEAR_OE_SHARES = ("oe_overlay", "oe_jigsaw", "oe_cutpaste")
 
 
 def _opt(default: Any, help: str, **kw) -> Any:
@@ -42,7 +45,11 @@ class TrainConfig:
         "classes only when no class name is itself a number.",
     )
     protocol: str = _opt("one-vs-rest", "one-vs-rest or leave-one-out.")
-    oe: str = _opt("photos", "OE: none (SimCLR), self (rotations), photos, or any source name.")
+    oe: str = _opt(
+        "photos",
+        "OE: none (SimCLR), self (rotations), photos, any source name, or auto (short probes "
+        "of candidate mixes judged on validation; only the chosen one trains to full length).",
+    )
     oe_root: str | None = _opt(None, "Directory of the OE data, for an on-disk OE source.")
     oe_overlay: float = _opt(
         0.0,
@@ -53,6 +60,27 @@ class TrainConfig:
         0.0,
         "Share of each step's OE images made by putting an ID image's four quadrants in "
         "another order (a self-made near-OE); the rest come from --oe and --oe-overlay.",
+    )
+    oe_cutpaste: float = _opt(
+        0.0,
+        "Share of each step's OE images made by CutPaste: a patch (or a thin turned scar) of "
+        "an ID image pasted elsewhere in it (a self-made near-OE); the rest come from --oe.",
+    )
+    oe_far: str = _opt(
+        "photos",
+        "With --oe auto: the far OE source of the candidates (photos, or any source name with "
+        "--oe-root).",
+    )
+    oe_probe_steps: int | None = _opt(
+        None, "With --oe auto: steps of each candidate's probe (default: a sixth of the run)."
+    )
+    val_ood: str | None = _opt(
+        None,
+        "With --oe auto: a folder of known anomalies (one sub-folder per kind) to judge the "
+        "candidates on (default: other classes' training images, else held-out shifts).",
+    )
+    oe_auto: dict | None = _opt(
+        None, "How --oe auto chose this run's OE (written by it, not an option).", cli=False
     )
     image_size: int | None = _opt(
         None, "Resize the shorter side to this and centre-crop (default: the native size)."
@@ -141,14 +169,21 @@ class TrainConfig:
             raise ValueError("--alpha-warmup must be in [0, 1)")
         if self.channels not in (None, 1, 3):
             raise ValueError("--channels must be 1 or 3")
-        for key in ("oe_overlay", "oe_jigsaw"):
+        for key in NEAR_OE_SHARES:
             flag = f"--{key.replace('_', '-')}"
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"{flag} must be in [0, 1)")
-            if getattr(self, key) > 0 and self.oe in ("none", "self"):
-                raise ValueError(f"{flag} mixes into an external OE source, not --oe none/self")
-        if self.oe_overlay + self.oe_jigsaw >= 1.0:
-            raise ValueError("--oe-overlay and --oe-jigsaw must leave a share for --oe")
+            if getattr(self, key) > 0 and self.oe in ("none", "self", "auto"):
+                raise ValueError(
+                    f"{flag} mixes into an external OE source, not --oe none/self/auto"
+                )
+        if sum(getattr(self, key) for key in NEAR_OE_SHARES) >= 1.0:
+            raise ValueError("--oe-overlay, --oe-jigsaw and --oe-cutpaste must leave a share "
+                             "for --oe")
+        if self.oe_far in ("none", "self", "auto"):
+            raise ValueError("--oe-far names an external OE source (photos or a source name)")
+        if self.oe_probe_steps is not None and self.oe_probe_steps <= 0:
+            raise ValueError("--oe-probe-steps must be positive")
         if not self.checkpoint_minutes >= 0:
             raise ValueError("--checkpoint-minutes must be 0 (off) or positive")
         if not self.dist_timeout > 0:

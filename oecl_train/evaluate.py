@@ -277,6 +277,7 @@ def build_report(
         "scores": per_score,
         "threshold": threshold,
         "budget": run_budget(run_dir, cfg, meta),
+        **({"oe_auto": cfg.oe_auto} if cfg.oe_auto else {}),
     }
 
 

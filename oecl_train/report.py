@@ -115,6 +115,29 @@ def scores_line(report: dict[str, Any]) -> str:
     return "scores on the " + "; ".join(parts)
 
 
+def choice_table(record: dict[str, Any]) -> str:
+    """The candidates' validation figures, the choice and its cost, as console lines."""
+    rows = [["candidate", "OE", "judged on", "val AUROC", "probe s"]]
+    for name, c in record["candidates"].items():
+        mix = ", ".join(f"{k.removeprefix('oe_')} {v:g}" if k != "oe" else str(v)
+                        for k, v in c["settings"].items())
+        mark = " *" if name == record.get("chosen") else ""
+        rows.append([name + mark, mix, ", ".join(c["judged_on_sets"]), f"{c['val_auroc']:.4f}",
+                     f"{c['probe_train_s']:.0f}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [f"OE chosen on {record['judged_on_text']}; score: {record['score']}"]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+              for r in rows]
+    if "chosen" in record:
+        cost = record["cost"]
+        lines.append(
+            f"chosen: {record['chosen']}, continued from its probe to {record['steps']} steps; "
+            f"cost: {len(record['candidates'])} probes of {record['probe_steps']} steps "
+            f"({cost['probe_train_s']:.0f} s training, {cost['judge_s']:.0f} s judging), "
+            f"{cost['extra_steps']} steps beyond one run (+{cost['extra_share']:.0%})")
+    return "\n".join(lines)
+
+
 def format_run_table(report: dict[str, Any]) -> str:
     """The console summary of one run's report."""
     d = report["data"]
@@ -130,6 +153,8 @@ def format_run_table(report: dict[str, Any]) -> str:
     elif len(rows) > 2:
         lines.append(f"AUROC of each of the {len(rows) - 1} OOD classes: see report.md")
     lines += [threshold_line(report["threshold"]), "budget: " + budget_line(report["budget"])]
+    if report.get("oe_auto"):
+        lines.append(choice_table(report["oe_auto"]))
     return "\n".join(lines)
 
 
@@ -174,6 +199,8 @@ def run_markdown(report: dict[str, Any], files: dict[str, Any]) -> str:
         "- budget: " + budget_line(report["budget"]),
         "",
     ]
+    if report.get("oe_auto"):
+        lines += ["```", choice_table(report["oe_auto"]), "```", ""]
     if files["roc"]:
         lines.append(f"![ROC curves]({files['roc']}) ![ID vs OOD histograms]({files['hist']})")
     if files.get("scores_csv"):

@@ -23,6 +23,7 @@ from oecl_train.config import TrainConfig
 from oecl_train.data import DataError, make_reader
 from oecl_train.devices import resolve_device
 from oecl_train.evaluate import EvalError, evaluate_run, mean_metrics
+from oecl_train.oe_auto import as_saved
 from oecl_train.report import format_sweep_table, write_sweep_report
 from oecl_train.scores import DIRECTION, SCORES, parse_scores
 from oecl_train.trainer import resolve_execution
@@ -101,6 +102,7 @@ def train_or_reuse(cfg, progress: bool, extend: bool = False) -> tuple[str, floa
     continued to cfg.steps (the cosine schedule is stretched to the new length from where the
     run stopped) instead of refused, as `oecl train --resume RUN --steps N` does."""
     run_dir = Path(cfg.out_dir) / cfg.run_name()
+    cfg = as_saved(cfg, run_dir)  # an --oe auto run that made its choice: the mix it chose
     resume = longer = False
     if (run_dir / "config.json").exists():
         saved = _saved_config(run_dir)

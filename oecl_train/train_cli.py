@@ -32,6 +32,8 @@ def config_options(fn):
     """Add one CLI option per TrainConfig field, with the field's help and default."""
     defaults = TrainConfig()
     for f in reversed(dataclasses.fields(TrainConfig)):
+        if f.metadata.get("cli") is False:
+            continue  # a record the run writes, not a setting
         tp, is_flag = _field_type(f)
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)

@@ -1,5 +1,5 @@
 """The one OECL training loop: SimCLR (oe=none), self-OECL (oe=self) and OECL (external OE,
-optionally mixed with overlays of ID images).
+optionally mixed with overlays, jigsaws and CutPastes of ID images).
 
 Per step: draw ID (and OE) images from uint8 tensors kept on the device, make two SimCLR views
 of each on the device, run ID and OE views through ONE forward pass (BatchNorm sees both), and
@@ -28,8 +28,8 @@ from kernels import NTXentOEOutput, ntxent_oe
 from oecl_model.model import Architecture, OECLNet
 from oecl_runtime.atomic import write_json, write_text
 from oecl_train import checkpoint
-from oecl_train.augment import AugmentConfig, SimCLRAugment, jigsaw, overlay, rotate
-from oecl_train.config import TrainConfig
+from oecl_train.augment import AugmentConfig, SimCLRAugment, cutpaste, jigsaw, overlay, rotate
+from oecl_train.config import DEFAULT_STEPS, TrainConfig
 from oecl_train.data import Splits
 from oecl_train.devices import resolve_device
 from oecl_train.distributed import Dist
@@ -197,6 +197,7 @@ class Trainer:
         self.oe_batch = cfg.oe_batch_size or cfg.batch_size
         self.n_overlay = round(cfg.oe_overlay * self.oe_batch)
         self.n_jigsaw = round(cfg.oe_jigsaw * self.oe_batch)
+        self.n_cutpaste = round(cfg.oe_cutpaste * self.oe_batch)
         n_id = len(self.id_data)
         if n_id == 0:
             raise ValueError("no ID training images")
@@ -207,7 +208,7 @@ class Trainer:
         elif cfg.epochs is not None:
             total_steps = cfg.epochs * self.steps_per_epoch
         else:
-            total_steps = 2000
+            total_steps = DEFAULT_STEPS
         self._set_schedule(total_steps)
         self.start_epoch = 0
         # A checkpoint written inside an epoch: its position there and the epoch's metric sums.
@@ -267,12 +268,12 @@ class Trainer:
             # shuffled draw of the ID images at 180° and 270°.
             xo = self.id_data[oidx]
             return torch.cat([x, rotate(x, 1)]), torch.cat([rotate(xo, 2), rotate(xo, 3)])
-        n_made = self.n_overlay + self.n_jigsaw
+        n_made = self.n_overlay + self.n_jigsaw + self.n_cutpaste
         if not n_made:
             return x, self.oe_data[oidx]
         # Self-made near-OE takes the place of the external draw's tail (overlays, then
-        # jigsaws); its ID picks, shifts and orders come from the epoch-seeded default
-        # generator, so a resumed run redraws them.
+        # jigsaws, then CutPastes); its ID picks, shifts and orders come from the
+        # epoch-seeded default generator, so a resumed run redraws them.
         parts = [self.oe_data[oidx[: len(oidx) - n_made]]]
         if self.n_overlay:
             pick = torch.randint(len(self.id_data), (2, self.n_overlay), device=self.device)
@@ -280,6 +281,9 @@ class Trainer:
         if self.n_jigsaw:
             pick = torch.randint(len(self.id_data), (self.n_jigsaw,), device=self.device)
             parts.append(jigsaw(self.id_data[pick]))
+        if self.n_cutpaste:
+            pick = torch.randint(len(self.id_data), (self.n_cutpaste,), device=self.device)
+            parts.append(cutpaste(self.id_data[pick]))
         return x, torch.cat(parts)
 
     # -- one step -----------------------------------------------------------------------------

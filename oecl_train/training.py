@@ -105,6 +105,11 @@ def run_training(
 
     Under torchrun every rank runs this; it trains data-parallel and only rank 0 evaluates.
     """
+    if cfg.oe == "auto":
+        from oecl_train.oe_auto import run_auto
+
+        return run_auto(cfg, resume=resume, progress=progress, quick_eval=quick_eval, echo=echo,
+                        warn_threshold=warn_threshold, train=run_training)
     kw = dict(resume=resume, progress=progress, quick_eval=quick_eval, extend=extend,
               warn_threshold=warn_threshold, echo=echo)
     if torchrun_environment() is None:

@@ -57,6 +57,8 @@ def test_one_variant_without_validation_files_is_reported_over_all_its_files(
     t2 = _test(tmp_path / "t2.json", {"2": 0.8, "4": 0.6})
     doc = json.loads(Path(t2).read_text())  # class 4's int8 file failed verification
     doc["served"]["per_class"]["4"]["int8"] = {"error": "verification failed for int8"}
+    choice = {"judged_on": "other-classes", "chosen": "far+jigsaw", "val_auroc": {}}
+    doc["per_class"]["2"]["oecl-photos"] = {"oe_auto": choice}  # trained with --oe auto
     Path(t2).write_text(json.dumps(doc))
     proc = _run("--test", f"mix={t1},{t2}", "--out", str(tmp_path / "out.json"))
     assert proc.returncode == 0, proc.stderr
@@ -64,11 +66,19 @@ def test_one_variant_without_validation_files_is_reported_over_all_its_files(
     assert rec["rule"].startswith("one variant for every class")
     assert list(rec["served"]["per_class"]) == ["1", "2", "3", "4"]
     assert {r["chosen"] for r in rec["served"]["per_class"].values()} == {"mix"}
+    assert rec["served"]["per_class"]["2"]["oe_auto"] == choice
+    assert "oe_auto" not in rec["served"]["per_class"]["1"]
     assert rec["served"]["mean"]["fp32"]["AUROC"] == pytest.approx(0.75)
     assert "classes" not in rec["served"]["mean"]["fp32"]
     assert rec["served"]["mean"]["int8"]["AUROC"] == pytest.approx(0.8)  # classes 1-3 only
     assert rec["served"]["mean"]["int8"]["failed_classes"] == ["4"]
     assert "failed verification" in proc.stdout and "(3 classes)" in proc.stdout
+    # A class trained with --oe auto counts its training time, which holds all its probes.
+    oe_choice = import_benchmark("oe_choice")
+    auto = {"oecl-photos": {"oe_auto": choice, "run": "reused", "budget": {
+        "train_wall_s": 90.0, "run_wall_s": 40.0, "eval_wall_s": 1.0}}}
+    assert oe_choice.budget({}, {"mix": {"2": auto}}, {"2": {"chosen": "mix"}})[
+        "train_core_s"] == 90.0
     # Two variants and nothing to choose between them by is an error, before any output.
     proc = _run("--test", f"a={t1}", "--test", f"b={t2}", "--out", str(tmp_path / "o2.json"))
     assert proc.returncode != 0 and "nothing to choose by" in proc.stderr
@@ -128,7 +138,7 @@ def test_probe_mode_refuses_bad_arguments_before_training(tmp_path: Path) -> Non
         (["--probe-steps", "600", "--steps", "600"], "--probe-steps needs --steps larger"),
         (["--probe-steps", "6", "--steps", "9", "--variant", "a=0"], "at least two variants"),
         (["--probe-steps", "6", "--steps", "9", "--variant", "a=2", "--variant", "b=0"],
-         "expected NAME=OVERLAY[,JIGSAW]"),
+         "expected NAME=OVERLAY[,JIGSAW[,CUTPASTE]]"),
         (["--probe-steps", "6", "--steps", "9", "--variant", "a=0.5,0.5", "--variant", "b=0"],
          "leave some photos"),
         (["--probe-steps", "6", "--steps", "9", "--val", "a=x.json"], "--val/--test read files"),
@@ -141,11 +151,13 @@ def test_probe_mode_refuses_bad_arguments_before_training(tmp_path: Path) -> Non
 
 def test_variants_name_their_self_made_oe_shares() -> None:
     oe_choice = import_benchmark("oe_choice")
-    assert oe_choice._parse_variants(["photos=0", "mix=0.25,0.25", "jig=0,0.5"]) == {
-        "photos": {"oe_overlay": 0.0, "oe_jigsaw": 0.0},
-        "mix": {"oe_overlay": 0.25, "oe_jigsaw": 0.25},
-        "jig": {"oe_overlay": 0.0, "oe_jigsaw": 0.5},
+    assert oe_choice._parse_variants(["photos=0", "mix=0.25,0.25", "cp=0,0,0.5"]) == {
+        "photos": {"oe_overlay": 0.0, "oe_jigsaw": 0.0, "oe_cutpaste": 0.0},
+        "mix": {"oe_overlay": 0.25, "oe_jigsaw": 0.25, "oe_cutpaste": 0.0},
+        "cp": {"oe_overlay": 0.0, "oe_jigsaw": 0.0, "oe_cutpaste": 0.5},
     }
+    with pytest.raises(SystemExit, match="leave some photos"):
+        oe_choice._parse_variants(["a=0.25,0.25,0.5", "b=0"])
 
 
 def test_a_failed_job_names_its_log_and_an_existing_result_is_reused(tmp_path: Path) -> None:

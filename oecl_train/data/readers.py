@@ -437,6 +437,10 @@ class FolderReader(Reader):
             )
         return ImageSet(np.stack(arrays), np.asarray(labels, np.int64), classes, paths, skipped)
 
+    def load_all(self) -> ImageSet:
+        """Every image under root (one sub-folder per class), unsplit."""
+        return self._read_dir(self.root)
+
     def load(self, split: str) -> ImageSet:
         if (self.root / split).is_dir():
             return self._read_dir(self.root / split)

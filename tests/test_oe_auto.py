@@ -1,0 +1,226 @@
+"""`oecl train --oe auto`: probes of candidate OE mixes judged on validation, the chosen one
+continued as the run; what the candidates are judged on, and the record eval reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from helpers import tiny_config
+from PIL import Image
+
+from oecl_train import oe_auto
+from oecl_train.cli import main
+from oecl_train.data import Splits
+from oecl_train.data.readers import conform, make_reader
+
+TINY = ["--depth", "resnet10", "--width", "4", "--batch-size", "4", "--no-hflip",
+        "--precision", "fp32", "--no-progress"]
+
+
+def _images(folder: Path, n: int, value: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        arr = np.clip(value + rng.integers(-60, 60, (8, 8)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr, "L").save(folder / f"{i:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def auto_run(tmp_path_factory) -> tuple[Path, dict, str]:
+    """An MVTec-layout tree, normal images only to train on, through `--oe auto`."""
+    root = tmp_path_factory.mktemp("mvtec") / "screw"
+    _images(root / "train" / "good", 12, 120, 0)
+    _images(root / "test" / "good", 3, 120, 1)
+    _images(root / "test" / "scratch", 3, 30, 2)
+    out = tmp_path_factory.mktemp("runs")
+    args = ["train", "--data", "folder", "--data-root", str(root), "--id-class", "good",
+            "--out-dir", str(out), "--name", "screw", "--oe", "auto", "--steps", "3",
+            "--oe-probe-steps", "1", "--val-fraction", "0.25", *TINY]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    return out / "screw", json.loads(r.output.strip().splitlines()[-1]), r.output
+
+
+def test_normal_images_alone_choose_by_held_out_shifts(auto_run):
+    run_dir, result, output = auto_run
+    rec = result["oe_auto"]
+    assert rec["judged_on"] == "held-out-shifts"
+    assert "judged on held-out synthetic shifts" in output  # said which of the three
+    assert list(rec["candidates"]) == list(oe_auto.CANDIDATES)
+    for name, c in rec["candidates"].items():
+        trained = set(oe_auto.CANDIDATES[name][1])
+        # Each candidate is scored on exactly the shift families it did not train with.
+        assert set(c["judged_on_sets"]) == set(oe_auto.FAMILIES) - trained
+        assert set(c["per_set"]) == set(c["judged_on_sets"])
+        assert c["val_auroc"] == pytest.approx(np.mean(list(c["per_set"].values())))
+    figures = {n: c["val_auroc"] for n, c in rec["candidates"].items()}
+    assert rec["chosen"] == max(figures, key=figures.get)
+    assert rec["cost"]["probe_steps_total"] == 5 and rec["cost"]["extra_steps"] == 4
+    # The table is printed, with the chosen row marked.
+    assert f"{rec['chosen']} *" in output and "chosen: " in output
+    # The run is the chosen probe continued: a concrete config that records the choice.
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["oe_auto"]["chosen"] == rec["chosen"]
+    mix = oe_auto.CANDIDATES[rec["chosen"]][0]
+    assert cfg["oe"] == mix.get("oe", "photos")
+    assert all(cfg[k] == v for k, v in mix.items())
+    # Continued from the chosen probe's step, not from scratch.
+    assert f"resuming {run_dir} at epoch 0 of 1 (step 1 of 3)" in output
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3
+    assert (run_dir / "probes" / rec["chosen"] / "config.json").exists()
+
+
+def test_eval_reports_the_choice(auto_run):
+    run_dir, result, _ = auto_run
+    r = CliRunner().invoke(main, ["eval", str(run_dir), "--k", "1"])
+    assert r.exit_code == 0, r.output
+    assert "OE chosen on held-out synthetic shifts" in r.output
+    report = json.loads((run_dir / "eval" / "report.json").read_text())
+    assert report["oe_auto"]["chosen"] == result["oe_auto"]["chosen"]
+    assert "OE chosen on" in (run_dir / "eval" / "report.md").read_text()
+
+
+def test_resume_keeps_finished_probes_and_their_figures(auto_run, tmp_path):
+    """A run stopped after three probes continues with the other two, the first three
+    neither retrained nor judged again."""
+    import shutil
+
+    run_dir = tmp_path / "screw"
+    shutil.copytree(auto_run[0], run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg.update(oe="auto", oe_auto=None, out_dir=str(tmp_path), oe_overlay=0.0, oe_jigsaw=0.0,
+               oe_cutpaste=0.0)
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    rec = json.loads((run_dir / "oe_auto.json").read_text())
+    kept = dict(list(rec["candidates"].items())[:3])
+    for c in kept.values():
+        c["val_auroc"] = c["per_set"][c["judged_on_sets"][0]] = 0.25  # marks: not re-judged
+    kept["far"]["val_auroc"] = 0.99  # the choice follows the figures on record
+    rec["candidates"] = kept
+    (run_dir / "oe_auto.json").write_text(json.dumps(rec))
+    shutil.rmtree(run_dir / "checkpoints")
+    r = CliRunner().invoke(main, ["train", "--resume", str(run_dir), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output.strip().splitlines()[-1])["oe_auto"]
+    assert {n: out["candidates"][n]["val_auroc"] for n in kept} == {
+        n: c["val_auroc"] for n, c in kept.items()}
+    assert out["chosen"] == "far"
+    assert json.loads((run_dir / "config.json").read_text())["oe"] == "photos"
+
+
+def test_labelled_source_is_judged_on_the_other_classes_training_images(tmp_path):
+    cfg = tiny_config(tmp_path, oe="auto")
+    splits = Splits.from_config(cfg, oe="photos")
+    kind, sets, _ = oe_auto.validation_sets(cfg, splits)
+    assert kind == "other-classes"
+    (images,) = sets.values()
+    reader = make_reader("digits", seed=cfg.seed)
+    train, test = reader.load("train"), reader.load("test")
+    id_label = train.class_index(cfg.id_class)
+    def keys(a: np.ndarray) -> set[bytes]:  # each image as the model sees it
+        return {x.tobytes() for x in conform(a, splits.spec)}
+
+    other_train = keys(train.images[train.labels != id_label])
+    assert keys(images) == other_train and len(images) == len(other_train)
+    test_only = keys(test.images) - keys(train.images)
+    assert not test_only & {x.tobytes() for x in images}  # never a test image
+    # A far source that is the ID source's other classes cannot judge itself: shifts instead.
+    cfg_same = tiny_config(tmp_path, oe="auto", oe_far="digits")
+    assert oe_auto.validation_sets(cfg_same, splits)[0] == "held-out-shifts"
+
+
+def test_known_anomalies_come_first(tmp_path):
+    _images(tmp_path / "anomalies" / "crack", 3, 10, 5)
+    _images(tmp_path / "anomalies" / "stain", 2, 250, 6)
+    cfg = tiny_config(tmp_path, oe="auto", val_ood=str(tmp_path / "anomalies"))
+    splits = Splits.from_config(cfg, oe="photos")
+    kind, sets, why = oe_auto.validation_sets(cfg, splits)
+    assert kind == "val-ood" and why == "--val-ood given"
+    assert sets["val-ood"].shape == (5, *splits.id_val.shape[1:])  # conformed to the model
+
+
+def test_shifts_are_repeatable_and_change_every_image():
+    x = np.random.default_rng(0).integers(0, 256, (6, 1, 8, 8), dtype=np.uint8)
+    for family in oe_auto.FAMILIES:
+        a = oe_auto.shifted(family, x, seed=3)
+        assert a.shape == x.shape and np.array_equal(a, oe_auto.shifted(family, x, seed=3))
+        assert all((a[i] != x[i]).any() for i in range(len(x))), family
+
+
+def test_probe_longer_than_the_run_is_refused(tmp_path):
+    r = CliRunner().invoke(main, ["train", "--data", "digits", "--oe", "auto", "--steps", "4",
+                                  "--oe-probe-steps", "4", "--out-dir", str(tmp_path), *TINY])
+    assert r.exit_code != 0
+    assert "--oe-probe-steps (4) must be below the run's length (4 steps)" in r.output
+
+
+def test_labelled_run_picks_by_the_other_classes(tmp_path, monkeypatch):
+    """End to end on a labelled source (two candidates, to stay quick): judged on the other
+    classes' training images, every candidate on the same set."""
+    from oecl_train.training import run_training
+
+    monkeypatch.setattr(oe_auto, "CANDIDATES", {k: oe_auto.CANDIDATES[k]
+                                                for k in ("far", "far+cutpaste")})
+    cfg = tiny_config(tmp_path, oe="auto", steps=3, oe_probe_steps=1, batch_size=8, width=4,
+                      image_size=8)
+    lines: list[str] = []
+    result = run_training(cfg, progress=False, quick_eval=False, echo=lines.append)
+    rec = result["oe_auto"]
+    n_other = len(Splits.from_config(cfg, oe="digits").oe)
+    assert rec["judged_on"] == "other-classes"
+    assert rec["n_val_ood"] == {"other-classes": min(n_other, oe_auto.MAX_VAL_OOD)}
+    assert all(c["judged_on_sets"] == ["other-classes"] for c in rec["candidates"].values())
+    figures = {n: c["val_auroc"] for n, c in rec["candidates"].items()}
+    assert rec["chosen"] == max(figures, key=figures.get)
+    assert any("judged on the other classes' training images" in ln for ln in lines)
+
+
+def test_a_finished_auto_run_is_reused_by_sweeps_and_benchmarks(auto_run):
+    from oecl_train.config import TrainConfig
+    from oecl_train.sweep import train_or_reuse
+
+    run_dir = auto_run[0]
+    saved = json.loads((run_dir / "config.json").read_text())
+    asked = TrainConfig.from_dict({**saved, "oe": "auto", "oe_auto": None, "oe_overlay": 0.0,
+                                   "oe_jigsaw": 0.0, "oe_cutpaste": 0.0})
+    assert train_or_reuse(asked, progress=False) == ("reused", None)
+
+
+def test_unreadable_known_anomalies_fail_in_one_line_before_any_write(tmp_path):
+    r = CliRunner().invoke(main, ["train", "--data", "digits", "--oe", "auto", "--steps", "4",
+                                  "--val-ood", str(tmp_path / "missing"), "--out-dir",
+                                  str(tmp_path / "runs"), *TINY])
+    assert r.exit_code != 0 and "missing: no such directory" in r.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_non_square_images_leave_rotations_out(tmp_path, monkeypatch):
+    """Self-OECL's quarter turns cannot keep a non-square image's shape: no such probe."""
+    root = tmp_path / "wide"
+    rng = np.random.default_rng(0)
+    for split, n in (("train/good", 8), ("test/good", 2), ("test/dent", 2), ("far/any", 6)):
+        (root / split).mkdir(parents=True)
+        for i in range(n):
+            arr = rng.integers(0, 256, (6, 10), dtype=np.uint8)
+            Image.fromarray(arr, "L").save(root / split / f"{i}.png")
+    probed: list[str] = []
+
+    def fake_probe(cfg, name, *args):
+        probed.append(name)
+        return {"settings": {"oe": "photos"}, "judged_on_sets": [], "per_set": {},
+                "val_auroc": 0.5 + 0.01 * len(probed), "probe_train_s": 0.0, "judge_s": 0.0}
+
+    monkeypatch.setattr(oe_auto, "_probe", fake_probe)
+    cfg = tiny_config(tmp_path, data="folder", data_root=str(root), id_class="good",
+                      image_size=None, oe="auto", oe_far="folder", oe_root=str(root / "far"),
+                      steps=6)
+    result = oe_auto.run_auto(cfg, resume=False, progress=False, quick_eval=False,
+                              echo=lambda m: None, train=lambda c, **kw: {"cfg": c})
+    assert probed == [n for n in oe_auto.CANDIDATES if n != "self"]
+    assert result["oe_auto"]["chosen"] == probed[-1]  # the highest figure
+    assert result["cfg"].oe_cutpaste == 0.5 and result["cfg"].oe == "folder"
