@@ -12,11 +12,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("oecl_model", "kernels", "oecl_runtime", "oecl_train")
 # The layers: each package and the packages it may import. The network and its views
-# (oecl_model) and the loss kernels depend on no other package; the runtime serves without the
-# training code; training, evaluation and export sit on top of all three.
+# (oecl_model) depend on no other package, the loss kernels only on the runtime's atomic
+# writer; the runtime serves without the training code; training, evaluation and export
+# sit on top of all three.
 MAY_IMPORT: dict[str, set[str]] = {
     "oecl_model": set(),
-    "kernels": set(),
+    "kernels": {"oecl_runtime"},
     "oecl_runtime": {"oecl_model"},
     "oecl_train": {"oecl_model", "kernels", "oecl_runtime"},
 }
@@ -25,6 +26,8 @@ MAY_IMPORT: dict[str, set[str]] = {
 # imports torch.
 ONLY_FROM: dict[tuple[str, str], set[str]] = {
     ("oecl_runtime", "oecl_model"): {"oecl_runtime.backends.torch_model"},
+    # The kernels' offline compile report is written atomically, as every result file is.
+    ("kernels", "oecl_runtime"): {"kernels.targets"},
 }
 # Imports known to close a cycle, left out of the check until their module is reshaped.
 KNOWN_CYCLE_EDGES: set[tuple[str, str]] = set()
