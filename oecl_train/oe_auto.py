@@ -153,7 +153,7 @@ def judge(net, cfg: TrainConfig, splits, sets: dict[str, np.ndarray], device) ->
     from oecl_train.evaluate import eval_precision
     from oecl_train.metrics import ood_metrics
     from oecl_train.scores import view_scores
-    from oecl_train.views import DEFAULT_VIEWS, views_for
+    from oecl_model.views import DEFAULT_VIEWS, views_for
 
     views = views_for(cfg, splits.spec.height, splits.spec.width, DEFAULT_VIEWS)
     kw = dict(device=device, precision=eval_precision(cfg, device))
