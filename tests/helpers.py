@@ -175,6 +175,15 @@ def random_images(n: int, seed: int = 0, size: int = SIZE) -> np.ndarray:
     return (base * scale).astype(np.uint8)
 
 
+def gray_pngs(folder: Path, n: int, value: int, seed: int, size: int, spread: int) -> None:
+    """`n` gray PNGs of `size` x `size` around `value` (+-`spread` noise): one class folder."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        arr = np.clip(value + rng.integers(-spread, spread, (size, size)), 0, 255).astype(np.uint8)
+        Image.fromarray(arr, "L").save(folder / f"{i:03d}.png")
+
+
 def png_bytes(img: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")

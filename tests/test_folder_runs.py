@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
+from helpers import gray_pngs
 
 from oecl_train import report as report_module
 from oecl_train.cli import main
@@ -18,11 +18,7 @@ TINY = ["--depth", "resnet10", "--width", "8", "--batch-size", "4", "--steps", "
 
 
 def _images(folder: Path, n: int, value: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        arr = np.clip(value + rng.integers(-20, 20, (12, 12)), 0, 255).astype(np.uint8)
-        Image.fromarray(arr, "L").save(folder / f"{i:03d}.png")
+    gray_pngs(folder, n, value, seed, size=12, spread=20)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import tiny_config
+from helpers import gray_pngs, tiny_config
 from PIL import Image
 
 from oecl_train import oe_auto
@@ -22,11 +22,7 @@ TINY = ["--depth", "resnet10", "--width", "4", "--batch-size", "4", "--no-hflip"
 
 
 def _images(folder: Path, n: int, value: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        arr = np.clip(value + rng.integers(-60, 60, (8, 8)), 0, 255).astype(np.uint8)
-        Image.fromarray(arr, "L").save(folder / f"{i:03d}.png")
+    gray_pngs(folder, n, value, seed, size=8, spread=60)
 
 
 @pytest.fixture(scope="module")

@@ -145,20 +145,6 @@ def test_overlay_share_replaces_the_tail_of_the_external_oe_draw(tmp_path):
     assert torch.equal(tr._batch(0, id_order, oe_order)[1], x_oe)
 
 
-def test_jigsaw_share_follows_the_overlays_in_the_oe_tail(tmp_path):
-    cfg = tiny_config(tmp_path, batch_size=4, oe_batch_size=8, oe_overlay=0.25, oe_jigsaw=0.25)
-    tr = Trainer(cfg, splits_for(cfg), tmp_path / "run", progress=False)
-    id_order, oe_order = tr._orders(0)
-    torch.manual_seed(5)
-    _, x_oe = tr._batch(0, id_order, oe_order)
-    assert x_oe.shape[0] == 8
-    assert torch.equal(x_oe[:4], tr.oe_data[oe_order[:4]])
-    torch.manual_seed(5)
-    pick = torch.randint(len(tr.id_data), (2, 2))
-    assert torch.equal(x_oe[4:6], overlay(tr.id_data[pick[0]], tr.id_data[pick[1]]))
-    pick = torch.randint(len(tr.id_data), (2,))
-    assert torch.equal(x_oe[6:], jigsaw(tr.id_data[pick]))
-
 
 @pytest.mark.parametrize(
     "kw, message",
