@@ -7,7 +7,10 @@ Both `oecl` and `python -m oecl_runtime` (a box that has the runtime alone) list
 
 from __future__ import annotations
 
+import csv
 import glob
+import json
+import logging
 import math
 import os
 import stat
@@ -15,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -177,17 +181,13 @@ class _RowWriter:
     FIELDS = ("path", "norm", "is_anomaly", "error")
 
     def __init__(self, stream: Any, fmt: str) -> None:
-        import csv
-
         self.fmt, self.stream = fmt, stream
         if fmt == "csv":
             self._csv = csv.writer(stream, lineterminator="\n")
             self._csv.writerow(self.FIELDS)
 
     def write(self, r: FileResult) -> None:
-        import json
-
-        import numpy as np
+        import numpy as np  # deferred: `oecl --help` does without numpy
 
         # str(float32) is the shortest text that reads back as the same float32.
         text = None if r.norm is None else str(np.float32(r.norm))
@@ -373,8 +373,6 @@ def serve(model_dir: Path, host: str, port: int, backend: str, precision: str | 
     machine shared with other busy work, --threads below the core count can serve more
     (onnxruntime's idle pool threads spin and compete with the event loop).
     """
-    import logging
-
     from .server import ServerConfig, listen_socket, serve_workers, serving_threads
     from .server import serve as run_server
 
@@ -446,8 +444,6 @@ def bench(model_dir: Path, backend: str, precision: str | None, threads: int | N
     Sweeps batch sizes on the backend alone and, with --url, concurrency levels against a
     running server. Warm-up is excluded. Prints a table; writes JSON, CSV and a PNG plot.
     """
-    from datetime import datetime, timezone
-
     from . import bench as B
 
     sizes = _int_list(batch_sizes)
@@ -546,8 +542,6 @@ def verify(artifact: Path, backend: str, precision: str | None, out: Path | None
     Reports max/mean relative norm difference and the AUROC of both (ID positive; norm:
     higher = normal); exits 1 outside the tolerances the artifact was exported with.
     """
-    import json
-
     from .artifact import ArtifactError
     from .backends import BackendUnavailable
     from .golden import fmt_auroc
@@ -591,8 +585,6 @@ def engine(artifact: Path, precisions: tuple[str, ...], max_batch: int | None,
     sha256, TensorRT version, GPU name and compute capability. Needs tensorrt, cuda-python
     and an NVIDIA GPU (no torch).
     """
-    import json
-
     from .artifact import ArtifactError
     from .engine import EngineError, build_engines
 
@@ -643,8 +635,6 @@ def triton_repo(artifact: Path, out: Path, name: str, backend: str, image_bytes:
     <name>_model) unless --no-image-bytes, or oecl_runtime's scorer in Triton's Python backend
     (--backend python). Other models in --out are left alone. norm: higher = normal.
     """
-    import json
-
     from .artifact import ArtifactError
     from .triton_repo import write_repository
 

@@ -28,6 +28,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -732,8 +734,6 @@ def serve_workers(
     the cores (`threads` each; default: `serving_threads`), and /metrics summed across them.
     Workers end with this process, however it ends; a worker that dies is restarted and its
     gauges leave the sums. `sock` as for `serve`."""
-    import shutil
-
     cfg = config or ServerConfig()
     sock = sock or listen_socket(host, port)
     if threads is None:
@@ -777,8 +777,6 @@ def _supervisor() -> type:
 def _die_with_parent(parent: int) -> None:
     """In a worker: be sent SIGTERM when the supervisor dies, even by kill -9, so no orphan
     keeps the port. Linux's parent-death signal; elsewhere a thread watching the parent pid."""
-    import signal
-
     try:
         import ctypes
 
@@ -817,8 +815,6 @@ class DrainingServer(uvicorn.Server):
     normal stop here: the process returns and exits 0."""
 
     def handle_exit(self, sig: int, frame: Any) -> None:
-        import signal
-
         super().handle_exit(sig, frame)
         captured = getattr(self, "_captured_signals", None)
         if sig == signal.SIGTERM and captured and captured[-1] == sig:
