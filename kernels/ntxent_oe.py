@@ -1,7 +1,7 @@
 """OECL loss entry point: NT-Xent over two views plus alpha times the mean OE feature norm.
 
 ``ntxent_oe`` dispatches between the fused Triton kernels (:mod:`kernels.ntxent_oe_triton`,
-imported only when used) and the chunked plain-torch twin (:mod:`kernels.ntxent_oe_torch`).
+imported only when used) and the chunked plain-torch twin (:mod:`kernels.ntxent_oe_twin`).
 """
 
 from __future__ import annotations
@@ -78,8 +78,7 @@ def _impl(backend: str) -> ModuleType:
     # Both modules offer forward / backward_id / backward_oe with one signature.
     if backend == "triton":
         return _triton_module()
-    # By module path: the package exports a function of the same name as the module.
-    return importlib.import_module(".ntxent_oe_torch", __package__)
+    return importlib.import_module(".ntxent_oe_twin", __package__)
 
 
 # The loss is one registered op, so torch.compile (fullgraph too) treats it as a single node
