@@ -34,9 +34,9 @@ Run = Callable[[np.ndarray], np.ndarray]
 
 
 def session(model: str | bytes, threads: int, config: dict[str, str] | None = None,
-            disabled: list[str] | None = None) -> ort.InferenceSession:
+            disabled: list[str] | None = None, spinning: bool = False) -> ort.InferenceSession:
     """A CPU session set up like `oecl_runtime`'s backend, plus `config` entries."""
-    opts = session_options("cpu", threads)
+    opts = session_options("cpu", threads, spinning=spinning)
     for key, value in (config or {}).items():
         opts.add_session_config_entry(key, value)
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"],
@@ -134,21 +134,19 @@ def variants(path: Path, name: str, threads: int) -> tuple[dict[str, Run], dict[
     rewritten, n_rewritten = small_maps_as_gemm(onnx.load_from_string(model))
     runs: dict[str, Run] = {
         "default": whole(session(model, threads), name),
-        "no spinning": whole(session(model, threads,
-                                     {"session.intra_op.allow_spinning": "0"}), name),
+        "spinning": whole(session(model, threads, spinning=True), name),
         "dynamic block base 4": whole(session(model, threads,
                                               {"session.dynamic_block_base": "4"}), name),
         "8 runs of 8": split(session(model, threads), name, 8),
         f"{threads} single-thread sessions": replicas(
-            [session(model, 1, {"session.intra_op.allow_spinning": "0"})
-             for _ in range(threads)], name),
+            [session(model, 1) for _ in range(threads)], name),
         "no NCHWc transformer": whole(session(model, threads, disabled=["NchwcTransformer"]),
                                       name),
         "4x4 maps as GEMM": whole(session(rewritten, threads), name),
     }
     notes = {
-        "default": "ORT_ENABLE_ALL, subnormals flushed, as oecl_runtime opens it",
-        "no spinning": "session.intra_op.allow_spinning = 0",
+        "default": "ORT_ENABLE_ALL, idle pool threads sleep, as oecl_runtime opens it",
+        "spinning": "session.intra_op.allow_spinning = 1 (onnxruntime's own default)",
         "dynamic block base 4": "session.dynamic_block_base = 4",
         "8 runs of 8": "the batch split into 8 calls of 8 images",
         f"{threads} single-thread sessions": "data-parallel over the batch, one thread each",

@@ -83,6 +83,8 @@ def test_onnxruntime_cpu_session_threads(artifact_dir: Path) -> None:
     with Scorer.open(artifact_dir, backend="onnxruntime-cpu", threads=1) as s:
         opts = s.backend.session.get_session_options()
     assert opts.intra_op_num_threads == 1
+    # Idle pool threads sleep instead of spinning (they would take the event loop's cores).
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_torch_cuda_refused_without_gpu(artifact_dir: Path) -> None:

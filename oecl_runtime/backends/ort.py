@@ -53,14 +53,23 @@ def cuda_provider_problem() -> str | None:
             "onnxruntime-gpu in place of onnxruntime)")
 
 
-def session_options(device: str = "cpu", threads: int | None = None) -> Any:
-    """The `onnxruntime.SessionOptions` this backend opens its sessions with."""
+def session_options(device: str = "cpu", threads: int | None = None,
+                    spinning: bool = False) -> Any:
+    """The `onnxruntime.SessionOptions` this backend opens its sessions with.
+
+    `spinning`: whether the intra-op pool's idle threads busy-wait for the next run. Off by
+    default: a server alternates short runs with event-loop work, and spinning threads take the
+    cores that work needs (on a 2-core Xeon it cost `oecl serve` 40% more CPU per request for a
+    K = 1 model and 15% for K = 8, and made in-process scoring slower whenever other processes
+    shared the cores; benchmarks/RESULTS.md, "onnxruntime's spinning pool").
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     # No "session.set_denormal_as_zero": onnxruntime applies it to the thread that opens the
     # first session too, which changes floating point for the whole process (the caller's
     # float("1e-320") became 0.0), and it measured no faster here.
