@@ -373,8 +373,9 @@ def serve(model_dir: Path, host: str, port: int, backend: str, precision: str | 
     machine shared with other busy work, --threads below the core count can serve more
     (onnxruntime's idle pool threads spin and compete with the event loop).
     """
-    from .server import ServerConfig, listen_socket, serve_workers, serving_threads
-    from .server import serve as run_server
+    from .serving.config import ServerConfig
+    from .serving.process import listen_socket, serve_workers, serving_threads
+    from .serving.process import serve as run_server
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     try:  # before the model loads: a port in use is one line, for one worker or many

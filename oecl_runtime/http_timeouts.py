@@ -19,7 +19,7 @@ send nothing made every request, `/healthz` included, a 503. Here a connection o
 closes the connection that has been idle longest (waiting for its first request, for the
 headers of the next, or kept alive after a response); only when every connection has a
 request in progress is the newcomer turned away (503, closed). Requests in flight are bounded
-by the app (see `server.ScoringApp`), which counts requests, not sockets.
+by the app (see `serving.app.ScoringApp`), which counts requests, not sockets.
 """
 
 from __future__ import annotations

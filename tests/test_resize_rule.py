@@ -168,7 +168,8 @@ def test_oecl_serve_resizes_bodies_of_every_size(native_artifact: Path) -> None:
     pytest.importorskip("starlette")
     from starlette.testclient import TestClient
 
-    from oecl_runtime.server import ServerConfig, create_app
+    from oecl_runtime.serving.app import create_app
+    from oecl_runtime.serving.config import ServerConfig
 
     with Scorer.open(native_artifact, backend="onnxruntime-cpu") as s, \
             TestClient(create_app(s, ServerConfig(max_delay_ms=1.0))) as client:

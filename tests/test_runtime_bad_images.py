@@ -22,7 +22,8 @@ from starlette.testclient import TestClient
 
 from oecl_runtime import Backend, ImageError, Scorer
 from oecl_runtime.preprocess import InputSpec, load
-from oecl_runtime.server import ServerConfig, create_app
+from oecl_runtime.serving.app import create_app
+from oecl_runtime.serving.config import ServerConfig
 
 # ----------------------------------------------------------------------------- non-finite
 

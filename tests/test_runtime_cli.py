@@ -158,7 +158,7 @@ def live_server(artifact_dir: Path) -> Iterator[str]:
 
     import uvicorn
 
-    from oecl_runtime.server import create_app
+    from oecl_runtime.serving.app import create_app
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

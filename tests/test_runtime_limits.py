@@ -16,7 +16,8 @@ from starlette.testclient import TestClient
 
 from oecl_runtime import ImageError, Scorer
 from oecl_runtime.preprocess import InputSpec, UnsupportedFormat, load
-from oecl_runtime.server import ServerConfig, create_app
+from oecl_runtime.serving.app import create_app
+from oecl_runtime.serving.config import ServerConfig
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,7 @@ def test_only_bounded_decodes_run_on_the_event_loop(scorer: Scorer,
     does not bound goes to the thread pool."""
     from PIL import PngImagePlugin
 
-    import oecl_runtime.server as server_mod
+    import oecl_runtime.serving.v1 as server_mod
 
     real, hops = server_mod.run_in_threadpool, []
 

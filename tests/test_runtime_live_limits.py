@@ -24,7 +24,8 @@ from oecl_runtime import Scorer
 from oecl_runtime.batcher import DynamicBatcher
 from oecl_runtime.inputs import Abandoned, to_batch
 from oecl_runtime.preprocess import InputSpec
-from oecl_runtime.server import ServerConfig, create_app
+from oecl_runtime.serving.app import create_app
+from oecl_runtime.serving.config import ServerConfig
 
 # ----------------------------------------------------------------------------- batching
 
@@ -65,7 +66,7 @@ def test_decoding_stops_when_the_caller_goes_away() -> None:
 def live(scorer: Scorer) -> Iterator[tuple[int, object]]:
     import uvicorn
 
-    from oecl_runtime.server import _uvicorn_config
+    from oecl_runtime.serving.process import _uvicorn_config
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -124,7 +125,7 @@ def test_short_body_gets_408_and_the_connection_closes(live: tuple[int, object])
 
 def test_gone_client_stops_a_large_request(live: tuple[int, object],
                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    import oecl_runtime.server as server_mod
+    import oecl_runtime.serving.v1 as server_mod
 
     port, app = live
     real = server_mod.to_batch
@@ -158,7 +159,7 @@ def test_gone_client_stops_a_large_request(live: tuple[int, object],
 
 
 def test_serving_threads_share_the_cores_among_workers() -> None:
-    from oecl_runtime.server import serving_threads
+    from oecl_runtime.serving.process import serving_threads
 
     assert serving_threads(1, cores=2) == 2 and serving_threads(2, cores=2) == 1
     assert serving_threads(1, cores=16) == 16 and serving_threads(4, cores=16) == 4
@@ -233,7 +234,7 @@ def test_gone_client_leaves_the_queue(live: tuple[int, object],
 def test_bodies_still_arriving_are_bounded_in_bytes(scorer: Scorer) -> None:
     import uvicorn
 
-    from oecl_runtime.server import _uvicorn_config
+    from oecl_runtime.serving.process import _uvicorn_config
 
     # 64 requests x 1 MB / 8: 8 MB of bodies may be arriving at once.
     cfg = ServerConfig(max_queue=16, max_body_mb=1, body_timeout_s=20)
@@ -288,7 +289,7 @@ def test_bodies_still_arriving_are_bounded_in_bytes(scorer: Scorer) -> None:
 def test_score_requests_past_their_body_are_limited(scorer: Scorer,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Requests being decoded (or queued) count against `max_requests`; one more gets 503."""
-    import oecl_runtime.server as server_mod
+    import oecl_runtime.serving.v1 as server_mod
 
     release = asyncio.Event()
 

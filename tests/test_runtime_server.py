@@ -26,7 +26,8 @@ from starlette.testclient import TestClient
 
 from oecl_runtime import Backend, Scorer
 from oecl_runtime.bench import http_load
-from oecl_runtime.server import ServerConfig, create_app
+from oecl_runtime.serving.app import create_app
+from oecl_runtime.serving.config import ServerConfig
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +303,7 @@ def test_http_stack_names_what_uvicorn_will_run(monkeypatch: pytest.MonkeyPatch)
     import importlib.metadata as md
     import importlib.util
 
-    from oecl_runtime.server import http_stack
+    from oecl_runtime.serving.process import http_stack
 
     real = md.version
     installed = http_stack()

@@ -22,7 +22,8 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from oecl_runtime import Scorer
-from oecl_runtime.server import ServerConfig, create_app
+from oecl_runtime.serving.app import create_app
+from oecl_runtime.serving.config import ServerConfig
 
 pytest.importorskip("tritonclient.http", reason="needs tritonclient[http] (the dev extra)")
 
