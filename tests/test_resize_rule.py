@@ -18,7 +18,7 @@ from PIL import Image
 
 from oecl_runtime import Scorer
 from oecl_runtime.artifact import file_entry, write_metadata
-from oecl_runtime.cli import score as score_cmd
+from oecl_runtime.commands.score import score as score_cmd
 from oecl_runtime.preprocess import RESIZE_RULE, InputSpec, load
 from oecl_train.export.metadata import norm_stats
 

@@ -21,7 +21,8 @@ from helpers import copy_artifact, random_images
 from PIL import Image
 
 from oecl_runtime import Scorer
-from oecl_runtime.cli import bench, expand_paths, score
+from oecl_runtime.commands.bench import bench
+from oecl_runtime.commands.score import expand_paths, score
 from oecl_runtime.flops import graph_macs
 from oecl_runtime.scorer import FileResult
 from oecl_runtime.verbs import RUNTIME_VERBS
