@@ -169,10 +169,10 @@ def test_oecl_serve_resizes_bodies_of_every_size(native_artifact: Path) -> None:
     from starlette.testclient import TestClient
 
     from oecl_runtime.serving.app import create_app
-    from oecl_runtime.serving.config import ServerConfig
+    from oecl_runtime.serving.config import BatchPolicy, ServerConfig
 
     with Scorer.open(native_artifact, backend="onnxruntime-cpu") as s, \
-            TestClient(create_app(s, ServerConfig(max_delay_ms=1.0))) as client:
+            TestClient(create_app(s, ServerConfig(BatchPolicy(max_delay_ms=1.0)))) as client:
         files = [("file", (f"p{side}.png", _png(photo(side)), "image/png")) for side in SIDES]
         r = client.post("/v1/score", files=files)
     assert r.status_code == 200, r.text

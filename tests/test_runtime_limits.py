@@ -17,12 +17,12 @@ from starlette.testclient import TestClient
 from oecl_runtime import ImageError, Scorer
 from oecl_runtime.preprocess import InputSpec, UnsupportedFormat, load
 from oecl_runtime.serving.app import create_app
-from oecl_runtime.serving.config import ServerConfig
+from oecl_runtime.serving.config import BatchPolicy, ServerConfig
 
 
 @pytest.fixture(scope="module")
 def client(scorer: Scorer) -> Iterator[TestClient]:
-    cfg = ServerConfig(max_queue=64, max_body_mb=4, max_image_pixels=1000 * 1000,
+    cfg = ServerConfig(BatchPolicy(max_queue=64), max_body_mb=4, max_image_pixels=1000 * 1000,
                        max_request_pixels=2_500_000)
     with TestClient(create_app(scorer, cfg)) as c:
         yield c

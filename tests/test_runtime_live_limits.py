@@ -25,7 +25,7 @@ from oecl_runtime.batcher import DynamicBatcher
 from oecl_runtime.inputs import Abandoned, to_batch
 from oecl_runtime.preprocess import InputSpec
 from oecl_runtime.serving.app import create_app
-from oecl_runtime.serving.config import ServerConfig
+from oecl_runtime.serving.config import BatchPolicy, ProcessConfig, ServerConfig
 
 # ----------------------------------------------------------------------------- batching
 
@@ -37,7 +37,7 @@ def test_a_lone_request_does_not_wait_for_the_batch_delay() -> None:
         runs.append(len(batch))
         return np.ones(len(batch), np.float32)
 
-    b = DynamicBatcher(run, (1, 2, 2), max_batch=8, max_delay_s=2.0, max_queue=64)
+    b = DynamicBatcher(run, (1, 2, 2), BatchPolicy(max_batch=8, max_delay_ms=2000.0, max_queue=64))
     b.start()
 
     async def one() -> float:
@@ -71,9 +71,11 @@ def live(scorer: Scorer) -> Iterator[tuple[int, object]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = ServerConfig(header_timeout_s=0.5, body_timeout_s=0.5, max_queue=256)
+    cfg = ServerConfig(BatchPolicy(max_queue=256), header_timeout_s=0.5, body_timeout_s=0.5,
+                       graceful_timeout_s=5)
     app = create_app(scorer, cfg)
-    server = uvicorn.Server(_uvicorn_config(app, "127.0.0.1", port, cfg, "warning", 5, False))
+    process = ProcessConfig(port=port, log_level="warning")
+    server = uvicorn.Server(_uvicorn_config(app, cfg, process))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -237,12 +239,14 @@ def test_bodies_still_arriving_are_bounded_in_bytes(scorer: Scorer) -> None:
     from oecl_runtime.serving.process import _uvicorn_config
 
     # 64 requests x 1 MB / 8: 8 MB of bodies may be arriving at once.
-    cfg = ServerConfig(max_queue=16, max_body_mb=1, body_timeout_s=20)
+    cfg = ServerConfig(BatchPolicy(max_queue=16), max_body_mb=1, body_timeout_s=20,
+                       graceful_timeout_s=5)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     app = create_app(scorer, cfg)
-    server = uvicorn.Server(_uvicorn_config(app, "127.0.0.1", port, cfg, "warning", 5, False))
+    process = ProcessConfig(port=port, log_level="warning")
+    server = uvicorn.Server(_uvicorn_config(app, cfg, process))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -298,7 +302,7 @@ def test_score_requests_past_their_body_are_limited(scorer: Scorer,
         return fn(*args, **kw)
 
     monkeypatch.setattr(server_mod, "run_in_threadpool", held)
-    app = create_app(scorer, ServerConfig(max_queue=16))
+    app = create_app(scorer, ServerConfig(BatchPolicy(max_queue=16)))
     limit = 64  # max_requests: max(64, 2 x max_queue)
     big = encoded(np.random.default_rng(9).integers(0, 256, (200, 200, 3), np.uint8), "PNG")
     assert len(big) > 64 * 1024  # decoded off the event loop

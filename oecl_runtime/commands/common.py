@@ -1,14 +1,19 @@
-"""What the runtime's commands share: the model and backend options, opening a scorer with
-one-line errors, and the model-name check."""
+"""What the runtime's commands share: the model and backend options, options built from a
+configuration dataclass's fields (and the dataclass back from their values), and opening a
+scorer with one-line errors."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
-from ..names import BACKEND_CHOICES, PRECISIONS, valid_model_name
+from ..names import BACKEND_CHOICES, PRECISIONS
+
+C = TypeVar("C")
 
 
 def model_option(f: Any) -> Any:
@@ -54,10 +59,49 @@ def open_scorer(model_dir: Path, backend: str, precision: str | None, threshold:
         raise click.ClickException(str(e)) from None
 
 
-def check_model_name(name: str) -> str:
-    if not valid_model_name(name):
-        raise click.BadParameter(f"{name!r}: use letters, digits, '-', '_' or '.' (not first)")
-    return name
+def checked(check: Callable[[Any], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback of `check`, whose ValueError becomes the option's usage error."""
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        try:
+            return check(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+
+    return callback
+
+
+def field_options(cls: type, *names: str) -> Callable[[Any], Any]:
+    """The options of fields `names` of dataclass `cls`, in that order, each named after its
+    field: flag, help text, click type and check from the field's metadata (`serving.config.
+    option`), the default from the field, so that a default is written once."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+
+    def add(fn: Any) -> Any:
+        for name in reversed(names):  # click lists a command's options bottom-up
+            f = fields[name]
+            meta = f.metadata["option"]
+            flag = meta["flag"] or "--" + name.replace("_", "-")
+            kw: dict[str, Any] = {"help": meta["help"]}
+            if isinstance(f.default, bool):
+                kw.update(is_flag=True, default=f.default)
+            elif meta["unset"]:
+                kw.update(type=meta["type"], default=None)
+            else:
+                kw.update(type=meta["type"], default=f.default, show_default=meta["show_default"])
+            if meta["check"] is not None:
+                kw["callback"] = checked(meta["check"])
+            fn = click.option(flag, name, **kw)(fn)
+        return fn
+
+    return add
+
+
+def config_from(cls: type[C], options: dict[str, Any], **given: Any) -> C:
+    """`cls` from a command's option values named after its fields (None: the field's default),
+    and the fields in `given`."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values = {k: v for k, v in options.items() if k in names and v is not None}
+    return cls(**values, **given)
 
 
 def say(msg: str) -> None:

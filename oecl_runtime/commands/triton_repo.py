@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from ..names import PRECISIONS, TRITON_MODEL_NAME
-from .common import artifact_argument, check_model_name, say
+from ..serving.config import BatchPolicy, check_model_name
+from .common import artifact_argument, checked, say
 
 
 @click.command("triton-repo")
@@ -17,7 +18,7 @@ from .common import artifact_argument, check_model_name, say
               help="Model repository directory; only the model's own subdirectories are "
                    "written (each replaced only if oecl wrote it).")
 @click.option("--name", default=TRITON_MODEL_NAME, show_default=True,
-              callback=lambda ctx, param, v: check_model_name(v),
+              callback=checked(check_model_name),
               help="Model name in the repository.")
 @click.option("--backend", type=click.Choice(["native", "python"]), default="native",
               show_default=True,
@@ -33,7 +34,8 @@ from .common import artifact_argument, check_model_name, say
               show_default=True, help="onnx: Triton's onnxruntime backend; tensorrt: the plan.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default=None,
               help="Model file precision; default: fp32 where present.")
-@click.option("--max-delay-us", type=click.IntRange(min=0), default=5000, show_default=True,
+@click.option("--max-delay-us", type=click.IntRange(min=0), default=BatchPolicy().max_delay_us,
+              show_default=True,
               help="Dynamic batching: longest a request waits for its batch to fill.")
 @click.option("--kind", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True,
               help="Instance kind.")

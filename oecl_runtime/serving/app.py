@@ -26,6 +26,7 @@ import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -86,9 +87,10 @@ class ScoringApp:
         self.scorer, self.cfg = scorer, cfg
         self.spec = scorer.spec
         self.chw = (self.spec.channels, self.spec.height, self.spec.width)
-        self.max_batch = min(cfg.max_batch or scorer.batch_size, scorer.batch_size)
-        if self.max_batch > cfg.max_queue:
-            self.max_batch = cfg.max_queue
+        policy = cfg.batch
+        self.max_batch = min(policy.max_batch or scorer.batch_size, scorer.batch_size)
+        if self.max_batch > policy.max_queue:
+            self.max_batch = policy.max_queue
         metrics = self.metrics = ServerMetrics(
             self.max_batch, {"backend": scorer.backend.name,
                              "precision": scorer.backend.precision})
@@ -98,8 +100,8 @@ class ScoringApp:
             metrics.inference.observe(seconds)
             metrics.images.inc(n)
 
-        self.batcher = DynamicBatcher(scorer.score_array, self.chw, self.max_batch,
-                                      cfg.max_delay_ms / 1000.0, cfg.max_queue, on_batch)
+        self.batcher = DynamicBatcher(scorer.score_array, self.chw,
+                                      replace(policy, max_batch=self.max_batch), on_batch)
         self.batcher.on_depth = metrics.queue_depth.set
         self._decodes = asyncio.Semaphore(max(1, cfg.decode_threads))
         self._buffered = 0  # bytes of bodies still arriving, across requests
@@ -272,7 +274,7 @@ class ScoringApp:
     # ---- the other routes
 
     def _starlette(self) -> Starlette:
-        scorer, cfg, metrics = self.scorer, self.cfg, self.metrics
+        scorer, cfg, metrics, policy = self.scorer, self.cfg, self.metrics, self.cfg.batch
 
         def counted(path: str, handler: Callable[[Request], Awaitable[Response]]
                     ) -> Callable[[Request], Awaitable[Response]]:
@@ -291,7 +293,7 @@ class ScoringApp:
 
         async def model(request: Request) -> Response:
             runtime = {**scorer.describe(), "max_batch": self.max_batch,
-                       "max_delay_ms": cfg.max_delay_ms, "max_queue": cfg.max_queue,
+                       "max_delay_ms": policy.max_delay_ms, "max_queue": policy.max_queue,
                        "max_body_bytes": cfg.max_body_bytes,
                        "max_image_pixels": cfg.max_image_pixels,
                        "max_request_pixels": cfg.max_request_pixels,
@@ -316,12 +318,12 @@ class ScoringApp:
                 if cfg.grpc_port else None
             log.info("scoring with %s (%s), batches up to %d or %.1f ms, queue %d images",
                      scorer.backend.name, scorer.backend.precision, self.max_batch,
-                     cfg.max_delay_ms, cfg.max_queue)
+                     policy.max_delay_ms, policy.max_queue)
             try:
                 yield
             finally:
                 if grpc_server is not None:  # in-flight calls get the HTTP side's grace
-                    await grpc_server.stop(30)
+                    await grpc_server.stop(cfg.graceful_timeout_s)
                 # uvicorn runs this after in-flight requests finish; drain what is still queued.
                 await run_in_threadpool(self.batcher.close, True)
                 if self._close_scorer:

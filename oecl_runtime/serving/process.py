@@ -23,7 +23,7 @@ from ..http_timeouts import protocol_name
 from ..metrics import MULTIPROC_ENV, forget_process
 from ..scorer import Scorer
 from .app import ScoringApp, create_app
-from .config import ServerConfig
+from .config import ProcessConfig, ServerConfig
 
 # The app's logger: one name for the whole server.
 log = logging.getLogger("oecl_runtime.server")
@@ -101,43 +101,36 @@ def connection_cap(wanted: int) -> int:
     return cap
 
 
-def _uvicorn_config(app: Any, host: str, port: int, cfg: ServerConfig, log_level: str,
-                    graceful_timeout_s: int, access_log: bool, **extra: Any) -> Any:
+def _uvicorn_config(app: Any, cfg: ServerConfig, process: ProcessConfig, **extra: Any) -> Any:
     # No `limit_concurrency`: uvicorn counts sockets with it, so idle connections locked
     # clients out. Requests are bounded by the app (`max_requests`), connections by the
     # protocol (`max_connections`, oldest idle closed first).
     uv = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, lifespan="on", access_log=access_log,
-        timeout_graceful_shutdown=graceful_timeout_s, http=protocol_name(), **extra)
+        app, host=process.host, port=process.port, log_level=process.log_level, lifespan="on",
+        access_log=process.access_log, timeout_graceful_shutdown=cfg.graceful_timeout_s,
+        http=protocol_name(), **extra)
     # Read by the protocol (see http_timeouts); on the Config, so worker processes get them.
     uv.header_timeout_s = cfg.header_timeout_s
+    uv.retry_after_s = cfg.retry_after_s
     uv.max_connections = connection_cap(cfg.max_connections)
     return uv
 
 
-def serve(
-    scorer: Scorer,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    config: ServerConfig | None = None,
-    log_level: str = "info",
-    graceful_timeout_s: int = 30,
-    access_log: bool = False,
-    sock: socket.socket | None = None,
-) -> None:
+def serve(scorer: Scorer, config: ServerConfig | None = None,
+          process: ProcessConfig | None = None, sock: socket.socket | None = None) -> None:
     """Run the server in this process until SIGINT/SIGTERM; in-flight requests finish first.
 
     `sock`: a socket already bound by `listen_socket` (else bound here; PortInUse when the
     port is taken). Access logging is off by default: at thousands of requests a second it
     costs more CPU than the rest of the request path, and /metrics already counts every request.
     """
-    cfg = config or ServerConfig()
-    sock = sock or listen_socket(host, port)
+    cfg, process = config or ServerConfig(), process or ProcessConfig()
+    sock = sock or listen_socket(process.host, process.port)
     app = create_app(scorer, cfg)
-    uv_config = _uvicorn_config(app, host, port, cfg, log_level, graceful_timeout_s, access_log)
+    uv_config = _uvicorn_config(app, cfg, process)
     stack = http_stack()
     log.info("uvicorn %s, http %s, event loop %s", stack["uvicorn"], stack["http"], stack["loop"])
-    log.info("listening on http://%s:%d", host, sock.getsockname()[1])
+    log.info("listening on http://%s:%d", process.host, sock.getsockname()[1])
     DrainingServer(uv_config).run(sockets=[sock])
 
 
@@ -162,20 +155,16 @@ def serve_workers(
     precision: str | None = None,
     threshold: float | None = None,
     threads: int | None = None,
-    host: str = "127.0.0.1",
-    port: int = 8000,
     config: ServerConfig | None = None,
-    log_level: str = "info",
-    graceful_timeout_s: int = 30,
-    access_log: bool = False,
+    process: ProcessConfig | None = None,
     sock: socket.socket | None = None,
 ) -> None:
     """Run `workers` processes on one port, each with its own backend whose CPU threads share
     the cores (`threads` each; default: `serving_threads`), and /metrics summed across them.
     Workers end with this process, however it ends; a worker that dies is restarted and its
-    gauges leave the sums. `sock` as for `serve`."""
-    cfg = config or ServerConfig()
-    sock = sock or listen_socket(host, port)
+    gauges leave the sums. `config`, `process` and `sock` as for `serve`."""
+    cfg, process = config or ServerConfig(), process or ProcessConfig()
+    sock = sock or listen_socket(process.host, process.port)
     if threads is None:
         threads = serving_threads(workers)
     metrics_dir = tempfile.mkdtemp(prefix="oecl-metrics-")
@@ -185,12 +174,11 @@ def serve_workers(
         "threshold": threshold, "threads": threads, "config": asdict(cfg),
         "parent": os.getpid()})
     try:
-        uv_config = _uvicorn_config(f"{__name__}:worker_app", host, port, cfg, log_level,
-                                    graceful_timeout_s, access_log, factory=True,
+        uv_config = _uvicorn_config(f"{__name__}:worker_app", cfg, process, factory=True,
                                     workers=workers)
         log.info("%d workers, %d CPU threads each; metrics across workers in %s", workers,
                  threads, metrics_dir)
-        log.info("listening on http://%s:%d", host, sock.getsockname()[1])
+        log.info("listening on http://%s:%d", process.host, sock.getsockname()[1])
         _supervisor()(uv_config, sockets=[sock]).run()
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -243,7 +231,7 @@ def worker_app() -> ScoringApp:
     _die_with_parent(opts["parent"])
     scorer = Scorer.open(opts["model"], backend=opts["backend"], precision=opts["precision"],
                          threshold=opts["threshold"], threads=opts["threads"])
-    app = ScoringApp(scorer, ServerConfig(**opts["config"]), close_scorer=True)
+    app = ScoringApp(scorer, ServerConfig.from_dict(opts["config"]), close_scorer=True)
     return app
 
 
