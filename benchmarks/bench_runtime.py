@@ -51,7 +51,7 @@ from oecl_runtime.backends import Backend, open_backend
 from oecl_runtime.backends.ort import OnnxRuntimeBackend
 from oecl_runtime.bench import request_images, server_runtime
 from oecl_runtime.flops import graph_macs
-from oecl_runtime.server import http_stack
+from oecl_runtime.serving.process import http_stack
 
 # label -> (runtime backend, artifact format, precision)
 BACKENDS: dict[str, tuple[str, str, str]] = {

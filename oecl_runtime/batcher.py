@@ -15,8 +15,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .serving.config import BatchPolicy
 
 _IDLE, _FILLING = "idle", "filling"
 
@@ -70,23 +74,24 @@ def _wake(done: list[_Request]) -> None:
 
 
 class DynamicBatcher:
-    """Run `run(uint8 NCHW) -> float32 norms` on batches assembled from submitted requests."""
+    """Run `run(uint8 NCHW) -> float32 norms` on batches assembled from submitted requests,
+    as `policy` says (its `max_batch` a number here, not the backend's to pick)."""
 
     def __init__(
         self,
         run: Callable[[np.ndarray], np.ndarray],
         item_shape: tuple[int, int, int],
-        max_batch: int,
-        max_delay_s: float,
-        max_queue: int,
+        policy: BatchPolicy,
         on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
-        if max_batch < 1 or max_queue < 1 or max_delay_s < 0:
+        max_batch = policy.max_batch
+        if max_batch is None or max_batch < 1 or policy.max_queue < 1 or policy.max_delay_ms < 0:
             raise ValueError("max_batch and max_queue must be >= 1 and max_delay >= 0")
         self._run = run
+        # Plain attributes, read on every submit and batch.
         self.max_batch = max_batch
-        self.max_delay_s = max_delay_s
-        self.max_queue = max_queue
+        self.max_delay_s = policy.max_delay_s
+        self.max_queue = policy.max_queue
         self._on_batch = on_batch
         # One (request, index, enqueue time) per image; requests span batches when they must.
         self._queue: deque[tuple[_Request, int, float]] = deque()

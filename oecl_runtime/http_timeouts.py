@@ -8,10 +8,12 @@ and when the first byte of each later request arrives, and stop it when the head
 if it fires first, the client gets a 408 and the connection is closed. The body's deadline is
 the app's (it reads the body).
 
-The header timeout travels on the uvicorn `Config` as `header_timeout_s`, so worker processes
-started by uvicorn's supervisor get it with the rest of the configuration. Each 408 is told to
-the app being served, if it has an `on_header_timeout()` (to count it): the app, unlike the
-protocol class, is one per server, so two servers in one process count apart.
+The header timeout travels on the uvicorn `Config` as `header_timeout_s` (and the Retry-After
+of a refused connection as `retry_after_s`), so worker processes started by uvicorn's
+supervisor get them with the rest of the configuration; a `Config` without them gets
+`ServerConfig`'s defaults. Each 408 is told to the app being served, if it has an
+`on_header_timeout()` (to count it): the app, unlike the protocol class, is one per server, so
+two servers in one process count apart.
 
 Open connections are capped separately from requests (`max_connections` on the `Config`):
 uvicorn's own `limit_concurrency` counts sockets, so a few hundred clients that connect and
@@ -19,7 +21,7 @@ send nothing made every request, `/healthz` included, a 503. Here a connection o
 closes the connection that has been idle longest (waiting for its first request, for the
 headers of the next, or kept alive after a response); only when every connection has a
 request in progress is the newcomer turned away (503, closed). Requests in flight are bounded
-by the app (see `server.ScoringApp`), which counts requests, not sockets.
+by the app (see `serving.app.ScoringApp`), which counts requests, not sockets.
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .serving.config import ServerConfig
+
 try:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 except ImportError:  # httptools not installed: uvicorn runs h11
     HttpToolsProtocol = None  # type: ignore[assignment,misc]
 
-DEFAULT_HEADER_TIMEOUT_S = 10.0
+_DEFAULTS = ServerConfig()
 
 
 def timeout_response(reason: str) -> bytes:
@@ -46,12 +50,12 @@ def timeout_response(reason: str) -> bytes:
             + body)
 
 
-def busy_response() -> bytes:
+def busy_response(retry_after_s: int) -> bytes:
     body = json.dumps({"error": "server has no free connection: every one has a request in "
                                 "progress; retry later"}).encode()
     return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-            b"content-length: " + str(len(body)).encode() + b"\r\nretry-after: 1\r\n"
-            b"connection: close\r\n\r\n" + body)
+            b"content-length: " + str(len(body)).encode() + b"\r\nretry-after: "
+            + str(retry_after_s).encode() + b"\r\nconnection: close\r\n\r\n" + body)
 
 
 class _HeaderDeadline:
@@ -94,7 +98,8 @@ class _HeaderDeadline:
             hook = _app_hook(self.app, "on_connection_shed")  # type: ignore[attr-defined]
         else:
             self._disarm()
-            self.transport.write(busy_response())  # type: ignore[attr-defined]
+            retry = getattr(self.config, "retry_after_s", _DEFAULTS.retry_after_s)  # type: ignore[attr-defined]
+            self.transport.write(busy_response(retry))  # type: ignore[attr-defined]
             self.transport.close()  # type: ignore[attr-defined]
             hook = _app_hook(self.app, "on_connection_refused")  # type: ignore[attr-defined]
         if hook is not None:
@@ -113,7 +118,7 @@ class _HeaderDeadline:
         super().connection_lost(exc)  # type: ignore[misc]
 
     def _arm(self) -> None:
-        timeout = getattr(self.config, "header_timeout_s", DEFAULT_HEADER_TIMEOUT_S)  # type: ignore[attr-defined]
+        timeout = getattr(self.config, "header_timeout_s", _DEFAULTS.header_timeout_s)  # type: ignore[attr-defined]
         if timeout:
             self._header_timer = self.loop.call_later(timeout, self._expire)  # type: ignore[attr-defined]
 
@@ -128,7 +133,7 @@ class _HeaderDeadline:
         cycle = self.cycle  # type: ignore[attr-defined]
         if transport.is_closing() or (cycle is not None and not cycle.response_complete):
             return
-        timeout = getattr(self.config, "header_timeout_s", DEFAULT_HEADER_TIMEOUT_S)  # type: ignore[attr-defined]
+        timeout = getattr(self.config, "header_timeout_s", _DEFAULTS.header_timeout_s)  # type: ignore[attr-defined]
         transport.write(timeout_response(f"request headers not received within {timeout:g} s"))
         transport.close()
         hook = _app_hook(self.app, "on_header_timeout")  # type: ignore[attr-defined]

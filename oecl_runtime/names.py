@@ -27,6 +27,9 @@ IMAGE_EXTENSIONS = frozenset(
 TRITON_MODEL_NAME = "oecl"
 # The Open Inference Protocol input of encoded images (BYTES [N]), beside the artifact's own.
 BYTES_INPUT = "image_bytes"
+# Decoded pixels allowed per image. Pillow's own bomb limit (89 M pixels) lets a 420 KB PNG
+# cost 2.5 s and 690 MB; the model input is tiny, so a camera-sized frame is plenty.
+DEFAULT_MAX_PIXELS = 4096 * 4096
 
 
 def valid_model_name(name: str) -> bool:

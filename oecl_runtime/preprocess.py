@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .names import DEFAULT_MAX_PIXELS
+
 _RESAMPLE = {"bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "bicubic": Image.BICUBIC}
 # The rule an artifact states in `input.resize_rule` (its `resize` is always a number).
 RESIZE_RULE = "shorter side to `resize`, then centre crop to height x width"
@@ -62,10 +64,6 @@ class InputSpec:
             interpolation=str(d.get("interpolation", "bilinear")),
         )
 
-
-# Decoded pixels allowed per image. Pillow's own bomb limit (89 M pixels) lets a 420 KB PNG
-# cost 2.5 s and 690 MB; the model input is tiny, so a camera-sized frame is plenty.
-DEFAULT_MAX_PIXELS = 4096 * 4096
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 

@@ -30,6 +30,7 @@ from typing import Any
 from .artifact import Artifact, ArtifactError
 from .atomic import atomic_dir, write_text
 from .names import BYTES_INPUT, TRITON_MODEL_NAME, valid_model_name
+from .serving.config import BatchPolicy
 
 PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"),
              "tensorrt": ("tensorrt_plan", "model.plan")}
@@ -201,7 +202,7 @@ def write_repository(
     name: str = TRITON_MODEL_NAME,
     fmt: str = "onnx",
     precision: str | None = None,
-    max_delay_us: int = 5000,
+    max_delay_us: int = BatchPolicy().max_delay_us,  # as long as `oecl serve` waits
     kind: str = "gpu",
     instances: int = 1,
     backend: str = "native",

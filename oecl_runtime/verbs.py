@@ -15,13 +15,16 @@ import click
 Verb = tuple[str, str, str]
 
 RUNTIME_VERBS: dict[str, Verb] = {
-    "score": ("oecl_runtime.cli", "score", "Score images with an exported model (no torch)."),
-    "serve": ("oecl_runtime.cli", "serve", "Serve an exported model over HTTP."),
-    "bench": ("oecl_runtime.cli", "bench", "Measure scoring latency and throughput."),
-    "verify": ("oecl_runtime.cli", "verify", "Check a backend here on the artifact's golden set."),
-    "engine": ("oecl_runtime.cli", "engine", "Build and record TensorRT engines on this GPU."),
-    "triton-repo": ("oecl_runtime.cli", "triton_repo", "Write a Triton Inference Server model "
-                    "repository."),
+    "score": ("oecl_runtime.commands.score", "score",
+              "Score images with an exported model (no torch)."),
+    "serve": ("oecl_runtime.commands.serve", "serve", "Serve an exported model over HTTP."),
+    "bench": ("oecl_runtime.commands.bench", "bench", "Measure scoring latency and throughput."),
+    "verify": ("oecl_runtime.commands.verify", "verify",
+               "Check a backend here on the artifact's golden set."),
+    "engine": ("oecl_runtime.commands.engine", "engine",
+               "Build and record TensorRT engines on this GPU."),
+    "triton-repo": ("oecl_runtime.commands.triton_repo", "triton_repo",
+                    "Write a Triton Inference Server model repository."),
 }
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from oecl_runtime import Scorer
 from oecl_runtime.artifact import file_entry, write_metadata
-from oecl_runtime.cli import score as score_cmd
+from oecl_runtime.commands.score import score as score_cmd
 from oecl_runtime.preprocess import RESIZE_RULE, InputSpec, load
 from oecl_train.export.metadata import norm_stats
 
@@ -168,10 +168,11 @@ def test_oecl_serve_resizes_bodies_of_every_size(native_artifact: Path) -> None:
     pytest.importorskip("starlette")
     from starlette.testclient import TestClient
 
-    from oecl_runtime.server import ServerConfig, create_app
+    from oecl_runtime.serving.app import create_app
+    from oecl_runtime.serving.config import BatchPolicy, ServerConfig
 
     with Scorer.open(native_artifact, backend="onnxruntime-cpu") as s, \
-            TestClient(create_app(s, ServerConfig(max_delay_ms=1.0))) as client:
+            TestClient(create_app(s, ServerConfig(BatchPolicy(max_delay_ms=1.0)))) as client:
         files = [("file", (f"p{side}.png", _png(photo(side)), "image/png")) for side in SIDES]
         r = client.post("/v1/score", files=files)
     assert r.status_code == 200, r.text

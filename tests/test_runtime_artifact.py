@@ -96,7 +96,7 @@ def test_missing_file_is_refused_when_used_and_named_with_its_remedy(plain_art: 
 def test_int8_scores_with_the_fp32_file_gone(plain_art: Path, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from oecl_runtime.cli import score
+    from oecl_runtime.commands.score import score
     from oecl_train.export.quantize import INT8_FORMS, quantize_int8
 
     calib = np.random.default_rng(0).integers(0, 256, (8, 3, 32, 32), dtype=np.uint8)

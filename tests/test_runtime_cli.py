@@ -21,7 +21,8 @@ from helpers import copy_artifact, random_images
 from PIL import Image
 
 from oecl_runtime import Scorer
-from oecl_runtime.cli import bench, expand_paths, score
+from oecl_runtime.commands.bench import bench
+from oecl_runtime.commands.score import expand_paths, score
 from oecl_runtime.flops import graph_macs
 from oecl_runtime.scorer import FileResult
 from oecl_runtime.verbs import RUNTIME_VERBS
@@ -158,7 +159,7 @@ def live_server(artifact_dir: Path) -> Iterator[str]:
 
     import uvicorn
 
-    from oecl_runtime.server import create_app
+    from oecl_runtime.serving.app import create_app
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -26,12 +26,13 @@ from starlette.testclient import TestClient
 
 from oecl_runtime import Backend, Scorer
 from oecl_runtime.bench import http_load
-from oecl_runtime.server import ServerConfig, create_app
+from oecl_runtime.serving.app import create_app
+from oecl_runtime.serving.config import BatchPolicy, ServerConfig
 
 
 @pytest.fixture(scope="module")
 def client(scorer: Scorer) -> Iterator[TestClient]:
-    cfg = ServerConfig(max_delay_ms=2.0, max_queue=64, max_body_mb=0.25)
+    cfg = ServerConfig(BatchPolicy(max_delay_ms=2.0, max_queue=64), max_body_mb=0.25)
     with TestClient(create_app(scorer, cfg)) as c:
         yield c
 
@@ -185,7 +186,8 @@ class _FailingBackend(Backend):
 
 def test_full_queue_is_503_with_retry_after(scorer: Scorer) -> None:
     gated = _GatedBackend(scorer.backend)
-    app = create_app(Scorer(scorer.artifact, gated), ServerConfig(max_queue=1, max_delay_ms=0))
+    app = create_app(Scorer(scorer.artifact, gated),
+                     ServerConfig(BatchPolicy(max_queue=1, max_delay_ms=0)))
     img = png_bytes(random_images(1, seed=25)[0])
     with TestClient(app) as c, ThreadPoolExecutor(2) as pool:
         first = pool.submit(c.post, "/v1/score", content=img)
@@ -219,7 +221,7 @@ def test_live_uvicorn_under_concurrent_load(scorer: Scorer) -> None:
     import uvicorn
 
     port = _free_port()
-    app = create_app(scorer, ServerConfig(max_delay_ms=5.0, max_queue=256))
+    app = create_app(scorer, ServerConfig(BatchPolicy(max_delay_ms=5.0, max_queue=256)))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -302,7 +304,7 @@ def test_http_stack_names_what_uvicorn_will_run(monkeypatch: pytest.MonkeyPatch)
     import importlib.metadata as md
     import importlib.util
 
-    from oecl_runtime.server import http_stack
+    from oecl_runtime.serving.process import http_stack
 
     real = md.version
     installed = http_stack()

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from helpers import deny_listing, random_images
 from PIL import Image
 
-from oecl_runtime.cli import expand_paths, score
+from oecl_runtime.commands.score import expand_paths, score
 from oecl_runtime.scorer import Scorer
 
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0

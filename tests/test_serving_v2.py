@@ -22,7 +22,8 @@ from PIL import Image
 from starlette.testclient import TestClient
 
 from oecl_runtime import Scorer
-from oecl_runtime.server import ServerConfig, create_app
+from oecl_runtime.serving.app import create_app
+from oecl_runtime.serving.config import BatchPolicy, ServerConfig
 
 pytest.importorskip("tritonclient.http", reason="needs tritonclient[http] (the dev extra)")
 
@@ -134,7 +135,7 @@ def test_v1_and_v2_images_share_batches(server: str) -> None:
 
 @pytest.fixture(scope="module")
 def client(scorer: Scorer) -> Iterator[TestClient]:
-    cfg = ServerConfig(max_delay_ms=1.0, max_queue=8, max_body_mb=0.25)
+    cfg = ServerConfig(BatchPolicy(max_delay_ms=1.0, max_queue=8), max_body_mb=0.25)
     with TestClient(create_app(scorer, cfg)) as c:
         yield c
 

@@ -46,7 +46,7 @@ from .v2_codec import (
 )
 
 if TYPE_CHECKING:
-    from ..server import ScoringApp
+    from .app import ScoringApp
 
 VERSION = "1"
 OUTPUTS = {"norm": "FP32", "is_anomaly": "BOOL"}
