@@ -23,6 +23,7 @@ from oecl_train import checkpoint
 from oecl_train.augment import AugmentConfig, SimCLRAugment
 from oecl_train.data import Splits
 from oecl_train.devices import resolve_device
+from oecl_train.execution import run_execution
 from oecl_train.metrics import (
     METRICS,
     ood_metrics,
@@ -73,8 +74,10 @@ def augment_for(cfg, spec, device):
 
 
 def eval_precision(cfg, device) -> str:
+    """The precision a run is scored at on `device`: the one it ran at."""
+    precision = run_execution(cfg, device).precision
     # fp16 autocast exists only on CUDA; a CUDA-trained fp16 run scored on the CPU uses bf16.
-    return "bf16" if cfg.precision == "fp16" and device.type != "cuda" else cfg.precision
+    return "bf16" if precision == "fp16" and device.type != "cuda" else precision
 
 
 def score_model(

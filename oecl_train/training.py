@@ -169,18 +169,21 @@ def _run_training(
         # K forward passes per image: on a CPU a large test split takes a while, so say so.
         echo(f"scoring the test split ({len(splits.test_images)} images over {DEFAULT_VIEWS} "
              "views, the served score) ...")
-        result["test"] = served_test_metrics(trainer.net, splits, cfg, trainer.device)
+        result["test"] = served_test_metrics(trainer.net, splits, cfg, trainer.device,
+                                             trainer.execution.precision)
     return result
 
 
-def served_test_metrics(net, splits: Splits, cfg: TrainConfig, device) -> dict[str, Any]:
+def served_test_metrics(
+    net, splits: Splits, cfg: TrainConfig, device, precision: str
+) -> dict[str, Any]:
     """Metrics on the whole test split of the score `oecl export` serves by default
     (mean-view-norm over DEFAULT_VIEWS views; `oecl eval` reports the same number), at the
-    run's precision, overall and per OOD class."""
+    run's `precision` (as it ran), overall and per OOD class."""
     name = served_score(DEFAULT_VIEWS)
     views = views_for(cfg, splits.spec.height, splits.spec.width, DEFAULT_VIEWS)
     s = compute_scores(net, splits.test_images, scores=(name,), views=views, device=device,
-                       precision=cfg.precision)[name]
+                       precision=precision)[name]
     is_id = splits.test_is_id
     return {
         "score": f"{name} (higher = normal)",
