@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from oecl_runtime.errors import one_line
-from oecl_train.data.readers import progress_enabled
+from oecl_train.data.reader_base import progress_enabled
 from oecl_train.errors import user_errors
 from oecl_train.report import format_run_table
 from oecl_train.score_names import SCORES
