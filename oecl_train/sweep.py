@@ -278,6 +278,7 @@ def reusable_report(
     return report if ok else None
 
 
+# evaluate_run's options, in its order, so that a sweep evaluates each class run as one run is.
 def evaluate_sweep(
     sweep_dir: str | Path,
     scores: Sequence[str] | str = SCORES,
