@@ -37,7 +37,8 @@ from oecl_model.model import OECLNet
 from oecl_runtime.atomic import write_json
 from oecl_train.config import TrainConfig
 from oecl_train.data import Splits
-from oecl_train.trainer import Trainer, architecture_for, configure_cuda
+from oecl_train.execution import configure_cuda, resolve_execution
+from oecl_train.trainer import Trainer, architecture_for
 
 
 class PerImageViews(torch.utils.data.Dataset):
@@ -218,7 +219,7 @@ def main() -> int:
     if cuda:
         # The trainer's own settings, before the first variant: the reference runs under
         # them too, so the speed-ups measure pipelines, not library defaults.
-        configure_cuda(TrainConfig.from_dict(base))
+        configure_cuda(resolve_execution(TrainConfig.from_dict(base), torch.device(args.device)))
     dev = device_name(args.device)
     record = {
         "benchmark": "train-throughput",

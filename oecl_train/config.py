@@ -134,6 +134,12 @@ class TrainConfig:
         "On CUDA, let fp32 matmuls, convolutions and the loss kernel use TF32 tensor cores "
         "(10-bit mantissa); --no-tf32 keeps exact fp32. Recorded as false on the CPU.",
     )
+    execution: dict | None = _opt(
+        None,
+        "What the run ran with: its device and the precision, compile and TF32 choices as "
+        "resolved there (written by training, not an option).",
+        cli=False,
+    )
     checkpoint_every: int | None = _opt(None, "Epochs between checkpoints (default: ~10 per run).")
     checkpoint_minutes: float = _opt(
         10.0, "Also checkpoint when this many minutes passed since the last one (0: off)."

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from oecl_model.views import DEFAULT_VIEWS, views_for, views_to_json
+from oecl_model.views import views_for, views_to_json
 from oecl_train import checkpoint
 from oecl_train.augment import AugmentConfig, SimCLRAugment
 from oecl_train.data import Splits
 from oecl_train.devices import resolve_device
+from oecl_train.execution import run_execution
 from oecl_train.metrics import (
     METRICS,
     ood_metrics,
@@ -43,6 +44,7 @@ from oecl_train.scores import (
     parse_scores,
 )
 from oecl_train.trainer import load_trained
+from oecl_train.view_count import view_count
 
 REPORT_SCHEMA = "oecl-eval-report/1"
 # The machine-readable direction: the same token as oecl.json's `score.direction`.
@@ -73,8 +75,10 @@ def augment_for(cfg, spec, device):
 
 
 def eval_precision(cfg, device) -> str:
+    """The precision a run is scored at on `device`: the one it ran at."""
+    precision = run_execution(cfg, device).precision
     # fp16 autocast exists only on CUDA; a CUDA-trained fp16 run scored on the CPU uses bf16.
-    return "bf16" if cfg.precision == "fp16" and device.type != "cuda" else cfg.precision
+    return "bf16" if precision == "fp16" and device.type != "cuda" else precision
 
 
 def score_model(
@@ -87,11 +91,12 @@ def score_model(
     device="cpu",
     batch_size: int = 1024,
     progress: bool = False,
-    views: int = DEFAULT_VIEWS,
+    views: int | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Test-set scores (each requested score, at the run's precision) and the fp32
     ID-validation values of the served score (for the threshold). mean-view-norm uses the
-    run's `views`-view set, the one `oecl export --views` bakes in."""
+    run's `views`-view set (default: `view_count`), the one `oecl export --views` bakes in."""
+    views = view_count(views)
     device = torch.device(device)
     scores = parse_scores(scores)
     need_aug = any(s in RANDOM_VIEW_SCORES for s in scores)
@@ -203,9 +208,10 @@ def build_report(
     device: str,
     batch_size: int,
     seconds: float,
-    views: int = DEFAULT_VIEWS,
+    views: int | None = None,
 ) -> dict[str, Any]:
     """The report as a JSON-ready dict (schema: REPORT_SCHEMA)."""
+    views = view_count(views)
     is_id = splits.test_is_id
     classes = splits.classes
     per_score = {}
@@ -291,11 +297,13 @@ def evaluate_run(
     batch_size: int = 1024,
     progress: bool = False,
     plots: bool = True,
-    views: int = DEFAULT_VIEWS,
+    views: int | None = None,
 ) -> dict[str, Any]:
     """Score a run's test split, write RUN/eval/report.{json,md} (+ plots, + scores.csv), and
-    return the report dict. Raises EvalError (one line) on bad input."""
+    return the report dict. `views`: K of mean-view-norm (default: `view_count`). Raises
+    EvalError (one line) on bad input."""
     scores = parse_scores(scores)
+    views = view_count(views)
     if k < 1 and any(s in RANDOM_VIEW_SCORES for s in scores):
         raise EvalError("--k must be at least 1")
     if views < 1:

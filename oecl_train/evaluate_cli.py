@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from oecl_runtime.errors import one_line
-from oecl_train.data.readers import progress_enabled
+from oecl_train.data.reader_base import progress_enabled
 from oecl_train.errors import user_errors
 from oecl_train.report import format_run_table
 from oecl_train.score_names import SCORES
@@ -63,7 +63,6 @@ def eval_cmd(
     sweep.json and sweep.md.
     """
     # torch is imported once the verb runs, so that `oecl eval --help` does without it.
-    from oecl_model.views import DEFAULT_VIEWS
     from oecl_train.evaluate import evaluate_run
     from oecl_train.scores import parse_scores
     from oecl_train.sweep import evaluate_sweep, is_sweep_dir, print_sweep
@@ -81,7 +80,7 @@ def eval_cmd(
             return
         report = evaluate_run(
             run, names, k, save_scores, device, batch_size=batch_size, progress=progress,
-            views=DEFAULT_VIEWS if views is None else views,
+            views=views,
         )
     except user_errors() as e:
         raise click.ClickException(one_line(e)) from None

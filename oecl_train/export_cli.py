@@ -58,7 +58,7 @@ def export_cmd(run: str, out_dir: str, formats: str, max_batch: int, threshold_t
         summary = export_run(run, out_dir, formats, max_batch=max_batch,
                              threshold_tpr=threshold_tpr, embedding=embedding,
                              calib_images=calib_images, verify=verify, device=device,
-                             **({} if views is None else {"views": views}))
+                             views=views)
     except user_errors() as e:
         raise click.ClickException(one_line(e)) from None
     print_summary(summary)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from oecl_train.config import TrainConfig
-from oecl_train.data.readers import progress_enabled
+from oecl_train.data.reader_base import progress_enabled
 from oecl_train.errors import user_errors
 from oecl_train.train_cli import print_result
 

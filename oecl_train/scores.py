@@ -16,8 +16,8 @@ import torch
 
 from oecl_model.views import View, ViewStack, mean_over_views
 from oecl_train.augment import SimCLRAugment
+from oecl_train.execution import autocast
 from oecl_train.score_names import DESCRIPTIONS, DIRECTION, RANDOM_VIEW_SCORES, SCORES, VIEW_SCORE
-from oecl_train.trainer import autocast
 
 __all__ = ["DESCRIPTIONS", "DIRECTION", "RANDOM_VIEW_SCORES", "SCORES", "VIEW_SCORE",
            "compute_scores", "embed", "parse_scores", "view_scores"]

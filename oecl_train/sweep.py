@@ -23,10 +23,10 @@ from oecl_train.config import TrainConfig
 from oecl_train.data import DataError, make_reader
 from oecl_train.devices import resolve_device
 from oecl_train.evaluate import EvalError, evaluate_run, mean_metrics
+from oecl_train.execution import recorded_config, resolve_execution
 from oecl_train.oe_auto import as_saved
 from oecl_train.report import format_sweep_table, write_sweep_report
 from oecl_train.scores import DIRECTION, SCORES, parse_scores
-from oecl_train.trainer import resolve_execution
 from oecl_train.training import run_training
 
 SWEEP_SCHEMA = "oecl-sweep/1"
@@ -86,12 +86,13 @@ def _config_differences(saved: TrainConfig | None, cfg) -> list[str]:
     if saved is None:
         return ["config.json"]
     # A saved config records what ran ("auto" resolved for its device): compare like with like.
-    want, device = dataclasses.replace(cfg), resolve_device(cfg.device)
-    resolve_execution(want, device)
-    resolve_execution(saved, device)
-    a, b = (json.loads(json.dumps(c.to_json())) for c in (saved, want))
-    # out_dir is where the run was found, however it is spelled (relative, moved): not a setting.
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k != "out_dir")
+    device = resolve_device(cfg.device)
+    a, b = (json.loads(json.dumps(recorded_config(c, resolve_execution(c, device))))
+            for c in (saved, cfg))
+    # out_dir is where the run was found, however it is spelled (relative, moved), and the
+    # execution record names the device it ran on (cuda:0 under torchrun): not settings.
+    return sorted(k for k in a.keys() | b.keys()
+                  if a.get(k) != b.get(k) and k not in ("out_dir", "execution"))
 
 
 def train_or_reuse(cfg, progress: bool, extend: bool = False) -> tuple[str, float | None]:
@@ -277,6 +278,7 @@ def reusable_report(
     return report if ok else None
 
 
+# evaluate_run's options, in its order, so that a sweep evaluates each class run as one run is.
 def evaluate_sweep(
     sweep_dir: str | Path,
     scores: Sequence[str] | str = SCORES,

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from oecl_train.config import TrainConfig
-from oecl_train.data.readers import progress_enabled
+from oecl_train.data.reader_base import progress_enabled
 from oecl_train.errors import user_errors
 
 

@@ -1,12 +1,23 @@
 """What a training run says about its own progress: the expected duration of the whole run once
 the first steps are timed, a hint toward the CPU-sized settings when a big model trains on a
 CPU, and, when no progress bar is drawn (stderr is not a terminal), a plain line every
-`EVERY_S` seconds or `EVERY_SHARE` of the run with step, images/s, loss and ETA."""
+`EVERY_S` seconds or `EVERY_SHARE` of the run with step, images/s, loss and ETA; and the
+per-epoch log, metrics.jsonl."""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from oecl_runtime.atomic import write_text
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 # The steps timed before the run's duration is announced. The first step is left out of the
 # timing: it pays for warm-up (allocations, cuDNN's search, torch.compile).
@@ -100,3 +111,35 @@ class TrainingProgress:
                 f"step {done}/{self.total} ({done / self.total:.0%})  {img_s:.0f} images/s  "
                 f"loss {loss():.4f}  ETA {format_duration(per_step * (self.total - done))}"
             )
+
+
+def bar_progress(
+    bar: tqdm, *, total_steps: int, start_step: int, bar_shown: bool, cpu_hint: bool
+) -> TrainingProgress:
+    """The progress of a run with the tqdm `bar`: its lines above a shown bar, else plain lines
+    on stderr."""
+
+    def log(msg: str) -> None:
+        if bar_shown:
+            bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    return TrainingProgress(total_steps=total_steps, start_step=start_step, log=log,
+                            plain_lines=not bar_shown, cpu_hint=cpu_hint)
+
+
+def append_metrics(run_dir: Path, row: dict) -> None:
+    """One epoch's row of metrics.jsonl, on disk before training goes on."""
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def truncate_metrics(run_dir: Path, epoch: int) -> None:
+    """Drop the rows after `epoch` (a resumed run writes them again)."""
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        keep = [ln for ln in path.read_text().splitlines() if json.loads(ln)["epoch"] <= epoch]
+        write_text(path, "".join(ln + "\n" for ln in keep))

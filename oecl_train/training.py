@@ -13,7 +13,7 @@ from typing import Any
 import click
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from oecl_model.views import DEFAULT_VIEWS, views_for
+from oecl_model.views import views_for
 from oecl_train.config import TrainConfig, read_config_file
 from oecl_train.data import Splits
 from oecl_train.distributed import distributed_context, torchrun_environment
@@ -27,6 +27,7 @@ from oecl_train.rundir import require_run_dir
 from oecl_train.score_names import served_score
 from oecl_train.scores import compute_scores
 from oecl_train.trainer import Trainer
+from oecl_train.view_count import view_count
 
 # Options `--resume` may change: where and how it runs, and how long (--steps / --epochs).
 RESUME_OPTIONS = (
@@ -167,24 +168,28 @@ def _run_training(
         return result
     if quick_eval:
         # K forward passes per image: on a CPU a large test split takes a while, so say so.
-        echo(f"scoring the test split ({len(splits.test_images)} images over {DEFAULT_VIEWS} "
+        echo(f"scoring the test split ({len(splits.test_images)} images over {view_count()} "
              "views, the served score) ...")
-        result["test"] = served_test_metrics(trainer.net, splits, cfg, trainer.device)
+        result["test"] = served_test_metrics(trainer.net, splits, cfg, trainer.device,
+                                             trainer.execution.precision)
     return result
 
 
-def served_test_metrics(net, splits: Splits, cfg: TrainConfig, device) -> dict[str, Any]:
+def served_test_metrics(
+    net, splits: Splits, cfg: TrainConfig, device, precision: str
+) -> dict[str, Any]:
     """Metrics on the whole test split of the score `oecl export` serves by default
-    (mean-view-norm over DEFAULT_VIEWS views; `oecl eval` reports the same number), at the
-    run's precision, overall and per OOD class."""
-    name = served_score(DEFAULT_VIEWS)
-    views = views_for(cfg, splits.spec.height, splits.spec.width, DEFAULT_VIEWS)
+    (mean-view-norm over `view_count()` views; `oecl eval` reports the same number), at the
+    run's `precision` (as it ran), overall and per OOD class."""
+    k = view_count()
+    name = served_score(k)
+    views = views_for(cfg, splits.spec.height, splits.spec.width, k)
     s = compute_scores(net, splits.test_images, scores=(name,), views=views, device=device,
-                       precision=cfg.precision)[name]
+                       precision=precision)[name]
     is_id = splits.test_is_id
     return {
         "score": f"{name} (higher = normal)",
-        "views": DEFAULT_VIEWS,
+        "views": k,
         "images": f"whole test split: {int(is_id.sum())} ID + {int((~is_id).sum())} OOD",
         **ood_metrics(s, is_id),
         "per_ood_class": {

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import TINY_TRAIN
 
 from oecl_model.model import build_model
 from oecl_model.views import make_views
@@ -25,17 +26,8 @@ from oecl_train.sweep import evaluate_sweep, run_sweep
 from oecl_train.train_cli import train
 from oecl_train.training import run_training
 
-TINY = dict(
-    data="digits",
-    image_size=16,
-    depth="resnet10",
-    width=8,
-    batch_size=16,
-    steps=15,
-    oe="none",
-    hflip=False,
-    device="cpu",
-)
+# The tests' tiny model and data (helpers.TINY_TRAIN), trained briefly as SimCLR on class 0.
+TINY = {**TINY_TRAIN, "id_class": "0", "steps": 15, "oe": "none", "device": "cpu"}
 
 
 def tiny_eval_config(out_dir: Path, **kw) -> TrainConfig:

@@ -10,7 +10,13 @@ import torch
 from helpers import splits_for, tiny_config
 
 from oecl_train.config import TrainConfig
-from oecl_train.trainer import Trainer, configure_cuda, resolve_execution
+from oecl_train.execution import configure_cuda, recorded_config, resolve_execution
+from oecl_train.trainer import Trainer
+
+
+def _as_recorded(cfg: TrainConfig, device: str) -> TrainConfig:
+    """The config as config.json records it once resolved for `device`."""
+    return TrainConfig.from_dict(recorded_config(cfg, resolve_execution(cfg, torch.device(device))))
 
 
 @pytest.mark.parametrize(
@@ -20,14 +26,14 @@ from oecl_train.trainer import Trainer, configure_cuda, resolve_execution
 def test_auto_resolves_per_device(device, precision, compile_, tf32):
     cfg = TrainConfig()
     assert (cfg.precision, cfg.compile, cfg.tf32) == ("auto", "auto", True)
-    resolve_execution(cfg, torch.device(device))
-    assert (cfg.precision, cfg.compile, cfg.tf32) == (precision, compile_, tf32)
+    ran = _as_recorded(cfg, device)
+    assert (ran.precision, ran.compile, ran.tf32) == (precision, compile_, tf32)
 
 
 def test_explicit_choices_are_kept():
     cfg = TrainConfig(precision="fp16", compile="off", tf32=False)
-    resolve_execution(cfg, torch.device("cuda"))
-    assert (cfg.precision, cfg.compile, cfg.tf32) == ("fp16", "off", False)
+    ran = _as_recorded(cfg, "cuda")
+    assert (ran.precision, ran.compile, ran.tf32) == ("fp16", "off", False)
 
 
 def test_config_json_records_what_ran(tmp_path):
@@ -51,7 +57,7 @@ def test_configure_cuda_sets_tf32_and_cudnn_benchmark(tf32):
     saved = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32,
              torch.backends.cudnn.benchmark)
     try:
-        configure_cuda(TrainConfig(tf32=tf32))
+        configure_cuda(resolve_execution(TrainConfig(tf32=tf32), torch.device("cuda")))
         assert torch.get_float32_matmul_precision() == ("high" if tf32 else "highest")
         assert torch.backends.cudnn.allow_tf32 is tf32
         assert torch.backends.cudnn.benchmark is True

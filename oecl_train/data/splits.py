@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from oecl_runtime.preprocess import InputSpec
-from oecl_train.data.readers import DataError, ImageSet, conform, make_reader
+from oecl_train.data.reader_base import DataError, ImageSet
+from oecl_train.data.readers import conform, make_reader
 
 PROTOCOLS = ("one-vs-rest", "leave-one-out")
 

@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from oecl_model.views import DEFAULT_VIEWS
 from oecl_runtime.atomic import atomic_dir, write_json
 from oecl_train.data import Splits
 from oecl_train.export.engines import build_engines
@@ -20,6 +19,7 @@ from oecl_train.export.progress import Log, Progress, stderr
 from oecl_train.export.quantize import int8_entries, quantize_graphs
 from oecl_train.export.source import load_source, write_weights
 from oecl_train.export.verify import VERIFY_FILE, verify_or_fail, write_golden
+from oecl_train.view_count import view_count
 
 
 def export_run(
@@ -33,7 +33,7 @@ def export_run(
     calib_images: int = 256,
     verify: bool = True,
     device: str = "cpu",
-    views: int = DEFAULT_VIEWS,
+    views: int | None = None,
     splits: Splits | None = None,
     log: Log = stderr,
 ) -> dict[str, Any]:
@@ -41,13 +41,15 @@ def export_run(
 
     `views` = K bakes the run's K deterministic views (`oecl_model.views`) into every file:
     the served score is then ‖mean of z over the K views‖ (mean-view-norm); K = 1 is the
-    single-pass norm. Threshold, norm statistics and verification use the same score.
+    single-pass norm (default: `view_count`). Threshold, norm statistics and verification use
+    the same score.
 
     `splits` may pass the run's already-built data splits (saves reading the data again); by
     default they are rebuilt from the run's config. Raises ExportError (one line) for bad
     input, a missing TensorRT, or a failed verification; `out_dir` is then left untouched.
     """
     fmts = parse_formats(formats)
+    views = view_count(views)
     check_options(fmts, max_batch=max_batch, threshold_tpr=threshold_tpr,
                   calib_images=calib_images, views=views)
     run_dir, out = Path(run_dir), Path(out_dir)
