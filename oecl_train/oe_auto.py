@@ -150,12 +150,13 @@ def validation_sets(
 
 def judge(net, cfg: TrainConfig, splits, sets: dict[str, np.ndarray], device) -> dict[str, float]:
     """AUROC (ID positive) of the served score: ID-validation images against each set."""
-    from oecl_model.views import DEFAULT_VIEWS, views_for
+    from oecl_model.views import views_for
     from oecl_train.evaluate import eval_precision
     from oecl_train.metrics import ood_metrics
     from oecl_train.scores import view_scores
+    from oecl_train.view_count import view_count
 
-    views = views_for(cfg, splits.spec.height, splits.spec.width, DEFAULT_VIEWS)
+    views = views_for(cfg, splits.spec.height, splits.spec.width, view_count())
     kw = dict(device=device, precision=eval_precision(cfg, device))
     s_id = view_scores(net, splits.id_val, views, **kw)
     out = {}
