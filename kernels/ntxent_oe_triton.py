@@ -31,6 +31,19 @@ _NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
+def _row_tile(z_ptr, n_rows, d, BLOCK_R: tl.constexpr, D_PAD: tl.constexpr):
+    # This program's block of rows of an (n_rows, d) matrix in fp32, with its row mask,
+    # element mask and offsets: the start of both one-pass row kernels.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, D_PAD)
+    rmask = rows < n_rows
+    mask = rmask[:, None] & (cols[None, :] < d)
+    offs = rows[:, None] * d + cols[None, :]
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return rows, rmask, mask, offs, z
+
+
+@triton.jit
 def _row_norm_kernel(
     z_ptr,
     u_ptr,
@@ -43,17 +56,51 @@ def _row_norm_kernel(
     D_PAD: tl.constexpr,
 ):
     # One launch per input: WRITE_U for the ID rows (norms and unit rows), norms only for OE.
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, D_PAD)
-    rmask = rows < n_rows
-    mask = rmask[:, None] & (cols[None, :] < d)
-    offs = rows[:, None] * d + cols[None, :]
-    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rows, rmask, mask, offs, z = _row_tile(z_ptr, n_rows, d, BLOCK_R, D_PAD)
     norm = tl.sqrt(tl.sum(z * z, axis=1))
     tl.store(norm_ptr + rows, norm, mask=rmask)
     if WRITE_U:
         u = z / tl.maximum(norm, eps)[:, None]
         tl.store(u_ptr + offs, u.to(u_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _unit_row_block(u_ptr, n, d, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                    D_PAD: tl.constexpr):
+    # This program's rows of u, as both NT-Xent kernels start: row indices, feature columns,
+    # row mask, tile mask and the tile u_i (fp32 when UPCAST).
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, D_PAD)
+    rmask = rm < n
+    dmask = cols < d
+    tile_mask = rmask[:, None] & dmask[None, :]
+    u_i = tl.load(u_ptr + rm[:, None] * d + cols[None, :], mask=tile_mask, other=0.0)
+    if UPCAST:
+        u_i = u_i.to(tl.float32)
+    return rm, cols, rmask, tile_mask, u_i
+
+
+@triton.jit
+def _column_rows(u_ptr, rn, cols, n, d, UPCAST: tl.constexpr):
+    # Rows rn of u, one column block of the sweep (zeros past n and d), fp32 when UPCAST.
+    # The product s = u_i u_j^T / tau stays in each sweep: the backward loads lse_j between
+    # the two, and moving that load reorders the compiled loop.
+    u_j = tl.load(u_ptr + rn[:, None] * d + cols[None, :],
+                  mask=(rn[:, None] < n) & (cols[None, :] < d), other=0.0)
+    if UPCAST:
+        u_j = u_j.to(tl.float32)
+    return u_j
+
+
+@triton.jit
+def _positive_rows(u_ptr, rm, cols, n, d, tile_mask):
+    # u_pos(i) in fp32, pos(i) = i + N/2 for the first view and i - N/2 for the second: taken
+    # from its own row rather than picked out of a tile, one extra row load per row, so that
+    # no tile has to know where pos(i) falls.
+    half = n // 2
+    pos = tl.where(rm < half, rm + half, rm - half)
+    return tl.load(u_ptr + pos[:, None] * d + cols[None, :], mask=tile_mask,
+                   other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -70,14 +117,7 @@ def _ntxent_fwd_kernel(
     BLOCK_N: tl.constexpr,
     D_PAD: tl.constexpr,
 ):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, D_PAD)
-    rmask = rm < n
-    dmask = cols < d
-    u_i = tl.load(u_ptr + rm[:, None] * d + cols[None, :],
-                  mask=rmask[:, None] & dmask[None, :], other=0.0)
-    if UPCAST:
-        u_i = u_i.to(tl.float32)
+    rm, cols, rmask, tile_mask, u_i = _unit_row_block(u_ptr, n, d, UPCAST, BLOCK_M, D_PAD)
 
     # Online log-sum-exp. The fixed bound 1/tau would also do as the max (|s| <= 1/tau), but
     # with small tau every exp(s - 1/tau) of a row can underflow in fp32 (tau = 0.01 gives
@@ -87,11 +127,10 @@ def _ntxent_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     for start in range(0, n, BLOCK_N):
         rn = start + tl.arange(0, BLOCK_N)
-        u_j = tl.load(u_ptr + rn[:, None] * d + cols[None, :],
-                      mask=(rn[:, None] < n) & dmask[None, :], other=0.0)
-        if UPCAST:
-            u_j = u_j.to(tl.float32)
+        u_j = _column_rows(u_ptr, rn, cols, n, d, UPCAST)
         s = tl.dot(u_i, tl.trans(u_j), input_precision=PRECISION) * inv_temp
+        # The sweeps part here (no shared helper): this one folds s into a running
+        # log-sum-exp per row, the backward turns it into weights of the rows u_j.
         valid = (rn[None, :] < n) & (rm[:, None] != rn[None, :])
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -99,12 +138,7 @@ def _ntxent_fwd_kernel(
         m_i = m_new
     lse = m_i + tl.log(l_i)
 
-    # The positive logit from its own row rather than picked out of a tile: one extra row
-    # load per row, and no tile has to know where pos(i) falls.
-    half = n // 2
-    pos = tl.where(rm < half, rm + half, rm - half)
-    u_p = tl.load(u_ptr + pos[:, None] * d + cols[None, :],
-                  mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    u_p = _positive_rows(u_ptr, rm, cols, n, d, tile_mask)
     s_pos = tl.sum(u_i.to(tl.float32) * u_p, axis=1) * inv_temp
     tl.store(lse_ptr + rm, lse, mask=rmask)
     tl.store(row_loss_ptr + rm, lse - s_pos, mask=rmask)
@@ -127,14 +161,7 @@ def _ntxent_bwd_kernel(
     BLOCK_N: tl.constexpr,
     D_PAD: tl.constexpr,
 ):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, D_PAD)
-    rmask = rm < n
-    dmask = cols < d
-    tile_mask = rmask[:, None] & dmask[None, :]
-    u_i = tl.load(u_ptr + rm[:, None] * d + cols[None, :], mask=tile_mask, other=0.0)
-    if UPCAST:
-        u_i = u_i.to(tl.float32)
+    rm, cols, rmask, tile_mask, u_i = _unit_row_block(u_ptr, n, d, UPCAST, BLOCK_M, D_PAD)
     lse_i = tl.load(lse_ptr + rm, mask=rmask, other=0.0)
 
     # acc_i = sum_{j != i} (p_ij + p_ji) u_j, fp32.
@@ -142,10 +169,7 @@ def _ntxent_bwd_kernel(
     for start in range(0, n, BLOCK_N):
         rn = start + tl.arange(0, BLOCK_N)
         cmask = rn < n
-        u_j = tl.load(u_ptr + rn[:, None] * d + cols[None, :],
-                      mask=cmask[:, None] & dmask[None, :], other=0.0)
-        if UPCAST:
-            u_j = u_j.to(tl.float32)
+        u_j = _column_rows(u_ptr, rn, cols, n, d, UPCAST)
         lse_j = tl.load(lse_ptr + rn, mask=cmask, other=0.0)
         s = tl.dot(u_i, tl.trans(u_j), input_precision=PRECISION) * inv_temp
         w = tl.exp(s - lse_i[:, None]) + tl.exp(s - lse_j[None, :])
@@ -155,10 +179,7 @@ def _ntxent_bwd_kernel(
         # second product also runs on tensor cores.
         acc += tl.dot(w.to(u_j.dtype), u_j, input_precision=PRECISION)
 
-    half = n // 2
-    pos = tl.where(rm < half, rm + half, rm - half)
-    u_p = tl.load(u_ptr + pos[:, None] * d + cols[None, :], mask=tile_mask,
-                  other=0.0).to(tl.float32)
+    u_p = _positive_rows(u_ptr, rm, cols, n, d, tile_mask)
     g = tl.load(grad_ptr)
     du = (acc - 2.0 * u_p) * (g * inv_temp / n)
 
@@ -190,12 +211,7 @@ def _oe_grad_kernel(
 ):
     # d(coef * sum_k ||z_k||)/dz_k = coef * z_k / ||z_k||, and 0 for an all-zero row (the
     # subgradient torch's vector_norm also picks).
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, D_PAD)
-    rmask = rows < m_rows
-    mask = rmask[:, None] & (cols[None, :] < d)
-    offs = rows[:, None] * d + cols[None, :]
-    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rows, rmask, mask, offs, z = _row_tile(z_ptr, m_rows, d, BLOCK_R, D_PAD)
     norm = tl.load(norm_ptr + rows, mask=rmask, other=1.0)
     g = tl.load(grad_ptr)
     scale = tl.where(norm > 0.0, (g * coef) / tl.where(norm > 0.0, norm, 1.0), 0.0)
