@@ -2,8 +2,9 @@
 recorded command and markdown tables (results are written with `oecl_runtime.atomic.write_json`).
 
 The scripts run as `python benchmarks/<script>.py`, which puts this folder on sys.path but not
-the repository; importing this module adds the repository, so the packages measured are the
-ones beside the script.
+the repository: the packages measured are the installed ones, which are the checkout itself
+once it is installed in editable mode (`pip install -e .`, as scripts/bootstrap.sh does).
+Where it is not installed, the repository goes on PYTHONPATH (gpu_check.sh does that).
 """
 
 from __future__ import annotations
@@ -17,9 +18,6 @@ from typing import Any
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
 RESULTS = BENCHMARKS / "results"
-
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 
 def log(msg: str) -> None:

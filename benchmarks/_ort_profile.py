@@ -10,7 +10,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import _harness  # noqa: F401  (puts the repository on sys.path)
 import numpy as np
 import onnxruntime as ort
 

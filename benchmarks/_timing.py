@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import _harness  # noqa: F401  (puts the repository on sys.path)
 import numpy as np
 
 from oecl_runtime import bench as B

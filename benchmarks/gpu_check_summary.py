@@ -56,6 +56,54 @@ def _settings(r: dict) -> str:
             f"cuDNN TF32 {s['cudnn_allow_tf32']}, benchmark {s['cudnn_benchmark']}")
 
 
+def _targets(targets: dict) -> list[str]:
+    return [f"## Loss kernels compiled by this machine's triton {targets['triton']}", "",
+            *md_table(["sm", "precision", "kernel", "tiles (m x n, warps, stages)", "shared B",
+                       "registers", "spill stores / loads B"],
+                      [[r["cc"], r["precision"], r["kernel"],
+                        "{block_m} x {block_n}, {num_warps}, {num_stages}".format(**r["config"]),
+                        r["shared"], r["registers"], f"{r['spill_stores']} / {r['spill_loads']}"]
+                       for r in targets["kernels"]])]
+
+
+def _loss(loss: dict) -> list[str]:
+    impls = list(dict.fromkeys(r["impl"] for r in loss["results"]))
+    done = "" if loss.get("complete", True) else " (cut short: the rows measured)"
+    lines = [f"## Loss ({loss['meta']['device']}, d = 128){done}", "",
+             markdown_table(loss["results"], impls)]
+    if kernels := loss["meta"].get("triton_kernels"):
+        lines += ["", "Loaded kernels:", "",
+                  *md_table(["kernel", "inputs", "warps", "stages", "shared B", "registers",
+                             "spills"],
+                            [[k["kernel"], k["inputs"], k["num_warps"], k["num_stages"],
+                              k["shared"], k["n_regs"], k["n_spills"]] for k in kernels])]
+    return lines
+
+
+def _train(train: dict) -> list[str]:
+    c = train["config"]
+    done = "" if train.get("complete", True) else " (cut short: the variants finished)"
+    return [f"## Training ({train['device']}, {c['depth']} width {c['width']}, "
+            f"{c['image_size']}x{c['image_size']}x{c['channels']}, batch "
+            f"{c['batch_size']} ID + {c['batch_size']} OE){done}", "",
+            *md_table(["pipeline", "images/s", "vs reference", "settings"],
+                      [[name, f"{r['images_per_s']:.1f}" if r["images_per_s"] else
+                        f"failed: {r.get('error')}", _times(r), _settings(r)]
+                       for name, r in train["results"].items()])]
+
+
+def _score(score: dict) -> list[str]:
+    ceiling = score["ceiling_images_per_s"]
+    return [f"## Scoring ({score['device']}; onnxruntime on {score['cpu']}; "
+            f"ceiling {f'{ceiling:,.0f} images/s' if ceiling else 'n/a'})", "",
+            score_table(score["results"])]
+
+
+# The steps whose file gets a section, in the summary's order: its JSON under the step's name
+# in gpu-check.json, its tables from the function.
+SECTIONS = {"targets": _targets, "loss": _loss, "train": _train, "score": _score}
+
+
 def summarize(work: Path, out: Path) -> tuple[str, dict[str, Any], bool]:
     preflight, steps = this_run(out / "gpu-check.jsonl")
     data: dict[str, Any] = {"environment": preflight, "steps": steps}
@@ -70,45 +118,10 @@ def summarize(work: Path, out: Path) -> tuple[str, dict[str, Any], bool]:
     for s in steps:
         ok &= any(work.glob(STEP_FILES[s["step"]]))
 
-    if targets := _load(work, "targets.json"):
-        data["targets"] = targets
-        lines += ["", f"## Loss kernels compiled by this machine's triton {targets['triton']}",
-                  "", *md_table(["sm", "precision", "kernel", "tiles (m x n, warps, stages)",
-                                 "shared B", "registers", "spill stores / loads B"],
-                                [[r["cc"], r["precision"], r["kernel"],
-                                  "{block_m} x {block_n}, {num_warps}, {num_stages}".format(
-                                      **r["config"]), r["shared"], r["registers"],
-                                  f"{r['spill_stores']} / {r['spill_loads']}"]
-                                 for r in targets["kernels"]])]
-    if loss := _load(work, "loss-*.json"):
-        data["loss"] = loss
-        impls = list(dict.fromkeys(r["impl"] for r in loss["results"]))
-        done = "" if loss.get("complete", True) else " (cut short: the rows measured)"
-        lines += ["", f"## Loss ({loss['meta']['device']}, d = 128){done}", "",
-                  markdown_table(loss["results"], impls)]
-        if kernels := loss["meta"].get("triton_kernels"):
-            lines += ["", "Loaded kernels:", "",
-                      *md_table(["kernel", "inputs", "warps", "stages", "shared B", "registers",
-                                 "spills"],
-                                [[k["kernel"], k["inputs"], k["num_warps"], k["num_stages"],
-                                  k["shared"], k["n_regs"], k["n_spills"]] for k in kernels])]
-    if train := _load(work, "train-*.json"):
-        data["train"] = train
-        c = train["config"]
-        done = "" if train.get("complete", True) else " (cut short: the variants finished)"
-        lines += ["", f"## Training ({train['device']}, {c['depth']} width {c['width']}, "
-                  f"{c['image_size']}x{c['image_size']}x{c['channels']}, batch "
-                  f"{c['batch_size']} ID + {c['batch_size']} OE){done}", "",
-                  *md_table(["pipeline", "images/s", "vs reference", "settings"],
-                            [[name, f"{r['images_per_s']:.1f}" if r["images_per_s"] else
-                              f"failed: {r.get('error')}", _times(r), _settings(r)]
-                             for name, r in train["results"].items()])]
-    if score := _load(work, "score-*.json"):
-        data["score"] = score
-        ceiling = score["ceiling_images_per_s"]
-        lines += ["", f"## Scoring ({score['device']}; onnxruntime on {score['cpu']}; "
-                  f"ceiling {f'{ceiling:,.0f} images/s' if ceiling else 'n/a'})", "",
-                  score_table(score["results"])]
+    for step, section in SECTIONS.items():
+        if found := _load(work, STEP_FILES[step]):
+            data[step] = found
+            lines += ["", *section(found)]
     data["ok"] = ok
     return "\n".join(lines) + "\n", data, ok
 

@@ -9,14 +9,13 @@ program writes outside its own rows and no atomics are needed. The backward need
 that one sweep because s is symmetric: the column contribution p_ji of row j to dL/du_i is
 exp(s_ij - lse_j), available from the same tile.
 
-Offsets are int32: N * d must stay below 2**31 (65536 x 512 is 2**25).
+Offsets are int32: N * d must stay below 2**31 (65536 x 512 is 2**25). The tiles each GPU
+launches with are chosen in :mod:`kernels.tiles`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-from typing import NamedTuple
 
 import torch
 import triton
@@ -24,10 +23,24 @@ import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
 
 from ._common import NORM_EPS
+from .tiles import LaunchConfig, device_properties, launch_config
 
 # Running-max start value: finite so that a tile whose entries are all masked (-inf) gives
 # exp(-inf - m) = 0 instead of exp(-inf + inf) = NaN.
 _NEG_BIG = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _row_tile(z_ptr, n_rows, d, BLOCK_R: tl.constexpr, D_PAD: tl.constexpr):
+    # This program's block of rows of an (n_rows, d) matrix in fp32, with its row mask,
+    # element mask and offsets: the start of both one-pass row kernels.
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, D_PAD)
+    rmask = rows < n_rows
+    mask = rmask[:, None] & (cols[None, :] < d)
+    offs = rows[:, None] * d + cols[None, :]
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return rows, rmask, mask, offs, z
 
 
 @triton.jit
@@ -43,17 +56,51 @@ def _row_norm_kernel(
     D_PAD: tl.constexpr,
 ):
     # One launch per input: WRITE_U for the ID rows (norms and unit rows), norms only for OE.
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, D_PAD)
-    rmask = rows < n_rows
-    mask = rmask[:, None] & (cols[None, :] < d)
-    offs = rows[:, None] * d + cols[None, :]
-    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rows, rmask, mask, offs, z = _row_tile(z_ptr, n_rows, d, BLOCK_R, D_PAD)
     norm = tl.sqrt(tl.sum(z * z, axis=1))
     tl.store(norm_ptr + rows, norm, mask=rmask)
     if WRITE_U:
         u = z / tl.maximum(norm, eps)[:, None]
         tl.store(u_ptr + offs, u.to(u_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _unit_row_block(u_ptr, n, d, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                    D_PAD: tl.constexpr):
+    # This program's rows of u, as both NT-Xent kernels start: row indices, feature columns,
+    # row mask, tile mask and the tile u_i (fp32 when UPCAST).
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, D_PAD)
+    rmask = rm < n
+    dmask = cols < d
+    tile_mask = rmask[:, None] & dmask[None, :]
+    u_i = tl.load(u_ptr + rm[:, None] * d + cols[None, :], mask=tile_mask, other=0.0)
+    if UPCAST:
+        u_i = u_i.to(tl.float32)
+    return rm, cols, rmask, tile_mask, u_i
+
+
+@triton.jit
+def _column_rows(u_ptr, rn, cols, n, d, UPCAST: tl.constexpr):
+    # Rows rn of u, one column block of the sweep (zeros past n and d), fp32 when UPCAST.
+    # The product s = u_i u_j^T / tau stays in each sweep: the backward loads lse_j between
+    # the two, and moving that load reorders the compiled loop.
+    u_j = tl.load(u_ptr + rn[:, None] * d + cols[None, :],
+                  mask=(rn[:, None] < n) & (cols[None, :] < d), other=0.0)
+    if UPCAST:
+        u_j = u_j.to(tl.float32)
+    return u_j
+
+
+@triton.jit
+def _positive_rows(u_ptr, rm, cols, n, d, tile_mask):
+    # u_pos(i) in fp32, pos(i) = i + N/2 for the first view and i - N/2 for the second: taken
+    # from its own row rather than picked out of a tile, one extra row load per row, so that
+    # no tile has to know where pos(i) falls.
+    half = n // 2
+    pos = tl.where(rm < half, rm + half, rm - half)
+    return tl.load(u_ptr + pos[:, None] * d + cols[None, :], mask=tile_mask,
+                   other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -70,14 +117,7 @@ def _ntxent_fwd_kernel(
     BLOCK_N: tl.constexpr,
     D_PAD: tl.constexpr,
 ):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, D_PAD)
-    rmask = rm < n
-    dmask = cols < d
-    u_i = tl.load(u_ptr + rm[:, None] * d + cols[None, :],
-                  mask=rmask[:, None] & dmask[None, :], other=0.0)
-    if UPCAST:
-        u_i = u_i.to(tl.float32)
+    rm, cols, rmask, tile_mask, u_i = _unit_row_block(u_ptr, n, d, UPCAST, BLOCK_M, D_PAD)
 
     # Online log-sum-exp. The fixed bound 1/tau would also do as the max (|s| <= 1/tau), but
     # with small tau every exp(s - 1/tau) of a row can underflow in fp32 (tau = 0.01 gives
@@ -87,11 +127,10 @@ def _ntxent_fwd_kernel(
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     for start in range(0, n, BLOCK_N):
         rn = start + tl.arange(0, BLOCK_N)
-        u_j = tl.load(u_ptr + rn[:, None] * d + cols[None, :],
-                      mask=(rn[:, None] < n) & dmask[None, :], other=0.0)
-        if UPCAST:
-            u_j = u_j.to(tl.float32)
+        u_j = _column_rows(u_ptr, rn, cols, n, d, UPCAST)
         s = tl.dot(u_i, tl.trans(u_j), input_precision=PRECISION) * inv_temp
+        # The sweeps part here (no shared helper): this one folds s into a running
+        # log-sum-exp per row, the backward turns it into weights of the rows u_j.
         valid = (rn[None, :] < n) & (rm[:, None] != rn[None, :])
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -99,12 +138,7 @@ def _ntxent_fwd_kernel(
         m_i = m_new
     lse = m_i + tl.log(l_i)
 
-    # The positive logit from its own row rather than picked out of a tile: one extra row
-    # load per row, and no tile has to know where pos(i) falls.
-    half = n // 2
-    pos = tl.where(rm < half, rm + half, rm - half)
-    u_p = tl.load(u_ptr + pos[:, None] * d + cols[None, :],
-                  mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    u_p = _positive_rows(u_ptr, rm, cols, n, d, tile_mask)
     s_pos = tl.sum(u_i.to(tl.float32) * u_p, axis=1) * inv_temp
     tl.store(lse_ptr + rm, lse, mask=rmask)
     tl.store(row_loss_ptr + rm, lse - s_pos, mask=rmask)
@@ -127,14 +161,7 @@ def _ntxent_bwd_kernel(
     BLOCK_N: tl.constexpr,
     D_PAD: tl.constexpr,
 ):
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, D_PAD)
-    rmask = rm < n
-    dmask = cols < d
-    tile_mask = rmask[:, None] & dmask[None, :]
-    u_i = tl.load(u_ptr + rm[:, None] * d + cols[None, :], mask=tile_mask, other=0.0)
-    if UPCAST:
-        u_i = u_i.to(tl.float32)
+    rm, cols, rmask, tile_mask, u_i = _unit_row_block(u_ptr, n, d, UPCAST, BLOCK_M, D_PAD)
     lse_i = tl.load(lse_ptr + rm, mask=rmask, other=0.0)
 
     # acc_i = sum_{j != i} (p_ij + p_ji) u_j, fp32.
@@ -142,10 +169,7 @@ def _ntxent_bwd_kernel(
     for start in range(0, n, BLOCK_N):
         rn = start + tl.arange(0, BLOCK_N)
         cmask = rn < n
-        u_j = tl.load(u_ptr + rn[:, None] * d + cols[None, :],
-                      mask=cmask[:, None] & dmask[None, :], other=0.0)
-        if UPCAST:
-            u_j = u_j.to(tl.float32)
+        u_j = _column_rows(u_ptr, rn, cols, n, d, UPCAST)
         lse_j = tl.load(lse_ptr + rn, mask=cmask, other=0.0)
         s = tl.dot(u_i, tl.trans(u_j), input_precision=PRECISION) * inv_temp
         w = tl.exp(s - lse_i[:, None]) + tl.exp(s - lse_j[None, :])
@@ -155,10 +179,7 @@ def _ntxent_bwd_kernel(
         # second product also runs on tensor cores.
         acc += tl.dot(w.to(u_j.dtype), u_j, input_precision=PRECISION)
 
-    half = n // 2
-    pos = tl.where(rm < half, rm + half, rm - half)
-    u_p = tl.load(u_ptr + pos[:, None] * d + cols[None, :], mask=tile_mask,
-                  other=0.0).to(tl.float32)
+    u_p = _positive_rows(u_ptr, rm, cols, n, d, tile_mask)
     g = tl.load(grad_ptr)
     du = (acc - 2.0 * u_p) * (g * inv_temp / n)
 
@@ -190,12 +211,7 @@ def _oe_grad_kernel(
 ):
     # d(coef * sum_k ||z_k||)/dz_k = coef * z_k / ||z_k||, and 0 for an all-zero row (the
     # subgradient torch's vector_norm also picks).
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, D_PAD)
-    rmask = rows < m_rows
-    mask = rmask[:, None] & (cols[None, :] < d)
-    offs = rows[:, None] * d + cols[None, :]
-    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    rows, rmask, mask, offs, z = _row_tile(z_ptr, m_rows, d, BLOCK_R, D_PAD)
     norm = tl.load(norm_ptr + rows, mask=rmask, other=1.0)
     g = tl.load(grad_ptr)
     scale = tl.where(norm > 0.0, (g * coef) / tl.where(norm > 0.0, norm, 1.0), 0.0)
@@ -230,139 +246,9 @@ def _d_pad(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-class LaunchConfig(NamedTuple):
-    """Tiles, warps and pipeline stages of the forward and backward NT-Xent kernels."""
-
-    fwd_m: int
-    fwd_n: int
-    bwd_m: int
-    bwd_n: int
-    warps_fwd: int
-    warps_bwd: int
-    stages_fwd: int
-    stages_bwd: int
-
-
-# Bytes of shared memory kept free of the estimate below: barriers and the scratch of
-# reductions and layout conversions that the compiler adds next to the staged tiles.
-SMEM_RESERVE = 2048
-
-# Tile candidates per padded width, best first: (fwd_m, fwd_n, warps) and (bwd_m, bwd_n,
-# warps). The widest start from flash-attention's tiles for head dims 64-128; wider features
-# get narrower tiles so that the row tile (and, in backward, its fp32 accumulator) stays in
-# registers; the 16-row tiles are the fall-back that fits the smallest shared memory.
-_FWD_TILES = {
-    128: ((128, 64, 8), (64, 64, 4), (64, 32, 4), (32, 32, 4), (16, 32, 4), (16, 16, 4)),
-    256: ((64, 64, 4), (64, 32, 4), (32, 32, 4), (16, 32, 4), (16, 16, 4)),
-    512: ((32, 32, 4), (16, 32, 4), (16, 16, 4)),
-}
-# The backward holds a BLOCK_M x D_PAD fp32 accumulator and the row tile in registers: with
-# 4 warps its 64 x 128 tiles spilled 380-640 bytes per thread (ptxas -v, sm_80-sm_90), with 8
-# warps none.
-_BWD_TILES = {
-    128: ((64, 64, 8), (32, 64, 8), (32, 32, 4), (16, 32, 4), (16, 16, 4)),
-    256: ((32, 64, 4), (32, 32, 4), (16, 32, 4), (16, 16, 4)),
-    512: ((32, 32, 4), (16, 32, 4), (16, 16, 4)),
-}
-
-
-# Tiles tried first on one family of targets, where the general first choice spills
-# registers there (ptxas -v of the Triton 3.6 and 3.9 wheels, fp32-TF32 and bf16 at d = 128):
-# sm_86/89's 128-row forward spilled 4-96 bytes per thread with Triton 3.9, Hopper's 64 x 64
-# backward 52-104 bytes; the tiles below compile without spills with both.
-_TARGET_FIRST = {
-    ("sm_86/89", 128): {"fwd": ((64, 64, 4),)},
-    ("sm_90", 128): {"bwd": ((64, 32, 8),)},
-}
-
-
-def _target_family(capability: tuple[int, int]) -> str:
-    if capability >= (9, 0):
-        return "sm_90"
-    return "sm_86/89" if capability in ((8, 6), (8, 9)) else "other"
-
-
-def fwd_smem_bytes(block_m: int, block_n: int, d_pad: int, elem: int, stages: int) -> int:
-    """Upper estimate of the forward kernel's shared memory: the row tile plus one column
-    tile per pipeline stage (measured on sm_80-sm_90 compiles it is never below the real
-    figure; the offline compile tests check that)."""
-    return (block_m + stages * block_n) * d_pad * elem
-
-
-def bwd_smem_bytes(block_m: int, block_n: int, d_pad: int, elem: int, stages: int) -> int:
-    """Upper estimate for the backward kernel: the column tile is an operand of two products
-    (s = u_i u_j^T and w u_j), each with its own staged copy, plus the w tile itself."""
-    return (block_m + 2 * stages * block_n) * d_pad * elem + block_m * block_n * elem
-
-
-def _pick(tiles, smem_fn, d_pad: int, elem: int, budget: int, max_stages: int):
-    for m, n, warps in tiles:
-        for stages in range(max_stages, 0, -1):
-            if smem_fn(m, n, d_pad, elem, stages) <= budget:
-                return m, n, warps, stages
-    m, n, warps = tiles[-1]
-    need = smem_fn(m, n, d_pad, elem, 1) + SMEM_RESERVE
-    raise ValueError(
-        f"no NT-Xent tile fits {budget + SMEM_RESERVE} bytes of shared memory per block at "
-        f"d={d_pad}, {elem}-byte inputs (the smallest needs {need})"
-    )
-
-
-def launch_config(
-    d_pad: int,
-    dtype: torch.dtype,
-    *,
-    capability: tuple[int, int],
-    smem_per_block: int,
-    block: int | None = None,
-) -> LaunchConfig:
-    """The launch configuration for one GPU, from its properties alone (no device query, so
-    every target can be checked without its hardware).
-
-    ``capability`` is the compute capability (major, minor); ``smem_per_block`` the shared
-    memory one block may opt into (``cudaDevAttrMaxSharedMemoryPerBlockOptin``: 163 KB on
-    sm_80/87, 99 KB on sm_86/89, 227 KB on sm_90). The widest tile that fits is taken, with
-    as many pipeline stages (up to 3) as then fit; stages above 1 only pay from sm_80 on,
-    where loads into shared memory can be issued asynchronously.
-    ``block`` forces square tiles of that size with one stage.
-    """
-    if d_pad not in (16, 32, 64, 128, 256, 512):
-        raise ValueError(f"d_pad must be a power of two in [16, 512], got {d_pad}")
-    elem = torch.finfo(dtype).bits // 8
-    if block is not None:
-        return LaunchConfig(block, block, block, block, 4, 4, 1, 1)
-    budget = smem_per_block - SMEM_RESERVE
-    max_stages = 3 if capability >= (8, 0) else 1
-    width = max(128, d_pad)
-    first = _TARGET_FIRST.get((_target_family(capability), width), {})
-    fwd_tiles = first.get("fwd", ()) + _FWD_TILES[width]
-    bwd_tiles = first.get("bwd", ()) + _BWD_TILES[width]
-    fm, fn, fw, fs = _pick(fwd_tiles, fwd_smem_bytes, d_pad, elem, budget, max_stages)
-    bm, bn, bw, bs = _pick(bwd_tiles, bwd_smem_bytes, d_pad, elem, budget, max_stages)
-    return LaunchConfig(fm, fn, bm, bn, fw, bw, fs, bs)
-
-
 # The interpreter emulates one program at a time; small tiles keep the masked, multi-tile
 # code paths exercised on the small test sizes.
 _INTERPRETER_CONFIG = LaunchConfig(16, 16, 16, 16, 4, 4, 1, 1)
-
-
-@functools.cache
-def device_properties(index: int) -> tuple[tuple[int, int], int]:
-    """(compute capability, opt-in shared memory per block in bytes) of CUDA device ``index``.
-
-    Triton's driver reports the limit its own launch check uses; torch's property is the
-    fall-back for drivers whose utils lack it.
-    """
-    props = torch.cuda.get_device_properties(index)
-    smem = None
-    try:
-        smem = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
-    except (AttributeError, KeyError, RuntimeError):
-        smem = getattr(props, "shared_memory_per_block_optin", None)
-    if not smem:
-        raise RuntimeError(f"cannot read the shared memory per block of cuda:{index}")
-    return (props.major, props.minor), int(smem)
 
 
 def _config_for(z: torch.Tensor, d_pad: int, block: int | None) -> LaunchConfig:

@@ -97,11 +97,12 @@ def jobs_for(cc: int, precision: str, d: int) -> list[Job]:
     """The kernels a launch on target ``cc`` would compile for these inputs, with their
     configuration."""
     from . import ntxent_oe_triton as K
+    from .tiles import launch_config
 
     dtype = _DTYPE[precision]
     d_pad = K._d_pad(d)
-    cfg = K.launch_config(d_pad, dtype, capability=divmod(cc, 10),
-                          smem_per_block=SMEM_PER_BLOCK[cc])
+    cfg = launch_config(d_pad, dtype, capability=divmod(cc, 10),
+                        smem_per_block=SMEM_PER_BLOCK[cc])
     return [
         Job("row_norm", precision, d, cc, cfg.bwd_m, 0, 4, 1),
         Job("fwd", precision, d, cc, cfg.fwd_m, cfg.fwd_n, cfg.warps_fwd, cfg.stages_fwd),
@@ -239,13 +240,14 @@ def _lower(src, target, options: dict, last: str) -> tuple[int, str, str | None]
 
 def _estimate(job: Job) -> int | None:
     from . import ntxent_oe_triton as K
+    from .tiles import bwd_smem_bytes, fwd_smem_bytes
 
     elem = torch.finfo(_DTYPE[job.precision]).bits // 8
     d_pad = K._d_pad(job.d)
     if job.kernel == "fwd":
-        return K.fwd_smem_bytes(job.block_m, job.block_n, d_pad, elem, job.stages)
+        return fwd_smem_bytes(job.block_m, job.block_n, d_pad, elem, job.stages)
     if job.kernel == "bwd":
-        return K.bwd_smem_bytes(job.block_m, job.block_n, d_pad, elem, job.stages)
+        return bwd_smem_bytes(job.block_m, job.block_n, d_pad, elem, job.stages)
     return None
 
 

@@ -348,17 +348,20 @@ def test_dist_timeout_is_validated():
 
 
 # -- whole jobs under torchrun ---------------------------------------------------------------------
+def run_job(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """A whole job in its own process, from the repository, outside any torchrun."""
+    return subprocess.run(cmd, cwd=ROOT, env=without_torchrun_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def metrics_rows(run: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def torchrun(args: list[str], timeout: float = 150) -> tuple[subprocess.CompletedProcess, float]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     t0 = time.monotonic()
-    proc = subprocess.run(
-        cmd + args,
-        cwd=ROOT,
-        env=without_torchrun_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    proc = run_job(cmd + args, timeout)
     return proc, time.monotonic() - t0
 
 
@@ -378,22 +381,13 @@ def test_two_rank_run_resumes_as_one_rank(tmp_path):
     spe2 = two["steps_per_epoch"]
     assert two["world_size"] == 2 and two["complete"] and two["total_steps"] == 6
     # Only rank 0 writes: one metrics row per epoch, not one per rank.
-    assert [json.loads(ln)["epoch"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [
-        1,
-        2,
-    ]
+    assert [r["epoch"] for r in metrics_rows(run)] == [1, 2]
 
     # Interrupted after epoch 1: resume that checkpoint with a single process.
     for suffix in (".json", ".safetensors"):
         (ckpts / f"epoch-00002{suffix}").unlink()
-    proc = subprocess.run(
-        [sys.executable, "-m", "oecl_train.cli", "train", "--resume", str(run), "--no-progress"],
-        cwd=ROOT,
-        env=without_torchrun_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_job([sys.executable, "-m", "oecl_train.cli", "train", "--resume", str(run),
+                    "--no-progress"], timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = json.loads((ckpts / "epoch-00002.json").read_text())
     spe1, total = final["steps_per_epoch"], final["total_steps"]
@@ -402,7 +396,7 @@ def test_two_rank_run_resumes_as_one_rank(tmp_path):
     # The run keeps its length in epochs; the step schedule is recomputed for the new batch.
     assert abs(total / spe1 - 6 / spe2) <= 0.5 / spe1
     assert f"resuming {run} at epoch 1 of {math.ceil(total / spe1)}" in proc.stderr
-    rows = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(run)
     assert [r["epoch"] for r in rows] == [1, 2]
     assert rows[0]["step"] == spe2 and rows[1]["step"] == total
     assert "AUROC" in proc.stdout

@@ -106,7 +106,7 @@ def test_ptx_shortcut_matches_a_full_compile(compiled):
 
 @needs_triton
 def test_launch_config_follows_shared_memory():
-    from kernels.ntxent_oe_triton import bwd_smem_bytes, fwd_smem_bytes, launch_config
+    from kernels.tiles import bwd_smem_bytes, fwd_smem_bytes, launch_config
 
     # The defect: exact fp32 at d = 128 with 3 stages needs 128 KiB, over sm_86's 99 KB.
     big = launch_config(128, torch.float32, capability=(9, 0), smem_per_block=227 * 1024)
@@ -125,7 +125,7 @@ def test_launch_config_follows_shared_memory():
 
 @needs_triton
 def test_launch_config_errors_are_one_line():
-    from kernels.ntxent_oe_triton import launch_config
+    from kernels.tiles import launch_config
 
     with pytest.raises(ValueError, match="no NT-Xent tile fits 16384 bytes"):
         launch_config(512, torch.float32, capability=(8, 0), smem_per_block=16 * 1024)
