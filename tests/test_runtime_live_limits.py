@@ -6,6 +6,7 @@ share one port and their metrics."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
 import subprocess
@@ -62,8 +63,9 @@ def test_decoding_stops_when_the_caller_goes_away() -> None:
 # ----------------------------------------------------------------------------- live uvicorn
 
 
-@pytest.fixture(scope="module")
-def live(scorer: Scorer) -> Iterator[tuple[int, object]]:
+@contextlib.contextmanager
+def _in_thread(scorer: Scorer, cfg: ServerConfig) -> Iterator[tuple[int, object]]:
+    """The real server (uvicorn and its limits) on a free port, in a thread of this process."""
     import uvicorn
 
     from oecl_runtime.serving.process import _uvicorn_config
@@ -71,20 +73,28 @@ def live(scorer: Scorer) -> Iterator[tuple[int, object]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = ServerConfig(BatchPolicy(max_queue=256), header_timeout_s=0.5, body_timeout_s=0.5,
-                       graceful_timeout_s=5)
     app = create_app(scorer, cfg)
-    process = ProcessConfig(port=port, log_level="warning")
-    server = uvicorn.Server(_uvicorn_config(app, cfg, process))
+    server = uvicorn.Server(_uvicorn_config(app, cfg, ProcessConfig(port=port,
+                                                                   log_level="warning")))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
     while not server.started and time.monotonic() < deadline:
         time.sleep(0.02)
     assert server.started
-    yield port, app
-    server.should_exit = True
-    thread.join(15)
+    try:
+        yield port, app
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+@pytest.fixture(scope="module")
+def live(scorer: Scorer) -> Iterator[tuple[int, object]]:
+    cfg = ServerConfig(BatchPolicy(max_queue=256), header_timeout_s=0.5, body_timeout_s=0.5,
+                       graceful_timeout_s=5)
+    with _in_thread(scorer, cfg) as served:
+        yield served
 
 
 def _reply(sock: socket.socket, limit_s: float = 5.0) -> bytes:
@@ -234,25 +244,14 @@ def test_gone_client_leaves_the_queue(live: tuple[int, object],
 
 
 def test_bodies_still_arriving_are_bounded_in_bytes(scorer: Scorer) -> None:
-    import uvicorn
-
-    from oecl_runtime.serving.process import _uvicorn_config
-
     # 64 requests x 1 MB / 8: 8 MB of bodies may be arriving at once.
     cfg = ServerConfig(BatchPolicy(max_queue=16), max_body_mb=1, body_timeout_s=20,
                        graceful_timeout_s=5)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(scorer, cfg)
-    process = ProcessConfig(port=port, log_level="warning")
-    server = uvicorn.Server(_uvicorn_config(app, cfg, process))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    with _in_thread(scorer, cfg) as (port, app):
+        _bounded_bodies(port, app)
+
+
+def _bounded_bodies(port: int, app) -> None:
     uploads = []
     try:
         for _ in range(10):  # 10 x 0.95 MB sent, the last bytes held back
@@ -286,8 +285,6 @@ def test_bodies_still_arriving_are_bounded_in_bytes(scorer: Scorer) -> None:
     finally:
         for u in uploads:
             u.close()
-        server.should_exit = True
-        thread.join(15)
 
 
 def test_score_requests_past_their_body_are_limited(scorer: Scorer,
