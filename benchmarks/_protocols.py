@@ -20,9 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _harness import REPO
-
-sys.path.insert(0, str(REPO / "tests"))  # the tritonserver launcher the tests use
 
 
 def tree_cpu_seconds(pid: int) -> float:

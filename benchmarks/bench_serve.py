@@ -209,7 +209,7 @@ def protocol_rows(args: argparse.Namespace, wrk: str) -> dict[str, list[dict[str
     """`oecl serve` /v1, /v2 JSON, /v2 binary, gRPC; Triton's Python backend running
     oecl_runtime over HTTP (binary) and gRPC; K uint8 images per request."""
     from _protocols import bodies, grpc_drive, grpc_request, wrk_script
-    from live_servers import free_port, triton_install, tritonserver
+    from _tritonserver import free_port, triton_install, tritonserver
 
     from oecl_runtime.artifact import Artifact
     from oecl_runtime.triton_repo import write_repository
