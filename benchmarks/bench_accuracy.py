@@ -192,9 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = parse_steps(args.steps)
     from _served import parse_families, parse_ks
 
-    from oecl_model.views import DEFAULT_VIEWS
+    from oecl_train.view_count import view_count
 
-    args.served_k = DEFAULT_VIEWS if args.served_k is None else args.served_k
+    args.served_k = view_count(args.served_k)
     try:
         args.views = parse_ks(args.views)
         args.serve_views = parse_ks(args.serve_views or f"1,{args.served_k}")
