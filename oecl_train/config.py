@@ -76,8 +76,15 @@ class TrainConfig:
     )
     val_ood: str | None = _opt(
         None,
-        "With --oe auto: a folder of known anomalies (one sub-folder per kind) to judge the "
-        "candidates on (default: other classes' training images, else held-out shifts).",
+        "A folder of known anomalies (one sub-folder per kind) that --oe auto and --select "
+        "judge on (default: other classes' training images, else held-out shifts).",
+    )
+    select: str = _opt(
+        "auto",
+        "Which checkpoint is the run's model: val = the one whose served score best separates "
+        "the ID-validation images from the validation anomalies (--val-ood, else a labelled "
+        "source's other classes' training images), judged at every checkpoint; last = the "
+        "last; auto = val when such anomalies exist, else last.",
     )
     oe_auto: dict | None = _opt(
         None, "How --oe auto chose this run's OE (written by it, not an option).", cli=False
@@ -160,6 +167,7 @@ class TrainConfig:
             "precision": ("auto", "bf16", "fp16", "fp32"),
             "compile": ("auto", "on", "off"),
             "loss_backend": ("auto", "triton", "torch"),
+            "select": ("auto", "val", "last"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

@@ -6,12 +6,9 @@ held-out ID-validation images against a validation set of anomalies; only the ch
 continued, as the run itself, to the configured length (its probe steps are kept, so its
 cosine schedule is stretched from where the probe stopped, as `--resume RUN --steps N` does).
 
-What the candidates are judged on, the first that applies:
-1. `--val-ood DIR`: the user's known anomalies.
-2. The other classes' *training* images of a labelled ID source (one-vs-rest: every other
-   class; leave-one-out: the held-out class), never test images.
-3. Held-out synthetic shifts of the ID-validation images: each candidate on the families of
-   shifts it did not train with, so a user with normal images alone still gets a choice.
+What the candidates are judged on is `oecl_train.validation`'s: known anomalies, else the other
+classes' training images, else held-out synthetic shifts (each candidate on the families of
+shifts it did not train with).
 
 Interrupted anywhere, the run continues with `oecl train --resume RUN`: finished probes are
 kept with their figures (RUN/oe_auto.json), a stopped probe or continuation resumes.
@@ -33,6 +30,7 @@ import numpy as np
 from oecl_runtime.atomic import write_json
 from oecl_train.config import DEFAULT_STEPS, NEAR_OE_SHARES, TrainConfig
 from oecl_train.report import choice_table
+from oecl_train.validation import JUDGED_ON, judge, validation_sets
 
 # name -> (settings over the far source, the shift families it trains with). A small set:
 # the far source alone, each self-made near-OE as half of it, and self-OECL's rotations.
@@ -43,15 +41,7 @@ CANDIDATES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "far+cutpaste": ({"oe_cutpaste": 0.5}, ("cutpaste",)),
     "self": ({"oe": "self"}, ("rotation",)),
 }
-FAMILIES = ("rotation", "overlay", "jigsaw", "cutpaste")
 PROBE_SHARE = 1 / 6  # a probe's share of the run's steps, by default
-MAX_VAL_OOD = 2000  # validation anomalies scored per candidate, at most (a seeded sample)
-JUDGED_ON = {
-    "val-ood": "the known anomalies of --val-ood",
-    "other-classes": "the other classes' training images (never test images)",
-    "held-out-shifts": "held-out synthetic shifts of the ID-validation images, each candidate "
-    "on the families it did not train with",
-}
 RECORD = "oe_auto.json"
 
 
@@ -60,7 +50,7 @@ def probe_config(cfg: TrainConfig, name: str, probe_steps: int) -> TrainConfig:
     long, in RUN/probes/NAME."""
     return dataclasses.replace(cfg, name=f"{cfg.run_name()}/probes/{name}",
                                **mix_settings(cfg, name), steps=probe_steps, epochs=None,
-                               oe_auto=None)
+                               oe_auto=None, select="last")
 
 
 def mix_settings(cfg: TrainConfig, name: str) -> dict[str, Any]:
@@ -81,90 +71,6 @@ def total_steps(cfg: TrainConfig, n_id: int) -> int:
     if cfg.epochs is not None:
         return cfg.epochs * max(1, math.ceil(n_id / cfg.batch_size))
     return DEFAULT_STEPS
-
-
-# -- what the candidates are judged on ----------------------------------------------------------
-
-
-def shifted(family: str, images: np.ndarray, seed: int) -> np.ndarray:
-    """A synthetic shift of every image (uint8 NCHW), repeatable from `seed`."""
-    import torch
-
-    from oecl_train.augment import cutpaste, jigsaw, overlay, rotate
-
-    x = torch.from_numpy(np.ascontiguousarray(images))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if family == "rotation":
-            # Quarter turns keep the shape only for square images; others turn by 180°.
-            square = x.shape[2] == x.shape[3]
-            turns = torch.randint(1, 4, (len(x),)) if square else torch.full((len(x),), 2)
-            out = x.clone()
-            for q in (1, 2, 3):
-                pick = turns == q
-                if pick.any():
-                    out[pick] = rotate(x[pick], q)
-        elif family == "overlay":
-            out = overlay(x, x[torch.randperm(len(x))])
-        elif family == "jigsaw":
-            out = jigsaw(x)
-        elif family == "cutpaste":
-            out = cutpaste(x)
-        else:
-            raise ValueError(f"unknown shift family {family!r}")
-    return out.numpy()
-
-
-def _sample(images: np.ndarray, seed: int) -> np.ndarray:
-    if len(images) <= MAX_VAL_OOD:
-        return images
-    pick = np.random.default_rng(seed).choice(len(images), MAX_VAL_OOD, replace=False)
-    return images[np.sort(pick)]
-
-
-def validation_sets(
-    cfg: TrainConfig, splits, progress: bool | None = None
-) -> tuple[str, dict[str, np.ndarray], str]:
-    """What the candidates are judged on: (kind, {set name: OOD images}, why this kind)."""
-    from oecl_train.data import DataError, Splits
-    from oecl_train.data.readers import FolderReader, conform
-
-    if cfg.val_ood:
-        reader = FolderReader(cfg.val_ood, splits.spec, cfg.strict, seed=cfg.seed,
-                              channels=splits.spec.channels, progress=progress)
-        images = conform(reader.load_all().images, splits.spec)
-        return "val-ood", {"val-ood": _sample(images, cfg.seed)}, "--val-ood given"
-    far_is_id_source = cfg.oe_far == cfg.data and cfg.oe_root in (None, cfg.data_root)
-    if far_is_id_source:
-        why = "the far OE is the ID source's other classes, so they cannot judge it"
-    else:
-        try:
-            other = Splits.from_config(cfg, oe=cfg.data, oe_root=None, progress=progress).oe
-            return "other-classes", {"other-classes": _sample(other, cfg.seed)}, (
-                f"{cfg.data} is labelled with other classes than the ID ones")
-        except DataError:
-            why = "no --val-ood and no other labelled training classes"
-    sets = {f: shifted(f, splits.id_val, cfg.seed + i) for i, f in enumerate(FAMILIES)}
-    return "held-out-shifts", sets, why
-
-
-def judge(net, cfg: TrainConfig, splits, sets: dict[str, np.ndarray], device) -> dict[str, float]:
-    """AUROC (ID positive) of the served score: ID-validation images against each set."""
-    from oecl_model.views import views_for
-    from oecl_train.evaluate import eval_precision
-    from oecl_train.metrics import ood_metrics
-    from oecl_train.scores import view_scores
-    from oecl_train.view_count import view_count
-
-    views = views_for(cfg, splits.spec.height, splits.spec.width, view_count())
-    kw = dict(device=device, precision=eval_precision(cfg, device))
-    s_id = view_scores(net, splits.id_val, views, **kw)
-    out = {}
-    for name, images in sets.items():
-        s_ood = view_scores(net, images, views, **kw)
-        is_id = np.r_[np.ones(len(s_id), bool), np.zeros(len(s_ood), bool)]
-        out[name] = float(ood_metrics(np.r_[s_id, s_ood], is_id)["AUROC"])
-    return out
 
 
 def judged_sets(kind: str, name: str, sets: dict[str, np.ndarray]) -> list[str]:
@@ -308,7 +214,7 @@ def _adopt_probe(run_dir: Path, name: str) -> None:
     probe = run_dir / "probes" / name
     ckpts = run_dir / "checkpoints"
     if ckpts.is_dir():
-        for old in ckpts.glob("epoch-*"):
+        for old in [*ckpts.glob("epoch-*"), *ckpts.glob("best.*")]:
             old.unlink()  # a stale run under the same name, never this run's continuation
     ckpts.mkdir(exist_ok=True)
     # Tensors first, JSON last: a checkpoint counts once its JSON is there.

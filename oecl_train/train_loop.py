@@ -21,6 +21,7 @@ from oecl_train.data import Splits
 from oecl_train.distributed import Dist
 from oecl_train.execution import Execution, recorded_config
 from oecl_train.plots import plot_training
+from oecl_train.selection import Selection
 from oecl_train.train_progress import TrainingProgress, append_metrics, bar_progress, cpu_sized
 
 
@@ -98,6 +99,7 @@ class LoopMixin:
     start_step_in_epoch: int
     _partial: dict | None
     _last_save: float
+    selection: Selection | None
 
     def fit(self) -> dict:
         """Train to the run's length. On SIGINT/SIGTERM: finish the step, checkpoint, and raise
@@ -120,6 +122,8 @@ class LoopMixin:
             desc=self.run_dir.name,
         )
         lines = self._progress_lines(bar)
+        if self.selection is not None and self.start_step == 0:
+            self.selection.forget()
         last: dict = {}
         self.net.train()
         self._last_save = time.monotonic()
@@ -197,10 +201,15 @@ class LoopMixin:
                 images_per_s=n_images / elapsed,
                 epoch_s=elapsed,
             )
+            due = (epoch + 1) % self.ckpt_every == 0 or epoch + 1 == self.epochs
+            if due and self.selection is not None:  # rank 0 only
+                last["val_auroc"] = self.selection.judge(self.net, self.device)
             if self.dist.rank == 0:
                 append_metrics(self.run_dir, last)
-            if (epoch + 1) % self.ckpt_every == 0 or epoch + 1 == self.epochs:
-                self._save(epoch + 1, last)
+            if due:
+                path = self._save(epoch + 1, last)
+                if path is not None and self.selection is not None:
+                    self.selection.offer(path, last["val_auroc"])
         bar.close()
         if self.dist.rank == 0:
             plot_training(self.run_dir)

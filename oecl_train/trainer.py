@@ -29,6 +29,7 @@ from oecl_train.distributed import Dist
 from oecl_train.execution import configure_cuda, resolve_execution
 from oecl_train.optim import build_optimizer
 from oecl_train.rundir import require_run_dir
+from oecl_train.selection import Selection, model_checkpoint
 from oecl_train.train_checkpoints import CheckpointMixin
 from oecl_train.train_loop import LoopMixin, TrainingDiverged, TrainingInterrupted
 from oecl_train.train_step import StepMixin
@@ -128,6 +129,9 @@ class Trainer(LoopMixin, StepMixin, CheckpointMixin):
             total_steps = DEFAULT_STEPS
         self._set_schedule(total_steps)
         self.start_epoch = 0
+        # The checkpoint that becomes the model, judged on validation by rank 0 alone.
+        self.selection = (Selection.for_run(cfg, splits, self.run_dir, progress)
+                          if self.dist.rank == 0 else None)
         # A checkpoint written inside an epoch: its position there and the epoch's metric sums.
         self.start_step_in_epoch = 0
         self._partial: dict | None = None
@@ -207,11 +211,12 @@ class Trainer(LoopMixin, StepMixin, CheckpointMixin):
 def load_trained(
     run_dir: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[TrainConfig, OECLNet, dict]:
-    """The config, network (eval mode) and checkpoint metadata of a run's latest checkpoint."""
+    """The config, network (eval mode) and checkpoint metadata of a run's model: its best
+    checkpoint on validation when it selected one (`--select`), else its latest."""
     run_dir = require_run_dir(run_dir)
     cfg_path = run_dir / "config.json"
     cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
-    path = checkpoint.latest(run_dir / "checkpoints")
+    path = model_checkpoint(run_dir)
     meta = json.loads(path.read_text())
     net = OECLNet(Architecture(**meta["architecture"]))
     checkpoint.load(path, net, None, device)

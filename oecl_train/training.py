@@ -14,6 +14,7 @@ import click
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from oecl_model.views import views_for
+from oecl_train import checkpoint
 from oecl_train.config import TrainConfig, read_config_file
 from oecl_train.data import Splits
 from oecl_train.distributed import distributed_context, torchrun_environment
@@ -26,6 +27,7 @@ from oecl_train.metrics import (
 from oecl_train.rundir import require_run_dir
 from oecl_train.score_names import served_score
 from oecl_train.scores import compute_scores
+from oecl_train.selection import model_checkpoint, selection_summary
 from oecl_train.trainer import Trainer
 from oecl_train.view_count import view_count
 
@@ -166,6 +168,12 @@ def _run_training(
         # long evaluation cannot run into the collective timeout.
         result["rank"] = dist.rank
         return result
+    selected = selection_summary(run_dir) if trainer.selection is not None else None
+    if selected is not None:
+        result["selected"] = selected
+        echo(selected_line(selected))
+        checkpoint.load(model_checkpoint(run_dir), trainer.net, None, trainer.device)
+        trainer.net.eval()
     if quick_eval:
         # K forward passes per image: on a CPU a large test split takes a while, so say so.
         echo(f"scoring the test split ({len(splits.test_images)} images over {view_count()} "
@@ -211,3 +219,15 @@ def few_validation_images(splits: Splits, cfg: TrainConfig, tpr: float = 0.95) -
         fraction = math.ceil(needed * 100) / 100
         warning += f" (--val-fraction {fraction:g} holds out {round(fraction * n_id)})"
     return warning
+
+
+def selected_line(selected: dict[str, Any]) -> str:
+    """One line on the checkpoint `--select val` made the run's model."""
+    last = selected.get("last")
+    tail = (f"; the last, step {last['step']}, scored {last['val_auroc']:.3f}"
+            if last and last["step"] != selected["step"] else "")
+    return (f"model: the checkpoint at step {selected['step']} of {selected['total_steps']}, "
+            f"validation AUROC {selected['val_auroc']:.3f} on {selected['judged_on_text']}, the "
+            f"best of {selected['checkpoints_judged']} judged{tail} (--select last keeps the "
+            "last)")
+

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from helpers import gray_pngs, tiny_config
 from PIL import Image
 
-from oecl_train import oe_auto
+from oecl_train import oe_auto, validation
 from oecl_train.cli import main
 from oecl_train.data import Splits
 from oecl_train.data.readers import conform, make_reader
@@ -50,7 +50,7 @@ def test_normal_images_alone_choose_by_held_out_shifts(auto_run):
     for name, c in rec["candidates"].items():
         trained = set(oe_auto.CANDIDATES[name][1])
         # Each candidate is scored on exactly the shift families it did not train with.
-        assert set(c["judged_on_sets"]) == set(oe_auto.FAMILIES) - trained
+        assert set(c["judged_on_sets"]) == set(validation.FAMILIES) - trained
         assert set(c["per_set"]) == set(c["judged_on_sets"])
         assert c["val_auroc"] == pytest.approx(np.mean(list(c["per_set"].values())))
     figures = {n: c["val_auroc"] for n, c in rec["candidates"].items()}
@@ -112,7 +112,7 @@ def test_resume_keeps_finished_probes_and_their_figures(auto_run, tmp_path):
 def test_labelled_source_is_judged_on_the_other_classes_training_images(tmp_path):
     cfg = tiny_config(tmp_path, oe="auto")
     splits = Splits.from_config(cfg, oe="photos")
-    kind, sets, _ = oe_auto.validation_sets(cfg, splits)
+    kind, sets, _ = validation.validation_sets(cfg, splits)
     assert kind == "other-classes"
     (images,) = sets.values()
     reader = make_reader("digits", seed=cfg.seed)
@@ -127,7 +127,7 @@ def test_labelled_source_is_judged_on_the_other_classes_training_images(tmp_path
     assert not test_only & {x.tobytes() for x in images}  # never a test image
     # A far source that is the ID source's other classes cannot judge itself: shifts instead.
     cfg_same = tiny_config(tmp_path, oe="auto", oe_far="digits")
-    assert oe_auto.validation_sets(cfg_same, splits)[0] == "held-out-shifts"
+    assert validation.validation_sets(cfg_same, splits)[0] == "held-out-shifts"
 
 
 def test_known_anomalies_come_first(tmp_path):
@@ -135,16 +135,16 @@ def test_known_anomalies_come_first(tmp_path):
     _images(tmp_path / "anomalies" / "stain", 2, 250, 6)
     cfg = tiny_config(tmp_path, oe="auto", val_ood=str(tmp_path / "anomalies"))
     splits = Splits.from_config(cfg, oe="photos")
-    kind, sets, why = oe_auto.validation_sets(cfg, splits)
+    kind, sets, why = validation.validation_sets(cfg, splits)
     assert kind == "val-ood" and why == "--val-ood given"
     assert sets["val-ood"].shape == (5, *splits.id_val.shape[1:])  # conformed to the model
 
 
 def test_shifts_are_repeatable_and_change_every_image():
     x = np.random.default_rng(0).integers(0, 256, (6, 1, 8, 8), dtype=np.uint8)
-    for family in oe_auto.FAMILIES:
-        a = oe_auto.shifted(family, x, seed=3)
-        assert a.shape == x.shape and np.array_equal(a, oe_auto.shifted(family, x, seed=3))
+    for family in validation.FAMILIES:
+        a = validation.shifted(family, x, seed=3)
+        assert a.shape == x.shape and np.array_equal(a, validation.shifted(family, x, seed=3))
         assert all((a[i] != x[i]).any() for i in range(len(x))), family
 
 
@@ -169,7 +169,7 @@ def test_labelled_run_picks_by_the_other_classes(tmp_path, monkeypatch):
     rec = result["oe_auto"]
     n_other = len(Splits.from_config(cfg, oe="digits").oe)
     assert rec["judged_on"] == "other-classes"
-    assert rec["n_val_ood"] == {"other-classes": min(n_other, oe_auto.MAX_VAL_OOD)}
+    assert rec["n_val_ood"] == {"other-classes": min(n_other, validation.MAX_VAL_OOD)}
     assert all(c["judged_on_sets"] == ["other-classes"] for c in rec["candidates"].values())
     figures = {n: c["val_auroc"] for n, c in rec["candidates"].items()}
     assert rec["chosen"] == max(figures, key=figures.get)
