@@ -97,6 +97,16 @@ def live(scorer: Scorer) -> Iterator[tuple[int, object]]:
         yield served
 
 
+def _post_and_leave(port: int, body: bytes, started: list) -> None:
+    """POST an .npy body, wait until its work has `started` (up to 10 s), then hang up."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-npy\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 10
+        while not started and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
 def _reply(sock: socket.socket, limit_s: float = 5.0) -> bytes:
     sock.settimeout(limit_s)
     data = b""
@@ -152,13 +162,8 @@ def test_gone_client_stops_a_large_request(live: tuple[int, object],
         return real(*args, stop=stop, **kw)
 
     monkeypatch.setattr(server_mod, "to_batch", slow_to_batch)
-    body = npy(np.zeros((40, 64, 64, 3), np.uint8))  # NHWC: needs decoding
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-npy\r\n"
-                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        deadline = time.monotonic() + 10
-        while not ran and time.monotonic() < deadline:
-            time.sleep(0.01)
+    # NHWC: needs decoding
+    _post_and_leave(port, npy(np.zeros((40, 64, 64, 3), np.uint8)), ran)
     deadline = time.monotonic() + 10
     metrics = app.metrics  # type: ignore[attr-defined]
     while 'reason="client_gone"' not in metrics.render().decode():
@@ -231,13 +236,8 @@ def test_gone_client_leaves_the_queue(live: tuple[int, object],
         return real(batch)
 
     monkeypatch.setattr(batcher, "_run", slow_run)
-    body = npy(np.zeros((256, 3, 32, 32), np.uint8))  # model form: straight to the queue
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(b"POST /v1/score HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-npy\r\n"
-                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        deadline = time.monotonic() + 10
-        while not ran and time.monotonic() < deadline:
-            time.sleep(0.01)
+    # model form: straight to the queue
+    _post_and_leave(port, npy(np.zeros((256, 3, 32, 32), np.uint8)), ran)
     time.sleep(1.5)  # 8 batches of 32 would take 0.8 s
     assert 0 < sum(ran) < 256, ran
     assert batcher.depth == 0
