@@ -19,7 +19,6 @@ import torch
 from tqdm import tqdm
 
 from oecl_model.views import views_for, views_to_json
-from oecl_train import checkpoint
 from oecl_train.augment import AugmentConfig, SimCLRAugment
 from oecl_train.data import Splits
 from oecl_train.devices import resolve_device
@@ -43,6 +42,7 @@ from oecl_train.scores import (
     compute_scores,
     parse_scores,
 )
+from oecl_train.selection import model_checkpoint
 from oecl_train.trainer import load_trained
 from oecl_train.view_count import view_count
 
@@ -252,6 +252,7 @@ def build_report(
             "file": checkpoint_name,
             "epoch": int(meta.get("epoch", 0)),
             "step": int(meta.get("step", 0)),
+            **({"selected": meta["selected"]} if "selected" in meta else {}),
         },
         "data": {
             "source": cfg.data,
@@ -312,7 +313,7 @@ def evaluate_run(
         raise EvalError("--batch-size must be positive")
     run_dir = check_run_dir(run_dir)
     dev = resolve_device(device)
-    ckpt = checkpoint.latest(run_dir / "checkpoints")
+    ckpt = model_checkpoint(run_dir)
     cfg, net, meta = load_trained(run_dir, dev)
     # OE is never scored: the ID and test splits do not depend on it.
     splits = Splits.from_config(cfg, oe="none")

@@ -153,9 +153,21 @@ def format_run_table(report: dict[str, Any]) -> str:
     elif len(rows) > 2:
         lines.append(f"AUROC of each of the {len(rows) - 1} OOD classes: see report.md")
     lines += [threshold_line(report["threshold"]), "budget: " + budget_line(report["budget"])]
+    if report["checkpoint"].get("selected"):
+        lines.append(checkpoint_line(report["checkpoint"]))
     if report.get("oe_auto"):
         lines.append(choice_table(report["oe_auto"]))
     return "\n".join(lines)
+
+
+def checkpoint_line(ckpt: dict[str, Any]) -> str:
+    """Which checkpoint was evaluated, and why when `--select` chose it."""
+    line = f"checkpoint: {ckpt['file']} (epoch {ckpt['epoch']}, step {ckpt['step']})"
+    sel = ckpt.get("selected")
+    if sel:
+        line += (f", the best on validation: AUROC {sel['val_auroc']:.3f} on "
+                 f"{sel['judged_on_text']}")
+    return line
 
 
 def run_markdown(report: dict[str, Any], files: dict[str, Any]) -> str:
@@ -167,8 +179,7 @@ def run_markdown(report: dict[str, Any], files: dict[str, Any]) -> str:
         f"(ID classes: {', '.join(d['id_classes'])})",
         f"- test split: {d['n_test_id']} ID and {d['n_test_ood']} OOD images; "
         f"{d['n_val_id']} ID-validation images",
-        f"- checkpoint: {report['checkpoint']['file']} (epoch {report['checkpoint']['epoch']}, "
-        f"step {report['checkpoint']['step']})",
+        "- " + checkpoint_line(report["checkpoint"]),
         f"- scoring: K = {e['k']} SimCLR views (seed {e['seed']}), {e['precision']}, "
         f"batch {e['batch_size']}, device {e['device']}, {e['seconds']:.1f} s",
         "",

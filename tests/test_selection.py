@@ -94,9 +94,11 @@ def test_auto_selects_only_on_real_anomalies(tmp_path: Path) -> None:
         "other-classes"
 
 
-def test_export_serves_the_selected_checkpoint(tmp_path: Path,
+def test_export_and_eval_use_the_selected_checkpoint(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from oecl_train.evaluate import evaluate_run
     from oecl_train.export import export_run
+    from oecl_train.report import format_run_table
 
     _scripted(monkeypatch, [0.4, 0.8, 0.6])
     cfg = tiny_config(tmp_path, epochs=3, checkpoint_every=1, select="auto")
@@ -107,3 +109,7 @@ def test_export_serves_the_selected_checkpoint(tmp_path: Path,
     selected = result["selected"]
     assert selected["val_auroc"] == 0.8 and selected["step"] < selected["total_steps"]
     assert meta["source"]["checkpoint_step"] == selected["step"]
+    report = evaluate_run(result["run_dir"], ("norm",), device="cpu", plots=False)
+    assert report["checkpoint"]["step"] == selected["step"]
+    assert report["checkpoint"]["selected"]["val_auroc"] == 0.8
+    assert "the best on validation: AUROC 0.800" in format_run_table(report)
