@@ -26,6 +26,7 @@ from oecl_runtime.atomic import atomic_path, write_json
 from oecl_runtime.errors import one_line
 
 CHECKSUM_KEY = "tensors_sha256"
+BEST = "best"  # checkpoints/best.json + .safetensors (`--select`); never an interval name
 
 
 class CheckpointError(RuntimeError):
@@ -175,3 +176,14 @@ def load(
         opt = {k: v for k, v in tensors.items() if k.startswith("optim.")}
         optimizer.load_state_dict(_unflatten_optimizer(opt, meta["optimizer"]))
     return meta
+
+
+def model_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint that is the run's model: the best on validation when the run selected
+    one, else the latest."""
+    directory = Path(run_dir) / "checkpoints"
+    best = directory / f"{BEST}.json"
+    if best.exists() and best.with_suffix(".safetensors").exists():
+        verify(best)
+        return best
+    return latest(directory)

@@ -20,9 +20,10 @@ from tqdm import tqdm
 
 from oecl_model.views import views_for, views_to_json
 from oecl_train.augment import AugmentConfig, SimCLRAugment
+from oecl_train.checkpoint import model_checkpoint
 from oecl_train.data import Splits
 from oecl_train.devices import resolve_device
-from oecl_train.execution import run_execution
+from oecl_train.execution import eval_precision
 from oecl_train.metrics import (
     METRICS,
     ood_metrics,
@@ -42,7 +43,6 @@ from oecl_train.scores import (
     compute_scores,
     parse_scores,
 )
-from oecl_train.selection import model_checkpoint
 from oecl_train.trainer import load_trained
 from oecl_train.view_count import view_count
 
@@ -72,13 +72,6 @@ def augment_for(cfg, spec, device):
     distribution the network was trained on."""
     aug_cfg = AugmentConfig(cfg.crop_scale, cfg.hflip, cfg.jitter, cfg.jitter_p, cfg.grayscale_p)
     return SimCLRAugment((spec.height, spec.width), spec.channels, aug_cfg).to(device)
-
-
-def eval_precision(cfg, device) -> str:
-    """The precision a run is scored at on `device`: the one it ran at."""
-    precision = run_execution(cfg, device).precision
-    # fp16 autocast exists only on CUDA; a CUDA-trained fp16 run scored on the CPU uses bf16.
-    return "bf16" if precision == "fp16" and device.type != "cuda" else precision
 
 
 def score_model(

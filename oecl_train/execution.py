@@ -90,3 +90,10 @@ def autocast(device: torch.device, precision: str) -> AbstractContextManager:
         raise ValueError("--precision fp16 needs a CUDA device; use bf16 on the CPU")
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
+
+
+def eval_precision(cfg, device) -> str:
+    """The precision a run is scored at on `device`: the one it ran at."""
+    precision = run_execution(cfg, device).precision
+    # fp16 autocast exists only on CUDA; a CUDA-trained fp16 run scored on the CPU uses bf16.
+    return "bf16" if precision == "fp16" and device.type != "cuda" else precision

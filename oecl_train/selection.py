@@ -21,11 +21,10 @@ import numpy as np
 import torch
 
 from oecl_runtime.atomic import write_json
-from oecl_train import checkpoint
+from oecl_train.checkpoint import BEST
 from oecl_train.config import TrainConfig
 from oecl_train.validation import JUDGED_ON, judge, validation_sets
 
-BEST = "best"  # checkpoints/best.json + best.safetensors; never an interval checkpoint's name
 # The anomalies `--select auto` trusts: real ones. Held-out synthetic shifts judge an OE mix
 # well enough (each candidate on shifts it never saw), but a run trained on some of those
 # shifts would be judged on what it was taught.
@@ -93,17 +92,6 @@ def best_figure(directory: Path) -> float | None:
         return float(json.loads(path.read_text())["selected"]["val_auroc"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def model_checkpoint(run_dir: str | Path) -> Path:
-    """The checkpoint that is the run's model: the best on validation when the run selected
-    one, else the latest."""
-    directory = Path(run_dir) / "checkpoints"
-    best = directory / f"{BEST}.json"
-    if best.exists() and best.with_suffix(".safetensors").exists():
-        checkpoint.verify(best)
-        return best
-    return checkpoint.latest(directory)
 
 
 def selection_summary(run_dir: str | Path) -> dict[str, Any] | None:

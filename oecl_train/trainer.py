@@ -29,7 +29,7 @@ from oecl_train.distributed import Dist
 from oecl_train.execution import configure_cuda, resolve_execution
 from oecl_train.optim import build_optimizer
 from oecl_train.rundir import require_run_dir
-from oecl_train.selection import Selection, model_checkpoint
+from oecl_train.selection import Selection
 from oecl_train.train_checkpoints import CheckpointMixin
 from oecl_train.train_loop import LoopMixin, TrainingDiverged, TrainingInterrupted
 from oecl_train.train_step import StepMixin
@@ -216,7 +216,7 @@ def load_trained(
     run_dir = require_run_dir(run_dir)
     cfg_path = run_dir / "config.json"
     cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
-    path = model_checkpoint(run_dir)
+    path = checkpoint.model_checkpoint(run_dir)
     meta = json.loads(path.read_text())
     net = OECLNet(Architecture(**meta["architecture"]))
     checkpoint.load(path, net, None, device)

@@ -27,7 +27,7 @@ from oecl_train.metrics import (
 from oecl_train.rundir import require_run_dir
 from oecl_train.score_names import served_score
 from oecl_train.scores import compute_scores
-from oecl_train.selection import model_checkpoint, selection_summary
+from oecl_train.selection import selection_summary
 from oecl_train.trainer import Trainer
 from oecl_train.view_count import view_count
 
@@ -172,7 +172,7 @@ def _run_training(
     if selected is not None:
         result["selected"] = selected
         echo(selected_line(selected))
-        checkpoint.load(model_checkpoint(run_dir), trainer.net, None, trainer.device)
+        checkpoint.load(checkpoint.model_checkpoint(run_dir), trainer.net, None, trainer.device)
         trainer.net.eval()
     if quick_eval:
         # K forward passes per image: on a CPU a large test split takes a while, so say so.

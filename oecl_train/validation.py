@@ -91,7 +91,7 @@ def validation_sets(
 def judge(net, cfg: TrainConfig, splits, sets: dict[str, np.ndarray], device) -> dict[str, float]:
     """AUROC (ID positive) of the served score: ID-validation images against each set."""
     from oecl_model.views import views_for
-    from oecl_train.evaluate import eval_precision
+    from oecl_train.execution import eval_precision
     from oecl_train.metrics import ood_metrics
     from oecl_train.scores import view_scores
     from oecl_train.view_count import view_count

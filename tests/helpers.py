@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 import sys
+import time
+import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -241,3 +243,22 @@ def tiny_config(tmp_path: Path, **kw) -> TrainConfig:
 
 def splits_for(cfg: TrainConfig) -> Splits:
     return Splits.from_config(cfg)
+
+
+def worker_pids(url: str, want: int, deadline_s: float = 60,
+                exclude: frozenset[int] = frozenset()) -> set[int]:
+    """The pids of `want` workers of `oecl serve --workers` at `url` (http://host:port), once
+    each has answered; `exclude`: pids that do not count (workers already replaced)."""
+    deadline = time.monotonic() + deadline_s
+    pids: set[int] = set()
+    while len(pids) < want:  # each worker answers with its own pid
+        assert time.monotonic() < deadline, f"workers did not come up: {pids}"
+        try:
+            with urllib.request.urlopen(url + "/v1/model", timeout=2) as r:
+                pid = json.loads(r.read())["runtime"]["pid"]
+            if pid not in exclude:
+                pids.add(pid)
+        except (OSError, ValueError, KeyError):
+            time.sleep(0.2)
+    return pids
+

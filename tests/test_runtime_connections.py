@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import png_bytes, random_images
+from helpers import png_bytes, random_images, worker_pids
 
 
 def _free_port() -> int:
@@ -184,21 +184,6 @@ def test_port_in_use_is_one_line_before_starting(artifact_dir: Path, workers: st
 # ----------------------------------------------------------------------------- --workers
 
 
-def _worker_pids(url: str, want: int, deadline_s: float = 60,
-                 exclude: frozenset[int] = frozenset()) -> set[int]:
-    deadline = time.monotonic() + deadline_s
-    pids: set[int] = set()
-    while len(pids) < want:  # each worker answers with its own pid
-        assert time.monotonic() < deadline, f"workers did not come up: {pids}"
-        try:
-            pid = json.loads(_get(url + "/v1/model", timeout=2)[1])["runtime"]["pid"]
-            if pid not in exclude:
-                pids.add(pid)
-        except (OSError, ValueError, KeyError):
-            time.sleep(0.2)
-    return pids
-
-
 def _gone(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -210,7 +195,7 @@ def _gone(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_workers_die_with_their_supervisor(artifact_dir: Path) -> None:
     with _server(artifact_dir, "--workers", "2") as (url, proc):
-        workers = _worker_pids(url, 2)
+        workers = worker_pids(url, 2)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         deadline = time.monotonic() + 20
@@ -243,7 +228,7 @@ def test_a_killed_workers_gauges_leave_the_sums(artifact_dir: Path) -> None:
     # A long batching delay keeps partial batches queued (see the SIGTERM drain test).
     with _server(artifact_dir, "--workers", "2", "--max-delay-ms", "5000", "--max-batch", "16",
                  "--max-queue", "256") as (url, _):
-        workers = _worker_pids(url, 2)
+        workers = worker_pids(url, 2)
         bodies = [npy(random_images(37, seed=40 + i).transpose(0, 3, 1, 2).copy())
                   for i in range(6)]
         with ThreadPoolExecutor(1) as pool:
@@ -256,7 +241,7 @@ def test_a_killed_workers_gauges_leave_the_sums(artifact_dir: Path) -> None:
             for pid in workers:  # work queued in them is lost with them
                 os.kill(pid, signal.SIGKILL)
             load.result(60)
-        _worker_pids(url, 2, exclude=frozenset(workers))  # both replaced
+        worker_pids(url, 2, exclude=frozenset(workers))  # both replaced
         for _ in range(4):  # whichever worker answers the scrape
             text = _get(url + "/metrics")[1].decode()
             assert gauge(text, "oecl_workers") == 2.0

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import png_bytes, random_images
+from helpers import png_bytes, random_images, worker_pids
 from image_bodies import encoded, npy
 
 from oecl_runtime import Scorer
@@ -184,7 +184,6 @@ def test_serving_threads_share_the_cores_among_workers() -> None:
 
 
 def test_workers_share_one_port_and_metrics_count_all_of_them(artifact_dir: Path) -> None:
-    import json
     import os
     import re
     import urllib.request
@@ -198,15 +197,7 @@ def test_workers_share_one_port_and_metrics_count_all_of_them(artifact_dir: Path
          str(port), "--workers", "2", "--log-level", "warning"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        pids: set[int] = set()
-        while len(pids) < 2:  # both workers up (each answers with its own pid)
-            assert time.monotonic() < deadline, "workers did not come up"
-            try:
-                with urllib.request.urlopen(url + "/v1/model", timeout=2) as r:
-                    pids.add(json.loads(r.read())["runtime"]["pid"])
-            except OSError:
-                time.sleep(0.2)
+        worker_pids(url, 2)  # both workers up
         png = png_bytes(random_images(1)[0])
         for _ in range(30):
             urllib.request.urlopen(urllib.request.Request(url + "/v1/score", data=png),

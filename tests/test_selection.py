@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from helpers import gray_pngs, tiny_config
 
-from oecl_train.selection import Selection, model_checkpoint
+from oecl_train.checkpoint import model_checkpoint
+from oecl_train.selection import Selection
 from oecl_train.trainer import load_trained
 from oecl_train.training import run_training
 

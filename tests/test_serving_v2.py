@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import nchw_images, png_bytes, random_images
+from helpers import nchw_images, png_bytes, random_images, worker_pids
 from live_servers import free_port, oecl_serve
 from oip_client import check_server, connect, encoded, infer
 from PIL import Image
@@ -276,6 +276,7 @@ def test_workers_each_serve_v2_and_grpc(artifact_dir: Path, tmp_path: Path,
     grpc_port = free_port()
     with oecl_serve(artifact_dir, tmp_path / "serve.log", "--workers", "2", "--threads", "1",
                     "--grpc-port", str(grpc_port)) as url:
+        worker_pids(f"http://{url}", 2)  # both up, so either may answer and count
         batch = nchw_images(2, seed=6)
         want = scorer.score_array(batch)
         for protocol, address in (("http", url), ("grpc", f"127.0.0.1:{grpc_port}")):
