@@ -231,6 +231,7 @@ def protocol_rows(args: argparse.Namespace, wrk: str) -> dict[str, list[dict[str
             f"{row['server_cpu_s_per_1000']:.2f} CPU s / 1000 requests, "
             f"{row['failures']} failures")
 
+    extra_workers = [int(w) for w in args.workers.split(",") if w.strip() and int(w) > 1]
     with tempfile.TemporaryDirectory(prefix="bench-protocols-") as tmp:
         work = Path(tmp)
         write_repository(args.model, work / "models", backend="python", kind="cpu")
@@ -241,20 +242,25 @@ def protocol_rows(args: argparse.Namespace, wrk: str) -> dict[str, list[dict[str
                      for f, b in bodies(images, name).items()}
             request = grpc_request(images, name, "oecl")
             for r in range(args.rounds):
-                grpc_port = free_port()
-                args_grpc = argparse.Namespace(**{**vars(args), "grpc_port": grpc_port})
-                with start("oecl-serve", args_grpc, 1) as server:
-                    for form, script in forms.items():
-                        path = "/v1/score" if form == "v1" else infer
-                        drive(wrk, server.url, script, args.concurrency, args.warmup, path)
-                        add(f"oecl serve {form}", k, r, measured(
-                            server.process.pid, drive, wrk, server.url, script,
-                            args.concurrency, args.duration, path))
-                    url = f"127.0.0.1:{grpc_port}"
-                    grpc_drive(url, request, args.concurrency, args.warmup)
-                    add("oecl serve grpc", k, r, measured(
-                        server.process.pid, grpc_drive, url, request, args.concurrency,
-                        args.duration))
+                for workers in [1, *extra_workers]:
+                    # With --workers, the forms a cluster client sends (binary tensors, gRPC).
+                    label = "oecl serve" if workers == 1 else f"oecl serve x{workers}"
+                    grpc_port = free_port()
+                    args_grpc = argparse.Namespace(**{**vars(args), "grpc_port": grpc_port})
+                    with start("oecl-serve", args_grpc, workers) as server:
+                        for form, script in forms.items():
+                            if workers > 1 and form != "v2-binary":
+                                continue
+                            path = "/v1/score" if form == "v1" else infer
+                            drive(wrk, server.url, script, args.concurrency, args.warmup, path)
+                            add(f"{label} {form}", k, r, measured(
+                                server.process.pid, drive, wrk, server.url, script,
+                                args.concurrency, args.duration, path))
+                        url = f"127.0.0.1:{grpc_port}"
+                        grpc_drive(url, request, args.concurrency, args.warmup)
+                        add(f"{label} grpc", k, r, measured(
+                            server.process.pid, grpc_drive, url, request, args.concurrency,
+                            args.duration))
                 if isinstance(triton, str):
                     continue
                 tw = work / f"triton-{k}-{r}"
