@@ -67,10 +67,10 @@ class Selection:
             net.train()
         return float(np.mean(list(per_set.values())))
 
-    def offer(self, path: Path, figure: float) -> bool:
+    def offer(self, path: Path, figure: float) -> None:
         """Keep the checkpoint at `path` (judged `figure`) if it is the best so far."""
         if self.best is not None and figure < self.best:
-            return False
+            return
         # Tensors first, JSON last: the copy counts once its JSON is there.
         tmp = self.directory / f".{BEST}.safetensors.tmp"
         shutil.copy2(path.with_suffix(".safetensors"), tmp)
@@ -80,7 +80,6 @@ class Selection:
                             "judged_on_text": JUDGED_ON[self.kind], "copied_from": path.name}
         write_json(self.directory / f"{BEST}.json", meta)
         self.best = figure
-        return True
 
 
 def best_figure(directory: Path) -> float | None:

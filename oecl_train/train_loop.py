@@ -122,6 +122,8 @@ class LoopMixin:
             desc=self.run_dir.name,
         )
         lines = self._progress_lines(bar)
+        if self.dist.rank == 0:
+            self.selection = Selection.for_run(cfg, self.splits, self.run_dir, self.progress)
         if self.selection is not None and self.start_step == 0:
             self.selection.forget()
         last: dict = {}

@@ -129,9 +129,9 @@ class Trainer(LoopMixin, StepMixin, CheckpointMixin):
             total_steps = DEFAULT_STEPS
         self._set_schedule(total_steps)
         self.start_epoch = 0
-        # The checkpoint that becomes the model, judged on validation by rank 0 alone.
-        self.selection = (Selection.for_run(cfg, splits, self.run_dir, progress)
-                          if self.dist.rank == 0 else None)
+        # The checkpoint that becomes the model, judged on validation by rank 0 alone; its
+        # validation sets are read when training starts (`fit`), not for callers that only step.
+        self.selection: Selection | None = None
         # A checkpoint written inside an epoch: its position there and the epoch's metric sums.
         self.start_step_in_epoch = 0
         self._partial: dict | None = None
