@@ -75,29 +75,38 @@ def test_gpu_check_smoke(smoke):
     assert json.loads((out / "gpu-check.json").read_text())["ok"] is True
 
 
+# Runs bench_train with its live report patched to SIGKILL the process right after the first
+# line is on disk: a time limit at the worst moment, reproducibly (polling for the line and then
+# killing raced a fast machine, which finished every variant in between).
+_KILLED_AFTER_FIRST_REPORT = """
+import os, runpy, signal, sys
+sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))
+import _gpu_env
+report = _gpu_env.append_jsonl
+def report_then_die(*args):
+    report(*args)
+    os.kill(os.getpid(), signal.SIGKILL)
+_gpu_env.append_jsonl = report_then_die
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def test_a_bench_cut_short_keeps_what_it_measured(tmp_path):
     # bench_train killed (as a time limit would) once its first variant is reported: that
     # variant is in its JSON, marked incomplete.
     jsonl = tmp_path / "live.jsonl"
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--data", "digits",
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_AFTER_FIRST_REPORT,
+         str(REPO / "benchmarks" / "bench_train.py"), "--data", "digits",
          "--depth", "resnet10", "--width", "4", "--batch-size", "8", "--steps", "1",
          "--warmup", "1", "--workers", "0", "--variants", "ours-fp32,reference,ours-fp32",
          "--device", "cpu", "--out", str(tmp_path), "--jsonl", str(jsonl)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not (jsonl.exists() and jsonl.read_text().strip()):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
     record = json.loads((tmp_path / "train-cpu.json").read_text())
-    assert record["complete"] is False and "ours-fp32" in record["results"]
-    assert _records(jsonl)[0]["variant"] == "ours-fp32"
+    assert record["complete"] is False and list(record["results"]) == ["ours-fp32"]
+    assert [r["variant"] for r in _records(jsonl)] == ["ours-fp32"]
 
 
 def test_preflight_without_a_gpu_stops_in_seconds_with_one_line(tmp_path):
