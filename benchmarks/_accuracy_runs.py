@@ -155,8 +155,8 @@ def run_deep(args: argparse.Namespace, data_root: str, cls: str, method: str, k:
         extra["served"] = serve_run(run_dir, cls, method, args)
     if oe_auto:
         extra["oe_auto"] = {k: oe_auto[k] for k in ("judged_on", "chosen", "probe_steps",
-                                                    "cost")}
-        extra["oe_auto"]["val_auroc"] = {n: c["val_auroc"]
+                                                    "rung_steps", "cost") if k in oe_auto}
+        extra["oe_auto"]["val_auroc"] = {n: c.get("rungs", c["val_auroc"])
                                          for n, c in oe_auto["candidates"].items()}
     return {
         **extra,

@@ -72,7 +72,9 @@ class TrainConfig:
         "--oe-root).",
     )
     oe_probe_steps: int | None = _opt(
-        None, "With --oe auto: steps of each candidate's probe (default: a sixth of the run)."
+        None,
+        "With --oe auto: steps of each candidate's first probe (default: a twelfth of the "
+        "run); the best two are continued to four times that and judged again.",
     )
     val_ood: str | None = _opt(
         None,

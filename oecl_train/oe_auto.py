@@ -2,9 +2,16 @@
 
 Every candidate mix trains a short probe (its own run directory under RUN/probes/); each probe
 is judged by the AUROC of the served score (mean-view-norm, the artifact's K views) of the
-held-out ID-validation images against a validation set of anomalies; only the chosen probe is
-continued, as the run itself, to the configured length (its probe steps are kept, so its
-cosine schedule is stretched from where the probe stopped, as `--resume RUN --steps N` does).
+held-out ID-validation images against a validation set of anomalies. The probes run in two
+rungs (successive halving): every candidate for a twelfth of the run, then the best two
+continued to a third of it and judged again; the better of those is continued, as the run
+itself, to the configured length (its probe steps are kept, so its cosine schedule is
+stretched from where the probe stopped, as `--resume RUN --steps N` does).
+
+Why two rungs: the near-OE families made from the ID images themselves (rotations above all)
+learn fastest, so a decision taken early favours them over mixes that catch up later; a
+first rung that only drops the clear losers lets the real decision come later at about the
+same cost in steps as one rung of five at a sixth of the run.
 
 What the candidates are judged on is `oecl_train.validation`'s: known anomalies, else the other
 classes' training images, else held-out synthetic shifts (each candidate on the families of
@@ -41,8 +48,16 @@ CANDIDATES: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "far+cutpaste": ({"oe_cutpaste": 0.5}, ("cutpaste",)),
     "self": ({"oe": "self"}, ("rotation",)),
 }
-PROBE_SHARE = 1 / 6  # a probe's share of the run's steps, by default
+FIRST_RUNG_SHARE = 1 / 12  # the first rung's share of the run's steps, by default
+RUNG_GROWTH = 4  # the second rung is this many times as long as the first
+KEEP = 2  # candidates continued to the second rung
 RECORD = "oe_auto.json"
+
+
+def rung_steps(first: int, steps: int) -> list[int]:
+    """The probe lengths of the rungs: the second only where it ends before the run does."""
+    second = first * RUNG_GROWTH
+    return [first, second] if second < steps else [first]
 
 
 def probe_config(cfg: TrainConfig, name: str, probe_steps: int) -> TrainConfig:
@@ -105,10 +120,11 @@ def run_auto(
     run_dir = Path(cfg.out_dir) / cfg.run_name()
     splits = Splits.from_config(cfg, oe=cfg.oe_far, progress=progress)
     steps = total_steps(cfg, len(splits.id_train))
-    probe_steps = cfg.oe_probe_steps or max(1, round(steps * PROBE_SHARE))
-    if probe_steps >= steps:
-        raise ValueError(f"--oe-probe-steps ({probe_steps}) must be below the run's length "
+    first = cfg.oe_probe_steps or max(1, round(steps * FIRST_RUNG_SHARE))
+    if first >= steps:
+        raise ValueError(f"--oe-probe-steps ({first}) must be below the run's length "
                          f"({steps} steps)")
+    rungs = rung_steps(first, steps)
     kind, sets, why = validation_sets(cfg, splits, progress)  # bad input fails before a write
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json(run_dir / "config.json", cfg.to_json())  # what `--resume RUN` continues
@@ -120,29 +136,36 @@ def run_auto(
         "score": "mean-view-norm AUROC, ID-validation images positive",
         "n_val_id": int(len(splits.id_val)),
         "n_val_ood": {k: int(len(v)) for k, v in sets.items()},
-        "probe_steps": probe_steps,
+        "rung_steps": rungs,
+        "keep": KEEP,
+        "probe_steps": rungs[-1],  # where the choice is made
         "steps": steps,
         "candidates": {},
     }
-    if saved.get("judged_on") == kind and saved.get("probe_steps") == probe_steps:
+    if saved.get("judged_on") == kind and saved.get("rung_steps") == rungs:
         record["candidates"] = saved.get("candidates", {})
     # Self-OECL trains on quarter turns, which keep the shape of square images only.
     names = [n for n in CANDIDATES if n != "self" or splits.spec.height == splits.spec.width]
-    echo(f"--oe auto: {len(names)} candidates, {probe_steps}-step probes, judged on "
-         f"{JUDGED_ON[kind]} ({why})")
-    for name in names:
-        if name in record["candidates"]:
-            continue
-        try:
-            record["candidates"][name] = _probe(cfg, name, probe_steps, splits, sets, kind,
-                                                resume, progress)
-        except TrainingInterrupted as e:
-            raise TrainingInterrupted(
-                f"stopped in the probe of {name}; continue with: oecl train --resume {run_dir}",
-                e.exit_code - 128) from None
-        write_json(run_dir / RECORD, record)
-    figures = {n: record["candidates"][n]["val_auroc"] for n in names}
-    record["chosen"] = max(names, key=lambda n: figures[n])  # ties: the earlier candidate
+    echo(f"--oe auto: {len(names)} candidates, probes of {rungs[0]} steps"
+         + (f", the best {KEEP} continued to {rungs[1]}" if len(rungs) > 1 else "")
+         + f"; judged on {JUDGED_ON[kind]} ({why})")
+    for i, rung in enumerate(rungs):
+        if i:
+            names = _best(record, names, rungs[i - 1], KEEP)
+        for name in names:
+            figures = record["candidates"].get(name, {}).get("rungs", {})
+            if str(rung) in figures:
+                continue
+            try:
+                record["candidates"][name] = _probe(
+                    cfg, name, rung, splits, sets, kind, resume or i > 0, progress,
+                    record["candidates"].get(name))
+            except TrainingInterrupted as e:
+                raise TrainingInterrupted(
+                    f"stopped in the probe of {name}; continue with: oecl train --resume "
+                    f"{run_dir}", e.exit_code - 128) from None
+            write_json(run_dir / RECORD, record)
+    record["chosen"] = _best(record, names, rungs[-1], 1)[0]
     record["cost"] = _cost(record)
     write_json(run_dir / RECORD, record)
     for line in choice_table(record).splitlines():
@@ -156,9 +179,17 @@ def run_auto(
     return result
 
 
+def _best(record: dict[str, Any], names: list[str], rung: int, n: int) -> list[str]:
+    """The `n` best of `names` by their figure at `rung` (ties: the earlier candidate)."""
+    figure = {name: record["candidates"][name]["rungs"][str(rung)] for name in names}
+    return sorted(names, key=lambda name: -figure[name])[:n]
+
+
 def _probe(cfg: TrainConfig, name: str, probe_steps: int, splits, sets, kind: str,
-           resume: bool, progress: bool) -> dict[str, Any]:
-    """Train (or resume) one candidate's probe and judge it."""
+           resume: bool, progress: bool, before: dict[str, Any] | None = None
+           ) -> dict[str, Any]:
+    """Train (or resume, or continue from an earlier rung) one candidate's probe to
+    `probe_steps` and judge it; `before` is its record from the earlier rung."""
     from oecl_train import checkpoint
     from oecl_train.trainer import Trainer
 
@@ -169,7 +200,7 @@ def _probe(cfg: TrainConfig, name: str, probe_steps: int, splits, sets, kind: st
     run_dir = Path(pcfg.out_dir) / pcfg.run_name()
     trainer = Trainer(pcfg, psplits, run_dir, progress=progress)
     if resume and checkpoint.list_checkpoints(run_dir / "checkpoints"):
-        trainer.resume()
+        trainer.resume(extend=before is not None)
     else:  # a probe started afresh: nothing of an earlier one may be taken for it
         for old in (run_dir / "checkpoints").glob("epoch-*"):
             old.unlink()
@@ -181,28 +212,33 @@ def _probe(cfg: TrainConfig, name: str, probe_steps: int, splits, sets, kind: st
     t0 = time.perf_counter()
     names = judged_sets(kind, name, sets)
     per_set = judge(trainer.net, pcfg, splits, {k: sets[k] for k in names}, trainer.device)
+    val_auroc = float(np.mean(list(per_set.values())))
+    earlier = before or {}
     return {
         "settings": {k: v for k, v in mix_settings(cfg, name).items()
                      if k == "oe" or (v and k != "oe_root")},
         "judged_on_sets": names,
         "per_set": per_set,
-        "val_auroc": float(np.mean(list(per_set.values()))),
-        "probe_train_s": round(train_s, 2),
-        "judge_s": round(time.perf_counter() - t0, 2),
+        "val_auroc": val_auroc,  # at its last rung
+        "rungs": {**earlier.get("rungs", {}), str(probe_steps): val_auroc},
+        "probe_steps": probe_steps,
+        "probe_train_s": round(earlier.get("probe_train_s", 0.0) + train_s, 2),
+        "judge_s": round(earlier.get("judge_s", 0.0) + time.perf_counter() - t0, 2),
         "run_dir": str(run_dir),
     }
 
 
 def _cost(record: dict[str, Any]) -> dict[str, Any]:
-    c = record["candidates"].values()
-    n, probe, steps = len(record["candidates"]), record["probe_steps"], record["steps"]
+    c = record["candidates"]
+    total = sum(x["probe_steps"] for x in c.values())
+    # Steps beyond one run of the configured length: the probes not continued.
+    extra = total - c[record["chosen"]]["probe_steps"]
     return {
-        "probe_train_s": round(sum(x["probe_train_s"] for x in c), 2),
-        "judge_s": round(sum(x["judge_s"] for x in c), 2),
-        "probe_steps_total": n * probe,
-        # Steps beyond one run of the configured length: the probes not continued.
-        "extra_steps": (n - 1) * probe,
-        "extra_share": round((n - 1) * probe / steps, 4),
+        "probe_train_s": round(sum(x["probe_train_s"] for x in c.values()), 2),
+        "judge_s": round(sum(x["judge_s"] for x in c.values()), 2),
+        "probe_steps_total": total,
+        "extra_steps": extra,
+        "extra_share": round(extra / record["steps"], 4),
     }
 
 

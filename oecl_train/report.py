@@ -116,13 +116,17 @@ def scores_line(report: dict[str, Any]) -> str:
 
 
 def choice_table(record: dict[str, Any]) -> str:
-    """The candidates' validation figures, the choice and its cost, as console lines."""
-    rows = [["candidate", "OE", "judged on", "val AUROC", "probe s"]]
+    """The candidates' validation figures at each rung, the choice and its cost, as console
+    lines (records written before the rungs have one figure per candidate)."""
+    rungs = [str(r) for r in record.get("rung_steps", [record["probe_steps"]])]
+    rows = [["candidate", "OE", "judged on", *(f"val AUROC @{r}" for r in rungs), "probe s"]]
     for name, c in record["candidates"].items():
         mix = ", ".join(f"{k.removeprefix('oe_')} {v:g}" if k != "oe" else str(v)
                         for k, v in c["settings"].items())
         mark = " *" if name == record.get("chosen") else ""
-        rows.append([name + mark, mix, ", ".join(c["judged_on_sets"]), f"{c['val_auroc']:.4f}",
+        figures = c.get("rungs", {rungs[0]: c["val_auroc"]})
+        rows.append([name + mark, mix, ", ".join(c["judged_on_sets"]),
+                     *(f"{figures[r]:.4f}" if r in figures else "-" for r in rungs),
                      f"{c['probe_train_s']:.0f}"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"OE chosen on {record['judged_on_text']}; score: {record['score']}"]
@@ -132,9 +136,10 @@ def choice_table(record: dict[str, Any]) -> str:
         cost = record["cost"]
         lines.append(
             f"chosen: {record['chosen']}, continued from its probe to {record['steps']} steps; "
-            f"cost: {len(record['candidates'])} probes of {record['probe_steps']} steps "
-            f"({cost['probe_train_s']:.0f} s training, {cost['judge_s']:.0f} s judging), "
-            f"{cost['extra_steps']} steps beyond one run (+{cost['extra_share']:.0%})")
+            f"cost: {cost['probe_steps_total']} probe steps over {len(record['candidates'])} "
+            f"candidates ({cost['probe_train_s']:.0f} s training, {cost['judge_s']:.0f} s "
+            f"judging), {cost['extra_steps']} steps beyond one run "
+            f"(+{cost['extra_share']:.0%})")
     return "\n".join(lines)
 
 

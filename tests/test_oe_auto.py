@@ -14,6 +14,7 @@ from PIL import Image
 
 from oecl_train import oe_auto, validation
 from oecl_train.cli import main
+from oecl_train.config import TrainConfig
 from oecl_train.data import Splits
 from oecl_train.data.readers import conform, make_reader
 
@@ -34,7 +35,7 @@ def auto_run(tmp_path_factory) -> tuple[Path, dict, str]:
     _images(root / "test" / "scratch", 3, 30, 2)
     out = tmp_path_factory.mktemp("runs")
     args = ["train", "--data", "folder", "--data-root", str(root), "--id-class", "good",
-            "--out-dir", str(out), "--name", "screw", "--oe", "auto", "--steps", "3",
+            "--out-dir", str(out), "--name", "screw", "--oe", "auto", "--steps", "5",
             "--oe-probe-steps", "1", "--val-fraction", "0.25", *TINY]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
@@ -53,9 +54,17 @@ def test_normal_images_alone_choose_by_held_out_shifts(auto_run):
         assert set(c["judged_on_sets"]) == set(validation.FAMILIES) - trained
         assert set(c["per_set"]) == set(c["judged_on_sets"])
         assert c["val_auroc"] == pytest.approx(np.mean(list(c["per_set"].values())))
-    figures = {n: c["val_auroc"] for n, c in rec["candidates"].items()}
-    assert rec["chosen"] == max(figures, key=figures.get)
-    assert rec["cost"]["probe_steps_total"] == 5 and rec["cost"]["extra_steps"] == 4
+    # Two rungs: all five to step 1, the best two continued to step 4, the better of those
+    # chosen.
+    assert rec["rung_steps"] == [1, 4]
+    first = {n: c["rungs"]["1"] for n, c in rec["candidates"].items()}
+    kept = sorted(first, key=lambda n: -first[n])[:2]
+    assert {n for n, c in rec["candidates"].items() if "4" in c["rungs"]} == set(kept)
+    assert rec["chosen"] == max(kept, key=lambda n: rec["candidates"][n]["rungs"]["4"])
+    assert rec["cost"]["probe_steps_total"] == 5 + 2 * 3 and rec["cost"]["extra_steps"] == 7
+    for name in kept:  # continued from step 1, not retrained: its epoch log reaches step 4
+        log = (run_dir / "probes" / name / "metrics.jsonl").read_text().splitlines()
+        assert json.loads(log[-1])["step"] == 4
     # The table is printed, with the chosen row marked.
     assert f"{rec['chosen']} *" in output and "chosen: " in output
     # The run is the chosen probe continued: a concrete config that records the choice.
@@ -65,9 +74,9 @@ def test_normal_images_alone_choose_by_held_out_shifts(auto_run):
     assert cfg["oe"] == mix.get("oe", "photos")
     assert all(cfg[k] == v for k, v in mix.items())
     # Continued from the chosen probe's step, not from scratch.
-    assert f"resuming {run_dir} at epoch 0 of 1 (step 1 of 3)" in output
+    assert f"resuming {run_dir} at epoch 1 of 2 (step 4 of 5)" in output
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 3
+    assert rows[-1]["step"] == 5
     assert (run_dir / "probes" / rec["chosen"] / "config.json").exists()
 
 
@@ -94,19 +103,23 @@ def test_resume_keeps_finished_probes_and_their_figures(auto_run, tmp_path):
     (run_dir / "config.json").write_text(json.dumps(cfg))
     rec = json.loads((run_dir / "oe_auto.json").read_text())
     kept = dict(list(rec["candidates"].items())[:3])
-    for c in kept.values():
-        c["val_auroc"] = c["per_set"][c["judged_on_sets"][0]] = 0.25  # marks: not re-judged
-    kept["far"]["val_auroc"] = 0.99  # the choice follows the figures on record
+    for c in kept.values():  # first rung only, with marks: not re-judged
+        c["val_auroc"] = c["per_set"][c["judged_on_sets"][0]] = 0.25
+        c["rungs"], c["probe_steps"] = {"1": 0.25}, 1
+    # The choice follows the figures on record: far leads the first rung.
+    kept["far"]["val_auroc"] = kept["far"]["rungs"]["1"] = 0.99
     rec["candidates"] = kept
     (run_dir / "oe_auto.json").write_text(json.dumps(rec))
     shutil.rmtree(run_dir / "checkpoints")
     r = CliRunner().invoke(main, ["train", "--resume", str(run_dir), "--no-progress"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output.strip().splitlines()[-1])["oe_auto"]
-    assert {n: out["candidates"][n]["val_auroc"] for n in kept} == {
-        n: c["val_auroc"] for n, c in kept.items()}
-    assert out["chosen"] == "far"
-    assert json.loads((run_dir / "config.json").read_text())["oe"] == "photos"
+    assert {n: out["candidates"][n]["rungs"]["1"] for n in kept} == {
+        n: c["rungs"]["1"] for n, c in kept.items()}
+    assert "4" in out["candidates"]["far"]["rungs"]  # continued to the second rung
+    assert out["chosen"] in ("far", *[n for n in out["candidates"] if n not in kept])
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["oe"] == oe_auto.mix_settings(TrainConfig(), out["chosen"])["oe"]
 
 
 def test_labelled_source_is_judged_on_the_other_classes_training_images(tmp_path):
@@ -177,7 +190,6 @@ def test_labelled_run_picks_by_the_other_classes(tmp_path, monkeypatch):
 
 
 def test_a_finished_auto_run_is_reused_by_sweeps_and_benchmarks(auto_run):
-    from oecl_train.config import TrainConfig
     from oecl_train.sweep import train_or_reuse
 
     run_dir = auto_run[0]
@@ -204,19 +216,55 @@ def test_non_square_images_leave_rotations_out(tmp_path, monkeypatch):
         for i in range(n):
             arr = rng.integers(0, 256, (6, 10), dtype=np.uint8)
             Image.fromarray(arr, "L").save(root / split / f"{i}.png")
-    probed: list[str] = []
-
-    def fake_probe(cfg, name, *args):
-        probed.append(name)
-        return {"settings": {"oe": "photos"}, "judged_on_sets": [], "per_set": {},
-                "val_auroc": 0.5 + 0.01 * len(probed), "probe_train_s": 0.0, "judge_s": 0.0}
-
-    monkeypatch.setattr(oe_auto, "_probe", fake_probe)
+    probed = _fake_probes(monkeypatch, lambda name, steps, n: 0.5 + 0.01 * n)
     cfg = tiny_config(tmp_path, data="folder", data_root=str(root), id_class="good",
                       image_size=None, oe="auto", oe_far="folder", oe_root=str(root / "far"),
                       steps=6)
     result = oe_auto.run_auto(cfg, resume=False, progress=False, quick_eval=False,
                               echo=lambda m: None, train=lambda c, **kw: {"cfg": c})
-    assert probed == [n for n in oe_auto.CANDIDATES if n != "self"]
-    assert result["oe_auto"]["chosen"] == probed[-1]  # the highest figure
-    assert result["cfg"].oe_cutpaste == 0.5 and result["cfg"].oe == "folder"
+    no_self = [n for n in oe_auto.CANDIDATES if n != "self"]
+    assert probed[:len(no_self)] == no_self
+    # The later the probe, the higher its figure: the first rung keeps CutPaste and jigsaws,
+    # and jigsaws, judged last, win the second.
+    assert result["oe_auto"]["chosen"] == probed[-1] == "far+jigsaw"
+    assert result["cfg"].oe_jigsaw == 0.5 and result["cfg"].oe == "folder"
+
+
+def _fake_probes(monkeypatch, figure) -> list[str]:
+    """`_probe` replaced by scripted figures: figure(name, probe steps, probes so far)."""
+    probed: list[str] = []
+
+    def fake_probe(cfg, name, steps, *args):
+        probed.append(name)
+        val = figure(name, steps, len(probed))
+        before = args[-1] or {}
+        return {"settings": {"oe": "photos"}, "judged_on_sets": [], "per_set": {},
+                "val_auroc": val, "rungs": {**before.get("rungs", {}), str(steps): val},
+                "probe_steps": steps, "probe_train_s": 0.0, "judge_s": 0.0}
+
+    monkeypatch.setattr(oe_auto, "_probe", fake_probe)
+    return probed
+
+
+def test_the_second_rung_decides_among_the_first_rungs_best_two(tmp_path, monkeypatch):
+    # Rotations lead early and are overtaken by jigsaws; photos alone never recover.
+    early = {"far": 0.60, "far+overlay": 0.70, "far+jigsaw": 0.80, "far+cutpaste": 0.75,
+             "self": 0.85}
+    late = {"far+jigsaw": 0.95, "self": 0.90}
+    probed = _fake_probes(monkeypatch, lambda name, steps, n: (early if steps == 50 else
+                                                              late)[name])
+    cfg = tiny_config(tmp_path, oe="auto", steps=600)
+    result = oe_auto.run_auto(cfg, resume=False, progress=False, quick_eval=False,
+                              echo=lambda m: None, train=lambda c, **kw: {"cfg": c})
+    rec = result["oe_auto"]
+    assert rec["rung_steps"] == [50, 200]  # a twelfth of the run, then four times that
+    assert probed == [*oe_auto.CANDIDATES, "self", "far+jigsaw"]  # the best two, best first
+    assert rec["chosen"] == "far+jigsaw" and result["cfg"].oe_jigsaw == 0.5
+    assert rec["cost"] == {"probe_train_s": 0.0, "judge_s": 0.0,
+                           "probe_steps_total": 5 * 50 + 2 * 150, "extra_steps": 350,
+                           "extra_share": round(350 / 600, 4)}
+
+
+def test_a_second_rung_as_long_as_the_run_is_left_out():
+    assert oe_auto.rung_steps(300, 3600) == [300, 1200]
+    assert oe_auto.rung_steps(300, 1200) == [300]
