@@ -215,9 +215,11 @@ def source_entry(artifact: Artifact, precision: str, strongly_typed: bool) -> di
     if precision == "int8":
         entry = artifact.find("onnx", "int8", consumer="tensorrt")
         if entry is None:
+            withheld = artifact.meta.get("verification", {}).get("withheld", {})
+            why = next((f"export withheld it ({p}: {w})" for p, w in withheld.items()
+                        if p.endswith(".onnx")), "export with --format onnx-int8")
             raise EngineError("an int8 engine is built from the symmetric int8 ONNX file "
-                              "(consumers: tensorrt), which this artifact lacks: export with "
-                              "--format onnx-int8")
+                              f"(consumers: tensorrt), which this artifact lacks: {why}")
         return entry
     want = "fp16" if precision == "fp16" and strongly_typed else "fp32"
     entry = artifact.find("onnx", want, consumer="tensorrt")

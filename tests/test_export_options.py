@@ -93,6 +93,63 @@ def test_failed_verification_leaves_nothing(trained, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no temporary directory left behind either
 
 
+def test_an_int8_file_that_drifts_alone_is_withheld_and_the_other_kept(trained, tmp_path,
+                                                                        monkeypatch):
+    """The symmetric (TensorRT) int8 file fails while onnxruntime's passes: the export keeps
+    onnxruntime's, withholds the other, and says so in verify.json, oecl.json and the log;
+    the artifact still verifies and an int8 engine names why it cannot be built."""
+    from oecl_runtime import engine
+
+    run_dir, splits = trained
+    real = export.verify.check_against_torch
+
+    def symmetric_drifts(*args, **kwargs):
+        report = real(*args, **kwargs)
+        for r in report["files"]:
+            if r["path"] == "model.int8.symmetric.onnx":
+                r["pass"], r["problems"] = False, ["mean relative norm difference 0.03"]
+        report["pass"] = all(r["pass"] for r in report["files"])
+        return report
+
+    monkeypatch.setattr(export.verify, "check_against_torch", symmetric_drifts)
+    out, lines = tmp_path / "model", []
+    summary = export_run(run_dir, out, "onnx-int8", max_batch=16, views=1, splits=splits,
+                         log=lines.append)
+    assert not (out / "model.int8.symmetric.onnx").exists()
+    assert "model.int8.symmetric.onnx" not in {f["path"] for f in summary["files"]}
+    art = Artifact.open(out)  # hashes checked: oecl.json lists only what is there
+    assert {f["path"] for f in art.meta["files"] if f["precision"] == "int8"} == {
+        "model.int8.onnx"}
+    why = {"model.int8.symmetric.onnx": "mean relative norm difference 0.03"}
+    assert art.meta["verification"]["withheld"] == why
+    report = json.loads((out / "verify.json").read_text())
+    assert report["withheld"] == why and report["pass"] is True
+    assert any("model.int8.symmetric.onnx withheld" in ln for ln in lines)
+    assert Scorer.open(out, precision="int8", backend="onnxruntime").backend.precision == "int8"
+    with pytest.raises(engine.EngineError, match="export withheld it"):
+        engine.source_entry(art, "int8", strongly_typed=False)
+
+
+def test_int8_files_that_all_drift_still_fail_the_export(trained, tmp_path, monkeypatch):
+    run_dir, splits = trained
+    real = export.verify.check_against_torch
+
+    def int8_drifts(*args, **kwargs):
+        report = real(*args, **kwargs)
+        for r in report["files"]:
+            if r["precision"] == "int8":
+                r["pass"], r["problems"] = False, ["AUROC drifted"]
+        report["pass"] = all(r["pass"] for r in report["files"])
+        return report
+
+    monkeypatch.setattr(export.verify, "check_against_torch", int8_drifts)
+    with pytest.raises(VerificationFailed, match="AUROC drifted") as failed:
+        export_run(run_dir, tmp_path / "model", "onnx-int8", max_batch=16, views=1,
+                   splits=splits, log=lambda m: None)
+    assert failed.value.precisions == ("int8",)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_accuracy_benchmark_serves_fp32_when_only_int8_fails_verification(
         trained, tmp_path, monkeypatch):
     """The exporter refuses an artifact with a drifting int8 file; the benchmark then serves

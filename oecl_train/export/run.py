@@ -77,6 +77,7 @@ def export_run(
                                  progress=progress)
         if verify:
             report = verify_or_fail(src, tmp, meta, progress, ref)
+            files = [f for f in files if f["path"] not in report.get("withheld", {})]
         else:
             report = None
             log("verify: skipped (--no-verify)")
