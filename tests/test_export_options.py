@@ -93,6 +93,21 @@ def test_failed_verification_leaves_nothing(trained, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no temporary directory left behind either
 
 
+def _drift(monkeypatch, drifts, problem: str) -> None:
+    """Verification sees the files for which drifts(row) holds fail with `problem`."""
+    real = export.verify.check_against_torch
+
+    def drifted(*args, **kwargs):
+        report = real(*args, **kwargs)
+        for r in report["files"]:
+            if drifts(r):
+                r["pass"], r["problems"] = False, [problem]
+        report["pass"] = all(r["pass"] for r in report["files"])
+        return report
+
+    monkeypatch.setattr(export.verify, "check_against_torch", drifted)
+
+
 def test_an_int8_file_that_drifts_alone_is_withheld_and_the_other_kept(trained, tmp_path,
                                                                         monkeypatch):
     """The symmetric (TensorRT) int8 file fails while onnxruntime's passes: the export keeps
@@ -101,17 +116,8 @@ def test_an_int8_file_that_drifts_alone_is_withheld_and_the_other_kept(trained, 
     from oecl_runtime import engine
 
     run_dir, splits = trained
-    real = export.verify.check_against_torch
-
-    def symmetric_drifts(*args, **kwargs):
-        report = real(*args, **kwargs)
-        for r in report["files"]:
-            if r["path"] == "model.int8.symmetric.onnx":
-                r["pass"], r["problems"] = False, ["mean relative norm difference 0.03"]
-        report["pass"] = all(r["pass"] for r in report["files"])
-        return report
-
-    monkeypatch.setattr(export.verify, "check_against_torch", symmetric_drifts)
+    _drift(monkeypatch, lambda r: r["path"] == "model.int8.symmetric.onnx",
+           "mean relative norm difference 0.03")
     out, lines = tmp_path / "model", []
     summary = export_run(run_dir, out, "onnx-int8", max_batch=16, views=1, splits=splits,
                          log=lines.append)
@@ -132,17 +138,7 @@ def test_an_int8_file_that_drifts_alone_is_withheld_and_the_other_kept(trained, 
 
 def test_int8_files_that_all_drift_still_fail_the_export(trained, tmp_path, monkeypatch):
     run_dir, splits = trained
-    real = export.verify.check_against_torch
-
-    def int8_drifts(*args, **kwargs):
-        report = real(*args, **kwargs)
-        for r in report["files"]:
-            if r["precision"] == "int8":
-                r["pass"], r["problems"] = False, ["AUROC drifted"]
-        report["pass"] = all(r["pass"] for r in report["files"])
-        return report
-
-    monkeypatch.setattr(export.verify, "check_against_torch", int8_drifts)
+    _drift(monkeypatch, lambda r: r["precision"] == "int8", "AUROC drifted")
     with pytest.raises(VerificationFailed, match="AUROC drifted") as failed:
         export_run(run_dir, tmp_path / "model", "onnx-int8", max_batch=16, views=1,
                    splits=splits, log=lambda m: None)
@@ -162,17 +158,7 @@ def test_accuracy_benchmark_serves_fp32_when_only_int8_fails_verification(
     # What bench_accuracy imports by bare name inside its functions.
     served, _ = import_benchmark("_served"), import_benchmark("_timing")
     run_dir, _ = trained
-    real = export.verify.check_against_torch
-
-    def int8_drifts(*args, **kwargs):
-        report = real(*args, **kwargs)
-        for r in report["files"]:
-            if r["precision"] == "int8":
-                r["pass"], r["problems"] = False, ["AUROC drifted"]
-        report["pass"] = all(r["pass"] for r in report["files"])
-        return report
-
-    monkeypatch.setattr(export.verify, "check_against_torch", int8_drifts)
+    _drift(monkeypatch, lambda r: r["precision"] == "int8", "AUROC drifted")
     args = SimpleNamespace(runs_dir=str(tmp_path), serve_views=[1], serve_threads=1)
     out = bench.serve_run(run_dir, "0", "oecl-photos", args)["1"]
     assert set(out) == {"fp32", "int8"}
