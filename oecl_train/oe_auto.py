@@ -5,8 +5,9 @@ is judged by the AUROC of the served score (mean-view-norm, the artifact's K vie
 held-out ID-validation images against a validation set of anomalies. The probes run in two
 rungs (successive halving): every candidate for a twelfth of the run, then the best two
 continued to a third of it and judged again; the better of those is continued, as the run
-itself, to the configured length (its probe steps are kept, so its cosine schedule is
-stretched from where the probe stopped, as `--resume RUN --steps N` does).
+itself, to the configured length. A probe is the first steps of that run, on the run's own
+schedule (learning rate, α warm-up), paused with a checkpoint: a continued probe is the run
+it would have been trained from scratch (one process), not a short run restarted longer.
 
 Why two rungs: the near-OE families made from the ID images themselves (rotations above all)
 learn fastest, so a decision taken early favours them over mixes that catch up later; a
@@ -60,11 +61,11 @@ def rung_steps(first: int, steps: int) -> list[int]:
     return [first, second] if second < steps else [first]
 
 
-def probe_config(cfg: TrainConfig, name: str, probe_steps: int) -> TrainConfig:
-    """The config of candidate `name`'s probe: cfg with the candidate's OE, `probe_steps`
-    long, in RUN/probes/NAME."""
+def probe_config(cfg: TrainConfig, name: str, steps: int) -> TrainConfig:
+    """The config of candidate `name`'s probe: cfg with the candidate's OE, on the schedule of
+    the whole run (`steps` long), in RUN/probes/NAME."""
     return dataclasses.replace(cfg, name=f"{cfg.run_name()}/probes/{name}",
-                               **mix_settings(cfg, name), steps=probe_steps, epochs=None,
+                               **mix_settings(cfg, name), steps=steps, epochs=None,
                                oe_auto=None, select="last")
 
 
@@ -158,7 +159,7 @@ def run_auto(
                 continue
             try:
                 record["candidates"][name] = _probe(
-                    cfg, name, rung, splits, sets, kind, resume or i > 0, progress,
+                    cfg, name, rung, steps, splits, sets, kind, resume or i > 0, progress,
                     record["candidates"].get(name))
             except TrainingInterrupted as e:
                 raise TrainingInterrupted(
@@ -185,28 +186,30 @@ def _best(record: dict[str, Any], names: list[str], rung: int, n: int) -> list[s
     return sorted(names, key=lambda name: -figure[name])[:n]
 
 
-def _probe(cfg: TrainConfig, name: str, probe_steps: int, splits, sets, kind: str,
-           resume: bool, progress: bool, before: dict[str, Any] | None = None
+def _probe(cfg: TrainConfig, name: str, probe_steps: int, steps: int, splits, sets,
+           kind: str, resume: bool, progress: bool, before: dict[str, Any] | None = None
            ) -> dict[str, Any]:
     """Train (or resume, or continue from an earlier rung) one candidate's probe to
-    `probe_steps` and judge it; `before` is its record from the earlier rung."""
+    `probe_steps` of the `steps`-long run and judge it; `before` is its record from the
+    earlier rung."""
     from oecl_train import checkpoint
     from oecl_train.trainer import Trainer
 
-    pcfg = probe_config(cfg, name, probe_steps)
+    pcfg = probe_config(cfg, name, steps)
     psplits = splits
     if pcfg.oe == "self":
         psplits = dataclasses.replace(splits, oe=None, oe_mode="self")
     run_dir = Path(pcfg.out_dir) / pcfg.run_name()
     trainer = Trainer(pcfg, psplits, run_dir, progress=progress)
+    trainer.stop_at = probe_steps
     if resume and checkpoint.list_checkpoints(run_dir / "checkpoints"):
-        trainer.resume(extend=before is not None)
+        trainer.resume()
     else:  # a probe started afresh: nothing of an earlier one may be taken for it
         for old in (run_dir / "checkpoints").glob("epoch-*"):
             old.unlink()
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     t0 = time.perf_counter()
-    if trainer.start_step < trainer.total_steps:
+    if trainer.start_step < probe_steps:
         trainer.fit()
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -100,11 +100,14 @@ class LoopMixin:
     _partial: dict | None
     _last_save: float
     selection: Selection | None
+    stop_at: int | None
 
     def fit(self) -> dict:
-        """Train to the run's length. On SIGINT/SIGTERM: finish the step, checkpoint, and raise
-        TrainingInterrupted. Checkpoints also every `checkpoint_every` epochs and, inside an
-        epoch, once `checkpoint_minutes` have passed since the last one."""
+        """Train to the run's length, or to `stop_at` (then checkpoint and return, so that a
+        resumed fit continues on the same schedule as if it had never paused). On
+        SIGINT/SIGTERM: finish the step, checkpoint, and raise TrainingInterrupted. Checkpoints
+        also every `checkpoint_every` epochs and, inside an epoch, once `checkpoint_minutes`
+        have passed since the last one."""
         with StopSignals() as stop:
             return self._fit(stop)
 
@@ -113,15 +116,16 @@ class LoopMixin:
         if self.dist.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_json(self.run_dir / "config.json", recorded_config(cfg, self.execution))
+        end = min(self.stop_at or self.total_steps, self.total_steps)  # what this fit trains to
         bar = tqdm(
-            total=self.total_steps,
+            total=end,
             initial=self.start_step,
             disable=not self.progress,
             unit="step",
             dynamic_ncols=True,
             desc=self.run_dir.name,
         )
-        lines = self._progress_lines(bar)
+        lines = self._progress_lines(bar, end)
         if self.dist.rank == 0:
             self.selection = Selection.for_run(cfg, self.splits, self.run_dir, self.progress)
         if self.selection is not None and self.start_step == 0:
@@ -172,7 +176,9 @@ class LoopMixin:
                     and interval > 0
                     and time.monotonic() - self._last_save >= interval
                 )
-                if stopping or (due and s + 1 < self.steps_per_epoch):
+                inside = s + 1 < self.steps_per_epoch  # an epoch's end saves below
+                pause = inside and self.stop_at is not None and step + 1 >= self.stop_at
+                if stopping or pause or (due and inside):
                     self._check_finite(float(m["loss"]), step)
                     state = {
                         "sums": {k: float(v) for k, v in sums.items()},
@@ -188,6 +194,9 @@ class LoopMixin:
                 if stopping:
                     bar.close()
                     raise self._interrupted(stop.signum or signal.SIGTERM, step + 1, path)
+                if pause:
+                    bar.close()
+                    return m
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # kernels still queued count to the epoch
             if n_steps == 0:
@@ -208,16 +217,19 @@ class LoopMixin:
                 last["val_auroc"] = self.selection.judge(self.net, self.device)
             if self.dist.rank == 0:
                 append_metrics(self.run_dir, last)
-            if due:
+            pause = self.stop_at is not None and last["step"] >= self.stop_at
+            if due or pause:
                 path = self._save(epoch + 1, last)
-                if path is not None and self.selection is not None:
+                if due and path is not None and self.selection is not None:
                     self.selection.offer(path, last["val_auroc"])
+            if pause:
+                break
         bar.close()
         if self.dist.rank == 0:
             plot_training(self.run_dir)
         return last
 
-    def _progress_lines(self, bar: tqdm) -> TrainingProgress | None:
+    def _progress_lines(self, bar: tqdm, end: int) -> TrainingProgress | None:
         """Rank 0's duration estimate and, without a bar, its plain progress lines."""
         if self.dist.rank != 0:
             return None
@@ -225,7 +237,7 @@ class LoopMixin:
         side = max(spec.height, spec.width)
         return bar_progress(
             bar,
-            total_steps=self.total_steps,
+            total_steps=end,
             start_step=self.start_step,
             bar_shown=self.progress,
             cpu_hint=self.device.type == "cpu" and not cpu_sized(self.cfg.depth, self.cfg.width,

@@ -135,6 +135,9 @@ class Trainer(LoopMixin, StepMixin, CheckpointMixin):
         # A checkpoint written inside an epoch: its position there and the epoch's metric sums.
         self.start_step_in_epoch = 0
         self._partial: dict | None = None
+        # Where `fit` pauses (a checkpoint, then return) short of the schedule's end: a probe
+        # of `--oe auto` is the first steps of the very run it may become.
+        self.stop_at: int | None = None
 
     @property
     def start_step(self) -> int:

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from helpers import gray_pngs, tiny_config
 from PIL import Image
 
-from oecl_train import oe_auto, validation
+from oecl_train import checkpoint, oe_auto, validation
 from oecl_train.cli import main
 from oecl_train.config import TrainConfig
 from oecl_train.data import Splits
@@ -62,9 +62,10 @@ def test_normal_images_alone_choose_by_held_out_shifts(auto_run):
     assert {n for n, c in rec["candidates"].items() if "4" in c["rungs"]} == set(kept)
     assert rec["chosen"] == max(kept, key=lambda n: rec["candidates"][n]["rungs"]["4"])
     assert rec["cost"]["probe_steps_total"] == 5 + 2 * 3 and rec["cost"]["extra_steps"] == 7
-    for name in kept:  # continued from step 1, not retrained: its epoch log reaches step 4
-        log = (run_dir / "probes" / name / "metrics.jsonl").read_text().splitlines()
-        assert json.loads(log[-1])["step"] == 4
+    for name in kept:  # continued from step 1 on the run's schedule, paused at step 4
+        ckpt = checkpoint.latest(run_dir / "probes" / name / "checkpoints")
+        meta = json.loads(ckpt.read_text())
+        assert (meta["step"], meta["total_steps"]) == (4, 5)
     # The table is printed, with the chosen row marked.
     assert f"{rec['chosen']} *" in output and "chosen: " in output
     # The run is the chosen probe continued: a concrete config that records the choice.

@@ -93,6 +93,31 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, oe):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=k)
 
 
+@pytest.mark.parametrize("where", ["inside an epoch", "at an epoch's end"])
+def test_a_fit_paused_at_stop_at_continues_as_if_never_paused(tmp_path, where):
+    # How --oe auto's probes are the first steps of the run they may become.
+    kw = dict(oe="photos", epochs=4, checkpoint_every=1, alpha_warmup=0.25)
+    full_cfg = tiny_config(tmp_path / "a", **kw)
+    full = Trainer(full_cfg, splits_for(full_cfg), tmp_path / "a" / "run", progress=False)
+    full.fit()
+
+    cfg = tiny_config(tmp_path / "b", **kw)
+    paused = Trainer(cfg, splits_for(cfg), tmp_path / "b" / "run", progress=False)
+    stop = paused.steps_per_epoch + (1 if where == "inside an epoch" else 0)
+    paused.stop_at = stop
+    paused.fit()
+    latest = json.loads(checkpoint.latest(tmp_path / "b" / "run" / "checkpoints").read_text())
+    assert latest["step"] == stop and latest["total_steps"] == full.total_steps
+    resumed = Trainer(cfg, splits_for(cfg), tmp_path / "b" / "run", progress=False)
+    resumed.resume()
+    assert resumed.start_step == stop
+    resumed.fit()
+    for (k, x), y in zip(
+        full.net.state_dict().items(), resumed.net.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, oe="photos", epochs=3, checkpoint_every=1)
     tr = Trainer(cfg, splits_for(cfg), tmp_path / "run", progress=False)
