@@ -292,8 +292,9 @@ def build_engines(
                 if not report["pass"]:
                     raise EngineError(f"{name} fails on the golden set: {report['problems'][0]}; "
                                       "not recorded")
-                entry["golden"] = {k: report[k] for k in ("max_rel_diff", "mean_rel_diff",
-                                                          "AUROC", "AUROC_diff")}
+                entry["golden"] = {k: report[k] for k in (
+                    "max_rel_diff", "mean_rel_diff", "mean_diff_of_id_norm", "AUROC",
+                    "AUROC_diff")}
                 log(f"engine: {name} on the golden set: max rel diff "
                     f"{report['max_rel_diff']:.2e}, AUROC {report['AUROC']:.4f} (pass)")
             entry["path"] = name

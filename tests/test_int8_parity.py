@@ -38,7 +38,22 @@ def test_near_chance_is_said_first_when_the_norms_fail():
     row = golden.compare(ref * 1.05, ref, is_id, "int8", TOL)
     assert not row["pass"]
     assert row["problems"][0].startswith("the model itself is near chance (reference AUROC ")
-    assert "mean relative norm difference 0.05 exceeds 0.02" in row["problems"][0]
+    assert "mean norm difference 0.0499 of the median ID norm exceeds 0.02" in row["problems"][0]
+
+
+def test_reduced_precision_is_judged_on_the_id_norm_scale_not_per_image():
+    """A model that drives anomalies' norms near zero: an int8 error of 0.5 % of the ID norm
+    is many times an anomaly's own norm, yet it moves no decision and no rank."""
+    rng = np.random.default_rng(1)
+    is_id = np.arange(400) < 200
+    ref = np.where(is_id, rng.uniform(1.2, 1.6, 400), rng.uniform(0.02, 0.3, 400))
+    int8 = ref + rng.normal(0, 0.005 * 1.4, 400)
+    row = golden.compare(int8, ref, is_id, "int8", TOL)
+    assert row["mean_rel_diff"] > TOL["reduced_mean_rel_diff"]  # per image: would fail
+    assert row["mean_diff_of_id_norm"] < 0.005 and row["pass"], row["problems"]
+    # An error of 5 % of the ID norm still fails, whatever the per-image figure.
+    off = golden.compare(ref + 0.05 * 1.4, ref, is_id, "int8", TOL)
+    assert off["problems"][0].startswith("mean norm difference 0.05")
 
 
 def test_a_useful_model_is_judged_on_rank_agreement_and_auroc():
@@ -68,7 +83,8 @@ def test_parity_line_leads_with_what_the_precision_is_judged_on():
     ref, is_id, int8 = _chance_model()
     row = {"precision": "int8", **golden.compare(int8, ref, is_id, "int8", TOL)}
     line = golden.parity_line(row)
-    assert line.startswith("mean rel diff ") and ", rank correlation 0." in line
+    assert line.startswith("mean diff ") and "of the median ID norm (per image " in line
+    assert ", rank correlation 0." in line
     assert f"diff {row['AUROC_diff']:.4f})" in line
     row = {"precision": "fp32", **golden.compare(ref, ref, is_id, "fp32", TOL)}
     assert golden.parity_line(row).startswith("max rel diff 0.00e+00, AUROC ")
