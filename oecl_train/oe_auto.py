@@ -143,7 +143,10 @@ def run_auto(
         "steps": steps,
         "candidates": {},
     }
-    if saved.get("judged_on") == kind and saved.get("rung_steps") == rungs:
+    # Probes of another record (other rungs, other judge, or an older layout whose probes
+    # were short runs of their own) are trained afresh, not resumed.
+    same = not saved or (saved.get("judged_on") == kind and saved.get("rung_steps") == rungs)
+    if saved and same:
         record["candidates"] = saved.get("candidates", {})
     # Self-OECL trains on quarter turns, which keep the shape of square images only.
     names = [n for n in CANDIDATES if n != "self" or splits.spec.height == splits.spec.width]
@@ -159,7 +162,8 @@ def run_auto(
                 continue
             try:
                 record["candidates"][name] = _probe(
-                    cfg, name, rung, steps, splits, sets, kind, resume or i > 0, progress,
+                    cfg, name, rung, steps, splits, sets, kind, (resume and same) or i > 0,
+                    progress,
                     record["candidates"].get(name))
             except TrainingInterrupted as e:
                 raise TrainingInterrupted(

@@ -234,9 +234,11 @@ def test_non_square_images_leave_rotations_out(tmp_path, monkeypatch):
 def _fake_probes(monkeypatch, figure) -> list[str]:
     """`_probe` replaced by scripted figures: figure(name, probe steps, probes so far)."""
     probed: list[str] = []
+    resumed: list[bool] = []  # the resume flag of each call, as _fake_probes.resumed
 
     def fake_probe(cfg, name, steps, *args):
         probed.append(name)
+        resumed.append(args[4])
         val = figure(name, steps, len(probed))
         before = args[-1] or {}
         return {"settings": {"oe": "photos"}, "judged_on_sets": [], "per_set": {},
@@ -244,6 +246,7 @@ def _fake_probes(monkeypatch, figure) -> list[str]:
                 "probe_steps": steps, "probe_train_s": 0.0, "judge_s": 0.0}
 
     monkeypatch.setattr(oe_auto, "_probe", fake_probe)
+    _fake_probes.resumed = resumed
     return probed
 
 
@@ -269,3 +272,21 @@ def test_the_second_rung_decides_among_the_first_rungs_best_two(tmp_path, monkey
 def test_a_second_rung_as_long_as_the_run_is_left_out():
     assert oe_auto.rung_steps(300, 3600) == [300, 1200]
     assert oe_auto.rung_steps(300, 1200) == [300]
+
+
+def test_a_record_of_another_layout_is_not_resumed(tmp_path, monkeypatch):
+    """A run stopped under an older --oe auto (one rung, probes that were short runs of their
+    own): its figures and probe checkpoints are not taken for this layout's."""
+    probed = _fake_probes(monkeypatch, lambda name, steps, n: 0.5 + 0.01 * n)
+    cfg = tiny_config(tmp_path, oe="auto", steps=600)
+    run_dir = tmp_path / cfg.run_name()
+    run_dir.mkdir(parents=True)
+    old = {"judged_on": "other-classes", "probe_steps": 100,
+           "candidates": {"far": {"val_auroc": 0.99, "settings": {"oe": "photos"}}}}
+    (run_dir / oe_auto.RECORD).write_text(json.dumps(old))
+    result = oe_auto.run_auto(cfg, resume=True, progress=False, quick_eval=False,
+                              echo=lambda m: None, train=lambda c, **kw: {"cfg": c})
+    first = len(oe_auto.CANDIDATES)
+    assert probed[:first] == list(oe_auto.CANDIDATES)  # every candidate probed again
+    assert _fake_probes.resumed[:first] == [False] * first  # from scratch
+    assert result["oe_auto"]["candidates"]["far"]["val_auroc"] != 0.99
