@@ -216,7 +216,7 @@ def compare(norms: np.ndarray, reference: np.ndarray, is_id: np.ndarray, precisi
     # the threshold sits on. Per image, relative to each image's own norm, the error of an
     # anomaly whose norm the model drove near zero looks large although it moves no decision:
     # the better a model separates, the more it would fail.
-    scale = float(np.median(np.abs(ref[is_id]))) if np.any(is_id) else float(np.median(ref))
+    scale = float(np.median(np.abs(ref[is_id] if is_id.any() else ref)))
     a, a_ref = auroc(got, is_id), auroc(ref, is_id)
     chance = near_chance(a_ref)
     finite = bool(np.isfinite(got).all())

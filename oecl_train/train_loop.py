@@ -196,7 +196,7 @@ class LoopMixin:
                     raise self._interrupted(stop.signum or signal.SIGTERM, step + 1, path)
                 if pause:
                     bar.close()
-                    return m
+                    return last  # the last whole epoch's figures, as a finished fit returns
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # kernels still queued count to the epoch
             if n_steps == 0:

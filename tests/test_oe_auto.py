@@ -217,7 +217,7 @@ def test_non_square_images_leave_rotations_out(tmp_path, monkeypatch):
         for i in range(n):
             arr = rng.integers(0, 256, (6, 10), dtype=np.uint8)
             Image.fromarray(arr, "L").save(root / split / f"{i}.png")
-    probed = _fake_probes(monkeypatch, lambda name, steps, n: 0.5 + 0.01 * n)
+    probed, _ = _fake_probes(monkeypatch, lambda name, steps, n: 0.5 + 0.01 * n)
     cfg = tiny_config(tmp_path, data="folder", data_root=str(root), id_class="good",
                       image_size=None, oe="auto", oe_far="folder", oe_root=str(root / "far"),
                       steps=6)
@@ -231,10 +231,11 @@ def test_non_square_images_leave_rotations_out(tmp_path, monkeypatch):
     assert result["cfg"].oe_jigsaw == 0.5 and result["cfg"].oe == "folder"
 
 
-def _fake_probes(monkeypatch, figure) -> list[str]:
-    """`_probe` replaced by scripted figures: figure(name, probe steps, probes so far)."""
+def _fake_probes(monkeypatch, figure) -> tuple[list[str], list[bool]]:
+    """`_probe` replaced by scripted figures: figure(name, probe steps, probes so far).
+    Returns the names probed and the resume flag of each call, in call order."""
     probed: list[str] = []
-    resumed: list[bool] = []  # the resume flag of each call, as _fake_probes.resumed
+    resumed: list[bool] = []
 
     def fake_probe(cfg, name, steps, *args):
         probed.append(name)
@@ -246,8 +247,7 @@ def _fake_probes(monkeypatch, figure) -> list[str]:
                 "probe_steps": steps, "probe_train_s": 0.0, "judge_s": 0.0}
 
     monkeypatch.setattr(oe_auto, "_probe", fake_probe)
-    _fake_probes.resumed = resumed
-    return probed
+    return probed, resumed
 
 
 def test_the_second_rung_decides_among_the_first_rungs_best_two(tmp_path, monkeypatch):
@@ -255,7 +255,7 @@ def test_the_second_rung_decides_among_the_first_rungs_best_two(tmp_path, monkey
     early = {"far": 0.60, "far+overlay": 0.70, "far+jigsaw": 0.80, "far+cutpaste": 0.75,
              "self": 0.85}
     late = {"far+jigsaw": 0.95, "self": 0.90}
-    probed = _fake_probes(monkeypatch, lambda name, steps, n: (early if steps == 50 else
+    probed, _ = _fake_probes(monkeypatch, lambda name, steps, n: (early if steps == 50 else
                                                               late)[name])
     cfg = tiny_config(tmp_path, oe="auto", steps=600)
     result = oe_auto.run_auto(cfg, resume=False, progress=False, quick_eval=False,
@@ -277,7 +277,7 @@ def test_a_second_rung_as_long_as_the_run_is_left_out():
 def test_a_record_of_another_layout_is_not_resumed(tmp_path, monkeypatch):
     """A run stopped under an older --oe auto (one rung, probes that were short runs of their
     own): its figures and probe checkpoints are not taken for this layout's."""
-    probed = _fake_probes(monkeypatch, lambda name, steps, n: 0.5 + 0.01 * n)
+    probed, resumed = _fake_probes(monkeypatch, lambda name, steps, n: 0.5 + 0.01 * n)
     cfg = tiny_config(tmp_path, oe="auto", steps=600)
     run_dir = tmp_path / cfg.run_name()
     run_dir.mkdir(parents=True)
@@ -288,5 +288,5 @@ def test_a_record_of_another_layout_is_not_resumed(tmp_path, monkeypatch):
                               echo=lambda m: None, train=lambda c, **kw: {"cfg": c})
     first = len(oe_auto.CANDIDATES)
     assert probed[:first] == list(oe_auto.CANDIDATES)  # every candidate probed again
-    assert _fake_probes.resumed[:first] == [False] * first  # from scratch
+    assert resumed[:first] == [False] * first  # from scratch
     assert result["oe_auto"]["candidates"]["far"]["val_auroc"] != 0.99
