@@ -4,7 +4,8 @@
     DataLoader workers, eager fp32, NCHW, the dense loss.
 (b) ours: uint8 data on the device, per-sample batched augmentation there (kornia),
     channels_last, bf16 autocast, torch.compile — the product's `Trainer` step itself.
-Also timed: ours in fp32 eager and fp32 compiled, so the contribution of each trick shows.
+Also timed: ours in fp32 eager and fp32 compiled, so the contribution of each trick shows, and
+ours in bf16 eager (`ours-bf16`, what `--precision bf16` runs on a CPU).
 Every variant, the reference included, runs under the CUDA settings a training run uses
 (cuDNN autotuning on, TF32 as --tf32 says), set once before the first variant; each result
 records the settings it ran under. The JSON is rewritten after every variant (and each
@@ -210,6 +211,8 @@ def main() -> int:
         "reference": dict(precision="fp32"),
         "ours-fp32": dict(precision="fp32", compile="off"),
         "ours-fp32-compiled": dict(precision="fp32", compile="on"),
+        # eager bf16: what a CPU run with --precision bf16 does (torch.compile is off there)
+        "ours-bf16": dict(precision="bf16", compile="off"),
         "ours": dict(precision="bf16", compile="on"),
     }
     names = args.variants.split(",")
